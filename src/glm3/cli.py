@@ -1,0 +1,245 @@
+"""`glm3 <command>`: the command line over the glm3 library."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _setup_mindspore(mode: str) -> None:
+    import mindspore as ms
+
+    ms.set_device("CPU" if os.environ.get("GLM3_DEVICE", "CPU") == "CPU" else os.environ["GLM3_DEVICE"])
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (ours or HuggingFace layout)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="parameter storage dtype (compute is float32 on CPU)")
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"], help="MindSpore execution mode")
+    p.add_argument("--kernels", default="auto", choices=["auto", "plain", "cpu", "ascend"],
+                   help="kernel backend (see glm3.kernels)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser, sample_default: bool) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--sample", dest="do_sample", action="store_true", default=sample_default,
+                       help="sample (default for chat: top_p 0.8, temperature 0.8)")
+    group.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8 if sample_default else 1.0)
+    p.add_argument("--top-p", type=float, default=0.8 if sample_default else 1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same output)")
+
+
+def _gen_kwargs(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+            "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
+            "seed": args.seed}
+
+
+def _load(args):
+    import glm3
+
+    _setup_mindspore(args.mode)
+    model = glm3.load_model(args.model, dtype=args.dtype, kernels_backend=args.kernels)
+    return model, glm3.load_tokenizer(args.model)
+
+
+def cmd_chat(args) -> int:
+    import glm3
+
+    model, tok = _load(args)
+    history: list = []
+    if args.system or args.tools:
+        system = {"role": "system", "content": args.system or "Answer the following questions as best as you can. "
+                  "You have access to the following tools:"}
+        if args.tools:
+            with open(args.tools, encoding="utf-8") as f:
+                system["tools"] = json.load(f)
+        history.append(system)
+    base_history = list(history)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("ChatGLM3 (MindSpore). Type your message; 'clear' starts over, 'exit' quits.")
+    gen = _gen_kwargs(args)
+    while True:
+        if interactive:
+            try:
+                query = input("\n用户: ")
+            except EOFError:
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break
+            query = line.rstrip("\n")
+        query = query.strip()
+        if not query:
+            continue
+        if query == "exit":
+            break
+        if query == "clear":
+            history = list(base_history)
+            print("(history cleared)")
+            continue
+        role = "user"
+        if query.startswith("/observation "):
+            role, query = "observation", query[len("/observation "):]
+        if not interactive:
+            print(f"用户: {query}")
+        print("ChatGLM: ", end="", flush=True)
+        printed = 0
+        response = ""
+        for response, history in glm3.stream_chat(model, tok, query, history, role=role, **gen):
+            if isinstance(response, str) and response.startswith(response[:printed]) and len(response) > printed:
+                print(response[printed:], end="", flush=True)
+                printed = len(response)
+        if not isinstance(response, str):
+            print("\n" + json.dumps(response, ensure_ascii=False), end="")
+        print(flush=True)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model, tok = _load(args)
+    if args.chat:
+        rows = [tok.build_chat_input(p)["input_ids"][0] for p in args.prompt]
+    else:
+        rows = [[tok.get_command("[gMASK]"), tok.get_command("sop")] + tok.encode(p) for p in args.prompt]
+    batch = tok.pad(rows)
+    stops = list(tok.stop_token_ids)
+    out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], eos_token_id=stops,
+                         pad_token_id=tok.pad_id, **_gen_kwargs(args))
+    width = batch["input_ids"].shape[1]
+    for prompt, row in zip(args.prompt, out):
+        new = [int(t) for t in row[width:]]
+        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+        text = tok.decode(new[:cut])
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": text, "ids": new[:cut + 1]}, ensure_ascii=False))
+        else:
+            print(text)
+    return 0
+
+
+def _read_ids(path: str):
+    import numpy as np
+
+    if path.endswith(".npy"):
+        ids = np.load(path, allow_pickle=False)
+    else:
+        with open(path, encoding="utf-8") as f:
+            ids = np.asarray(json.load(f))
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise SystemExit(f"error: {path} must hold integer token ids, [seq] or [batch, seq]")
+    return ids
+
+
+def cmd_score(args) -> int:
+    import mindspore as ms
+    import numpy as np
+
+    import glm3
+    from glm3.io import atomic_file
+
+    ids = _read_ids(args.ids)
+    _setup_mindspore(args.mode)
+    model = glm3.load_model(args.model, dtype=args.dtype, kernels_backend=args.kernels)
+    if (ids < 0).any() or (ids >= model.config.padded_vocab_size).any():
+        raise SystemExit(f"error: ids must be in [0, {model.config.padded_vocab_size})")
+    logits = model(ms.Tensor(ids.astype(np.int32))).asnumpy()
+    with atomic_file(args.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, input_ids=ids, logits=logits)
+    print(f"wrote logits {logits.shape} to {args.out}")
+    return 0
+
+
+def cmd_synthetic(args) -> int:
+    import glm3
+
+    path = glm3.write_synthetic_checkpoint(args.dst, args.preset, seed=args.seed, fmt=args.format,
+                                           dtype=args.dtype, num_shards=args.shards, overwrite=args.overwrite)
+    print(f"wrote random-weight {args.preset} checkpoint (HuggingFace layout, {args.format}) to {path}")
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    import glm3
+
+    path = glm3.train_sentencepiece(args.input, args.output, vocab_size=args.vocab_size)
+    tok = glm3.ChatGLM3Tokenizer(path)
+    print(f"wrote {path}: {tok.n_words} pieces + {tok.vocab_size - tok.n_words} special tokens")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: chat, generate, score, "
+                                     "and build offline stand-in checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    p = sub.add_parser("chat", help="interactive streaming chat (reads stdin when it is not a terminal)",
+                       description="Chat with a model. Type 'clear' to start over, 'exit' to quit. A line "
+                       "'/observation TEXT' sends a tool result. When stdin is not a terminal, each line is a query.")
+    _add_model_args(p)
+    _add_generation_args(p, sample_default=True)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--tools", help="JSON file with a list of tool descriptions for the system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="generate continuations for one or more prompts (one batch)")
+    _add_model_args(p)
+    _add_generation_args(p, sample_default=False)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat turn")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="write the logits of given token ids to an .npz (for verification)")
+    _add_model_args(p)
+    p.add_argument("--ids", required=True, help="JSON ([..] or [[..],..]) or .npy file of token ids")
+    p.add_argument("--out", required=True, help="output .npz with input_ids and logits [batch, seq, vocab]")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("synthetic", help="write a random-weight checkpoint in HuggingFace layout (offline)")
+    p.add_argument("--preset", default="tiny", help="config preset: tiny, bench, glm3_6b, glm3_6b_32k")
+    p.add_argument("--dst", required=True, help="output directory")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "bin"])
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_synthetic)
+
+    p = sub.add_parser("train-tokenizer", help="train a ChatGLM3-style SentencePiece model from text files")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--vocab-size", type=int, default=1500)
+    p.set_defaults(func=cmd_train_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from glm3.checkpoint import CheckpointError
+    from glm3.config import ConfigError
+    from glm3.tokenizer import TokenizerError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, TokenizerError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"glm3 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

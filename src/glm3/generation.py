@@ -1,0 +1,193 @@
+"""Autoregressive generation: left-padded batches, static KV cache, greedy or seeded sampling."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+from mindspore import Tensor, mutable
+
+from glm3.kv_cache import StaticKVCache, runner
+
+# Prompts are left-padded to a multiple of this, and the cache to a multiple of CACHE_BUCKET, so that
+# a handful of compiled graphs serve every prompt length.
+PROMPT_BUCKET = 32
+CACHE_BUCKET = 64
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise ids (list, list of lists, numpy or Tensor) to int32 [batch, seq] plus a 0/1 mask.
+
+    A list of unequal rows is left-padded here.
+    """
+    if isinstance(input_ids, Tensor):
+        input_ids = input_ids.asnumpy()
+    if isinstance(input_ids, np.ndarray):
+        ids = input_ids
+    else:
+        rows = list(input_ids)
+        if rows and isinstance(rows[0], (int, np.integer)):
+            rows = [rows]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("input_ids must hold at least one token per row")
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int32)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        if attention_mask is None:
+            attention_mask = mask
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, seq] with seq > 0, got shape {ids.shape}")
+    if attention_mask is None:
+        mask = np.ones(ids.shape, dtype=np.int32)
+    else:
+        if isinstance(attention_mask, Tensor):
+            attention_mask = attention_mask.asnumpy()
+        mask = np.asarray(attention_mask).astype(np.int32)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if (mask.sum(axis=1) == 0).any():
+        raise ValueError("every row needs at least one real token (attention_mask all zero)")
+    if (np.diff(mask, axis=1) < 0).any():
+        raise ValueError("rows must be left-padded (attention_mask 0...0 1...1)")
+    return ids.astype(np.int32), mask
+
+
+def process_logits(logits: np.ndarray, history: np.ndarray, history_mask: np.ndarray, *, temperature: float,
+                   top_k: int, top_p: float, repetition_penalty: float) -> np.ndarray:
+    """Apply repetition penalty, temperature, top-k and top-p to float32 logits [batch, V] (a copy)."""
+    logits = logits.astype(np.float32, copy=True)
+    if repetition_penalty != 1.0:
+        for row in range(logits.shape[0]):
+            seen = np.unique(history[row][history_mask[row].astype(bool)])
+            scores = logits[row, seen]
+            logits[row, seen] = np.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+    if temperature != 1.0:
+        logits /= temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits[logits < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-logits, axis=-1)
+        sorted_logits = np.take_along_axis(logits, order, -1)
+        probs = _softmax(sorted_logits)
+        # Drop a token once the mass of the tokens ranked above it already reaches top_p (keep >= 1).
+        drop_sorted = (np.cumsum(probs, -1) - probs) >= top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        logits[drop] = -np.inf
+    return logits
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _validate(do_sample, temperature, top_k, top_p, repetition_penalty):
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
+                  max_length: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                  seed: int | None = None) -> Iterator[np.ndarray]:
+    """Yield the next token of every row ([batch] int64) until all rows stop or the budget is spent.
+
+    Rows that have stopped yield pad_token_id. A row stops after emitting any of eos_token_id (default:
+    the config's eos plus the model's stop_token_ids, i.e. <|user|> and <|observation|> when a tokenizer
+    was loaded with the model).
+    """
+    config = model.config
+    pad = config.pad_token_id if pad_token_id is None else pad_token_id
+    ids, mask = as_batch(input_ids, attention_mask, pad)
+    batch, prompt_len = ids.shape
+    if max_new_tokens is None:
+        max_new_tokens = (max_length - prompt_len) if max_length is not None else 20
+    if max_new_tokens < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={max_new_tokens} (prompt has {prompt_len} tokens)")
+    longest = int(mask.sum(axis=1).max())
+    if longest + max_new_tokens > config.seq_length:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"seq_length {config.seq_length}")
+    if (ids < 0).any() or (ids >= config.padded_vocab_size).any():
+        raise ValueError(f"input_ids must be in [0, {config.padded_vocab_size})")
+    _validate(do_sample, temperature, top_k, top_p, repetition_penalty)
+    if eos_token_id is None:
+        stops = {config.eos_token_id, *model.stop_token_ids}
+    elif isinstance(eos_token_id, (int, np.integer)):
+        stops = {int(eos_token_id)}
+    else:
+        stops = {int(t) for t in eos_token_id}
+    stop_ids = np.array(sorted(stops), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+
+    bucket = _round_up(prompt_len, PROMPT_BUCKET)
+    shift = bucket - prompt_len
+    padded_ids = np.pad(ids, ((0, 0), (shift, 0)), constant_values=pad)
+    padded_mask = np.pad(mask, ((0, 0), (shift, 0)))
+    max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
+
+    logits, caches = runner(model, "prefill", max_len)(Tensor(padded_ids), Tensor(padded_mask))
+    cache = StaticKVCache(caches, padded_mask, max_len)
+    history = np.concatenate([ids.astype(np.int64), np.zeros((batch, max_new_tokens), np.int64)], axis=1)
+    history_mask = np.concatenate([mask, np.zeros((batch, max_new_tokens), np.int32)], axis=1)
+    finished = np.zeros(batch, dtype=bool)
+    decode = runner(model, "decode", max_len)
+    for step in range(max_new_tokens):
+        scores = logits.asnumpy()
+        if do_sample or repetition_penalty != 1.0:
+            scores = process_logits(scores, history, history_mask, temperature=temperature if do_sample else 1.0,
+                                    top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
+                                    repetition_penalty=repetition_penalty)
+        if do_sample:
+            probs = _softmax(scores.astype(np.float64))
+            tokens = np.array([rng.choice(probs.shape[-1], p=p) for p in probs], dtype=np.int64)
+        else:
+            tokens = scores.argmax(axis=-1).astype(np.int64)
+        tokens = np.where(finished, pad, tokens)
+        history[:, prompt_len + step] = tokens
+        history_mask[:, prompt_len + step] = ~finished
+        finished = finished | np.isin(tokens, stop_ids)
+        yield tokens
+        if finished.all() or step == max_new_tokens - 1:
+            return
+        position_ids, key_mask, write_index = cache.step_inputs()
+        logits, caches = decode(Tensor(tokens.astype(np.int32).reshape(-1, 1)), position_ids, key_mask,
+                                write_index, mutable(cache.caches))
+        cache.advance(caches)
+
+
+def generate(model, input_ids, attention_mask=None, *, streamer: Callable[[np.ndarray], None] | None = None,
+             **kwargs) -> np.ndarray:
+    """Generate up to max_new_tokens (or up to max_length in total) for a batch of prompts.
+
+    Returns int64 [batch, prompt_len + generated]: the prompts as given, then the new tokens; a row that
+    stopped early (its stop token included) is filled with pad. streamer, if given, is called with each
+    step's tokens ([batch]). Sampling with the same seed gives the same tokens.
+    """
+    pad = model.config.pad_token_id if kwargs.get("pad_token_id") is None else kwargs["pad_token_id"]
+    ids, mask = as_batch(input_ids, attention_mask, pad)
+    steps = []
+    for tokens in iter_generate(model, ids, mask, **kwargs):
+        steps.append(tokens)
+        if streamer is not None:
+            streamer(tokens)
+    return np.concatenate([ids.astype(np.int64), np.stack(steps, axis=1)], axis=1)

@@ -1,0 +1,43 @@
+"""Compute kernels of the model: plain MindSpore ops that run everywhere, and faster paths where they exist.
+
+The backend is chosen once, when a model is built (`GLM3ForCausalLM(config, kernels_backend=...)`):
+- "plain": MindSpore operators only (any device; what export and training use).
+- "cpu": plain, plus our streaming float32 kernel for decoding-size matmuls (csrc/linear_small_m.cc),
+  about twice MindSpore's MatMul speed on one-token steps, where decoding is bound by reading weights.
+- "ascend": MindSpore's fused RmsNorm, RotaryPositionEmbedding and FlashAttentionScore (Ascend only).
+- "auto": "ascend" on Ascend, else "cpu" when the kernel can be built, else "plain".
+"""
+from __future__ import annotations
+
+import mindspore as ms
+
+from glm3.kernels.attention import attention
+from glm3.kernels.linear import SMALL_M, small_m_kernel, small_m_op
+from glm3.kernels.rms_norm import rms_norm
+from glm3.kernels.rope import apply_rotary, rope_tables
+
+BACKENDS = ("auto", "plain", "cpu", "ascend")
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """Return "plain", "cpu" or "ascend" for a requested backend, failing clearly where it cannot run."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    device = ms.get_context("device_target")
+    if name == "auto":
+        if device == "Ascend":
+            return "ascend"
+        return "cpu" if device == "CPU" and small_m_kernel() else "plain"
+    if name == "ascend" and device != "Ascend":
+        raise RuntimeError(f"kernel backend 'ascend' needs an Ascend device; the device target is {device}")
+    if name == "cpu":
+        if device != "CPU":
+            raise RuntimeError(f"kernel backend 'cpu' needs the CPU device target; it is {device}")
+        if small_m_kernel() is None:
+            raise RuntimeError("kernel backend 'cpu' needs the CPU decode kernel, which could not be built "
+                               "(is a C++ compiler with OpenMP installed?)")
+    return name
+
+
+__all__ = ["BACKENDS", "SMALL_M", "apply_rotary", "attention", "resolve_backend", "rms_norm", "rope_tables",
+           "small_m_kernel", "small_m_op"]
