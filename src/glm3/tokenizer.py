@@ -227,12 +227,15 @@ def train_sentencepiece(text_files: Sequence[str | os.PathLike], output_file: st
     import io
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        input=",".join(files), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9995,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-        input_sentence_size=seed_sentences, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.Train(
+            input=",".join(files), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9995,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+            input_sentence_size=seed_sentences, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+    except RuntimeError as exc:
+        raise TokenizerError(f"SentencePiece training failed (vocab_size={vocab_size}): {exc}") from exc
     output_file = os.fspath(output_file)
     atomic_write_bytes(output_file, model.getvalue())
     return output_file

@@ -1,0 +1,84 @@
+"""Chat protocol, reply parsing, and tool calls parsed without executing anything."""
+import os
+
+import pytest
+
+import glm3
+from glm3.chat import process_response
+from glm3.tool_call import ToolCallError, parse_tool_call
+
+TOOLS = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
+SYSTEM = {"role": "system", "content": "You can use tools.", "tools": TOOLS}
+
+
+def test_plain_call_with_literals():
+    body = '```python\ntool_call(city="杭州", days=3, opts={"unit": "C", "hourly": [1, 2]}, ok=True, x=None)\n```'
+    assert parse_tool_call(body) == {"city": "杭州", "days": 3, "opts": {"unit": "C", "hourly": [1, 2]},
+                                     "ok": True, "x": None}
+
+
+@pytest.mark.parametrize("body", [
+    'tool_call(__import__("os").system("touch pwned"))',
+    'tool_call(x=__import__("os").system("touch pwned"))',
+    'tool_call(x=open("pwned", "w"))',
+    '__import__("os").system("touch pwned")',
+    'tool_call(**{"x": 1})',
+    'tool_call(x=(lambda: 1)())',
+    'tool_call(x=[i for i in range(10**9)])',
+    'other_call(x=1)',
+    'tool_call(x=1); import os',
+    'tool_call(x=1',
+])
+def test_hostile_or_malformed_calls_are_rejected_and_nothing_runs(body, tmp_path):
+    with pytest.raises(ToolCallError):
+        parse_tool_call(f"```python\n{body}\n```")
+    assert not os.path.exists("pwned")
+
+
+def test_process_response_variants():
+    content, history = process_response("\n 你好，我是助手。", [{"role": "user", "content": "hi"}])
+    assert content == "你好，我是助手。"
+    assert history[-1] == {"role": "assistant", "metadata": "", "content": "你好，我是助手。"}
+    call = 'get_weather\n```python\ntool_call(city="北京")\n```'
+    content, history = process_response(call, [SYSTEM])
+    assert content == {"name": "get_weather", "parameters": {"city": "北京"}}
+    assert history[-1]["metadata"] == "get_weather"
+    bad = 'get_weather\n```python\ntool_call(city=__import__("os").getcwd())\n```'
+    content, _ = process_response(bad, [SYSTEM])
+    assert isinstance(content, str) and content.startswith(glm3.INVALID_TOOL_CALL_MARKER)
+    content, _ = process_response("interpreter\nprint(1)", [{"role": "user", "content": "x"}])
+    assert content == {"name": "interpreter", "content": "print(1)"}
+    # two assistant segments in one reply: the last one is the response, both go to history
+    content, history = process_response("\nfirst<|assistant|>\nsecond", [])
+    assert content == "second" and [h["content"] for h in history] == ["first", "second"]
+
+
+def test_chat_turn_with_tiny_model(tiny_model, tokenizer):
+    response, history = glm3.chat(tiny_model, tokenizer, "你好", history=[SYSTEM], max_new_tokens=12, seed=3)
+    again, _ = glm3.chat(tiny_model, tokenizer, "你好", history=[SYSTEM], max_new_tokens=12, seed=3)
+    assert response == again
+    assert history[0] == SYSTEM and history[1] == {"role": "user", "content": "你好"}
+    assert history[2]["role"] == "assistant" and len(history) >= 3
+    # the reply is what greedy/sampled generation produced, decoded and parsed
+    ids = tokenizer.build_chat_input("你好", [SYSTEM])["input_ids"]
+    out = tiny_model.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.8, temperature=0.8, seed=3,
+                              eos_token_id=list(tokenizer.stop_token_ids))
+    new = out[0, len(ids[0]):].tolist()
+    if new[-1] in tokenizer.stop_token_ids:
+        new = new[:-1]
+    expected, _ = process_response(tokenizer.decode(new), history[:2])
+    assert response == expected
+    # an observation turn continues the same history
+    _, history2 = glm3.chat(tiny_model, tokenizer, '{"weather": "晴"}', history, role="observation",
+                            max_new_tokens=4, do_sample=False)
+    assert history2[len(history)] == {"role": "observation", "content": '{"weather": "晴"}'}
+
+
+def test_stream_chat_yields_growing_text_then_final(tiny_model, tokenizer):
+    chunks = list(glm3.stream_chat(tiny_model, tokenizer, "介绍一下你自己", max_new_tokens=10, do_sample=False))
+    final, history = chunks[-1]
+    assert history[-1]["role"] == "assistant"
+    texts = [c for c, _ in chunks[:-1]]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    reply, _ = glm3.chat(tiny_model, tokenizer, "介绍一下你自己", max_new_tokens=10, do_sample=False)
+    assert final == reply
