@@ -80,5 +80,6 @@ def test_stream_chat_yields_growing_text_then_final(tiny_model, tokenizer):
     assert history[-1]["role"] == "assistant"
     texts = [c for c, _ in chunks[:-1]]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
-    reply, _ = glm3.chat(tiny_model, tokenizer, "介绍一下你自己", max_new_tokens=10, do_sample=False)
+    reply, _ = glm3.chat(tiny_model, tokenizer, "介绍一下你自己", max_new_tokens=10, do_sample=False,
+                         eos_token_id=None)
     assert final == reply

@@ -53,7 +53,8 @@ def process_response(output: str, history: list[dict[str, Any]]) -> tuple[Any, l
 
 def _generation_kwargs(gen: dict[str, Any], tokenizer: ChatGLM3Tokenizer) -> dict[str, Any]:
     kwargs = {**DEFAULT_GENERATION, **gen}
-    kwargs.setdefault("eos_token_id", list(tokenizer.stop_token_ids))
+    if kwargs.get("eos_token_id") is None:
+        kwargs["eos_token_id"] = list(tokenizer.stop_token_ids)
     return kwargs
 
 

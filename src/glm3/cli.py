@@ -10,7 +10,7 @@ import sys
 def _setup_mindspore(mode: str) -> None:
     import mindspore as ms
 
-    ms.set_device("CPU" if os.environ.get("GLM3_DEVICE", "CPU") == "CPU" else os.environ["GLM3_DEVICE"])
+    ms.set_device(os.environ.get("GLM3_DEVICE", "CPU"))  # "Ascend" on an Ascend host
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
 
 

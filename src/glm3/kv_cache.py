@@ -64,9 +64,8 @@ class StaticKVCache:
         if self.next_index >= self.max_len:
             raise RuntimeError(f"KV cache is full ({self.max_len} positions)")
         self.key_mask[:, self.next_index] = True
-        inputs = (Tensor(self.next_position.reshape(-1, 1)), Tensor(self.key_mask),
-                  Tensor(np.int32(self.next_index)))
-        return inputs
+        return (Tensor(self.next_position.reshape(-1, 1)), Tensor(self.key_mask),
+                Tensor(np.int32(self.next_index)))
 
     def advance(self, caches: tuple) -> None:
         self.caches = caches
