@@ -55,6 +55,5 @@ def test_bad_model_dir_is_a_clear_error(tmp_path):
     result = run("score", "--model", str(tmp_path), "--ids", str(tmp_path / "x.json"), "--out", "o.npz",
                  check=False)
     assert result.returncode != 0
-    (tmp_path / "ids.json").write_text("[1, 2]")
     result = run("generate", "--model", str(tmp_path), "--prompt", "x", check=False)
     assert result.returncode == 2 and "no config.json" in result.stderr

@@ -30,12 +30,8 @@ def random_hf_weights(config: GLM3Config, seed: int = 0, dtype: str = "float32")
     rng = np.random.default_rng(seed)
     np_dtype = _NP_DTYPES[dtype]
     for name, shape in expected_shapes(config).items():
-        if name.endswith("layernorm.weight"):
-            array = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        elif name.endswith(".bias"):
-            array = 0.05 * rng.standard_normal(shape, dtype=np.float32)
-        else:
-            array = 0.05 * rng.standard_normal(shape, dtype=np.float32)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        array = 1.0 + 0.1 * noise if name.endswith("layernorm.weight") else 0.05 * noise
         yield ms_to_hf_name(name), array.astype(np_dtype)
         if name == "transformer.embedding.embedding_table":
             rot = config.rotary_dim
