@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_HF := models/demo-tiny-hf
 DEMO := models/demo-tiny
 export GLOG_v ?= 3
 
@@ -14,13 +15,14 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e . 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import glm3, mindspore, torch, sentencepiece, safetensors"
+	$(BIN)/python -c "import glm3, mindspore, torch, sentencepiece, safetensors, huggingface_hub"
 	touch $(STAMP)
 
 # Embedded default (until the DVC pipeline lands): a random-weight tiny ChatGLM3 in HuggingFace layout
-# with a tokenizer trained from the shipped corpus, loaded and chatted with, offline.
+# with a tokenizer trained from the shipped corpus, converted to MindSpore, chatted with, offline.
 run: setup
-	$(BIN)/glm3 synthetic --preset tiny --dst $(DEMO) --overwrite
+	$(BIN)/glm3 download --synthetic tiny --dst $(DEMO_HF) --overwrite --quiet
+	$(BIN)/glm3 convert --src $(DEMO_HF) --dst $(DEMO) --overwrite --quiet
 	printf '你好\n请介绍一下你自己。\n' | $(BIN)/glm3 chat --model $(DEMO) --seed 0 --max-new-tokens 24
 	$(BIN)/glm3 generate --model $(DEMO) --prompt "这款连衣裙" --prompt "Hello" --max-new-tokens 16 --json
 
@@ -29,6 +31,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/convert_6b.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(DEMO) $(DEMO_HF) .pytest_cache

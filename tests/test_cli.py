@@ -21,24 +21,31 @@ def run(*args, stdin=None, check=True):
 
 def test_help_lists_commands():
     out = run("--help").stdout
-    for command in ("chat", "generate", "score", "synthetic", "train-tokenizer"):
+    for command in ("chat", "generate", "score", "download", "convert", "train-tokenizer"):
         assert command in out
+    assert "--synthetic" in run("download", "--help").stdout and "--to" in run("convert", "--help").stdout
 
 
-def test_synthetic_score_generate_chat(tmp_path):
-    model = tmp_path / "m"
-    run("synthetic", "--preset", "tiny", "--dst", str(model), "--format", "bin", "--seed", "5")
-    assert sorted(os.listdir(model)) == ["config.json", "pytorch_model-00001-of-00002.bin",
-                                         "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-                                         "tokenizer.model", "tokenizer_config.json"]
-    again = run("synthetic", "--preset", "tiny", "--dst", str(model), check=False)
+def test_download_synthetic_convert_then_score_generate_chat(tmp_path):
+    """The offline path of a fresh clone: download --synthetic, convert, then use the MindSpore directory."""
+    hf = tmp_path / "hf"
+    run("download", "--synthetic", "tiny", "--dst", str(hf), "--format", "bin", "--seed", "5")
+    assert sorted(os.listdir(hf)) == ["config.json", "pytorch_model-00001-of-00002.bin",
+                                      "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+                                      "tokenizer.model", "tokenizer_config.json"]
+    again = run("download", "--synthetic", "tiny", "--dst", str(hf), check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
+    model = tmp_path / "ms"
+    out = run("convert", "--src", str(hf), "--dst", str(model), "--summary", str(tmp_path / "summary.json"))
+    assert "converted 17 tensors" in out.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["files"] == ["mindspore_model.ckpt"] and summary["dtype"] == "float32"
 
     ids = [1501, 1503, 17, 300, 42]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     run("score", "--model", str(model), "--ids", str(tmp_path / "ids.json"), "--out", str(tmp_path / "s.npz"))
     scored = np.load(tmp_path / "s.npz")
-    expected = forward(hf_weights(model), hf_config(model), ids).numpy()
+    expected = forward(hf_weights(hf), hf_config(hf), ids).numpy()
     np.testing.assert_allclose(scored["logits"][0], expected, atol=1e-4)
 
     out = run("generate", "--model", str(model), "--prompt", "你好", "--prompt", "Hello world", "--max-new-tokens",

@@ -79,6 +79,13 @@ def test_missing_tensor(tiny_dir, tmp_path):
 def test_unexpected_tensor(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path / "m")
     _edit_first_shard(d, lambda t: t.update({"transformer.encoder.layers.9.mlp.extra": np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match="layers.9.mlp.extra is in model-00001-of-00002.safetensors but the "
+                       "index does not list it"):
+        glm3.load_model(d)
+    index_path = os.path.join(d, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    index["weight_map"]["transformer.encoder.layers.9.mlp.extra"] = _shards(d)[0]
+    json.dump(index, open(index_path, "w"))
     with pytest.raises(CheckpointError, match="unexpected tensor transformer.encoder.layers.9.mlp.extra in model-00001"):
         glm3.load_model(d)
 
@@ -98,7 +105,10 @@ def test_duplicated_tensor(tiny_dir, tmp_path):
     tensors = load_file(path)
     tensors[EMB] = dup
     save_file(tensors, path)
-    with pytest.raises(CheckpointError, match="appears twice"):
+    with pytest.raises(CheckpointError, match=f"{EMB} is in {second} but the index maps it to {first}"):
+        glm3.load_model(d)
+    os.remove(os.path.join(d, "model.safetensors.index.json"))  # without an index: caught as a duplicate
+    with pytest.raises(CheckpointError, match="several .safetensors files but no model.safetensors.index.json"):
         glm3.load_model(d)
 
 

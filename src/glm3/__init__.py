@@ -12,21 +12,35 @@ import os as _os
 # MindSpore logs every graph-compile warning to stderr by default; keep errors only unless asked.
 _os.environ.setdefault("GLOG_v", "3")
 
+# `chat` names both a submodule and a function: bind the function eagerly (glm3.chat imports MindSpore only
+# when it generates), or a later `import glm3.chat` would leave the module in its place.
 from glm3.chat import INVALID_TOOL_CALL_MARKER, chat, process_response, stream_chat  # noqa: E402
-from glm3.checkpoint import CheckpointError, hf_to_ms_name, ms_to_hf_name  # noqa: E402
-from glm3.config import PRESETS, ConfigError, GLM3Config  # noqa: E402
-from glm3.generation import generate  # noqa: E402
-from glm3.loading import load_model, save_model  # noqa: E402
-from glm3.model import GLM3ForCausalLM  # noqa: E402
-from glm3.synthetic import write_synthetic_checkpoint  # noqa: E402
-from glm3.tokenizer import ChatGLM3Tokenizer, TokenizerError, load_tokenizer, train_sentencepiece  # noqa: E402
-from glm3.tool_call import ToolCallError, parse_tool_call  # noqa: E402
+
+# Other names are imported on first use, so light commands (download, convert) do not pay for importing
+# MindSpore, and `import glm3.convert` stays cheap.
+_EXPORTS = {
+    "CheckpointError": "glm3.checkpoint", "hf_to_ms_name": "glm3.checkpoint",
+    "ms_to_hf_name": "glm3.checkpoint", "PRESETS": "glm3.config", "ConfigError": "glm3.config",
+    "GLM3Config": "glm3.config", "convert_checkpoint": "glm3.convert", "DownloadError": "glm3.download",
+    "download_from_hub": "glm3.download", "generate": "glm3.generation", "load_model": "glm3.loading",
+    "save_model": "glm3.loading", "GLM3ForCausalLM": "glm3.model", "write_synthetic_checkpoint": "glm3.synthetic",
+    "ChatGLM3Tokenizer": "glm3.tokenizer", "TokenizerError": "glm3.tokenizer", "load_tokenizer": "glm3.tokenizer",
+    "train_sentencepiece": "glm3.tokenizer", "ToolCallError": "glm3.tool_call", "parse_tool_call": "glm3.tool_call",
+}
 
 __version__ = "0.1.0"
+__all__ = sorted([*_EXPORTS, "INVALID_TOOL_CALL_MARKER", "chat", "process_response", "stream_chat"])
 
-__all__ = [
-    "INVALID_TOOL_CALL_MARKER", "PRESETS", "ChatGLM3Tokenizer", "CheckpointError", "ConfigError", "GLM3Config",
-    "GLM3ForCausalLM", "TokenizerError", "ToolCallError", "chat", "generate", "hf_to_ms_name", "load_model",
-    "load_tokenizer", "ms_to_hf_name", "parse_tool_call", "process_response", "save_model", "stream_chat",
-    "train_sentencepiece", "write_synthetic_checkpoint",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'glm3' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from glm3.generation import iter_generate
 from glm3.tokenizer import ChatGLM3Tokenizer
 from glm3.tool_call import ToolCallError, parse_tool_call
 
@@ -73,6 +72,8 @@ def stream_chat(model, tokenizer: ChatGLM3Tokenizer, query: str, history: list[d
     new_history = history + [{"role": role, "content": query}]
     tokens: list[int] = []
     shown = ""
+    from glm3.generation import iter_generate  # imports MindSpore: only when generating
+
     for step in iter_generate(model, inputs["input_ids"], **kwargs):
         tokens.append(int(step[0]))
         text = tokenizer.decode(_reply_ids(tokens, stops))

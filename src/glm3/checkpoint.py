@@ -4,8 +4,8 @@ Names: ours (= MindFormers') are the HuggingFace names with `word_embeddings.wei
 `embedding_table`. HF's `transformer.rotary_pos_emb.inv_freq` is a recomputable buffer: it is checked
 for shape and skipped (the model derives RoPE tables from the config).
 
-Readers yield (name, numpy array) one tensor at a time and hold at most one source shard open, so
-loading or converting a 6B checkpoint never needs a second full copy in memory.
+iter_checkpoint yields (name, numpy array) one tensor at a time and holds at most one source shard
+open (see glm3.tensor_files), so loading or converting a 6B checkpoint never needs a second copy in memory.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from glm3.config import GLM3Config
+from glm3.tensor_files import TensorFileError, iter_ms_ckpt, iter_safetensors, iter_torch_bin
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
 MS_EMBEDDING = "transformer.embedding.embedding_table"
@@ -24,6 +25,9 @@ HF_INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
 
 MS_CKPT = "mindspore_model.ckpt"
 MS_CKPT_INDEX = "mindspore_model.ckpt.index.json"
+MS_SAFETENSORS = "mindspore_model.safetensors"
+MS_ST_INDEX = "mindspore_model.safetensors.index.json"
+HF_SAFETENSORS = "model.safetensors"
 HF_ST_INDEX = "model.safetensors.index.json"
 HF_BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -69,33 +73,66 @@ def inv_freq_shape(config: GLM3Config) -> tuple[int]:
     return (config.rotary_dim // 2,)
 
 
+def rope_inv_freq(config: GLM3Config, base: float | None = None) -> np.ndarray:
+    """The RoPE inverse frequencies the config implies (float32), as HF checkpoints store them."""
+    rot = config.rotary_dim
+    base = config.rope_base if base is None else base
+    return (np.float32(1.0) / np.power(np.float32(base), np.arange(0, rot, 2, dtype=np.float32) / np.float32(rot),
+                                       dtype=np.float32)).astype(np.float32)
+
+
+# Entries of training checkpoints (MindFormers/MindSpore optimizer and loss-scale state) that carry no
+# model weight; a converter skips them instead of failing on them.
+_TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accumulated_grads.",
+                            "global_norm", "lamb_m.", "lamb_v.")
+_TRAINING_STATE_NAMES = {"global_step", "learning_rate", "beta1_power", "beta2_power", "scale_sense",
+                         "current_iterator_step", "last_overflow_iterator_step", "epoch_num", "step_num",
+                         "loss_scale", "loss_scale_value"}
+
+
+def is_training_state(name: str) -> bool:
+    return name in _TRAINING_STATE_NAMES or name.startswith(_TRAINING_STATE_PREFIXES)
+
+
 # ----------------------------------------------------------------------------------------- layout
-def detect_layout(directory: str) -> tuple[str, list[str]]:
-    """(kind, files) of the checkpoint in a model directory.
+_INDEXED = (("ms_ckpt", MS_CKPT_INDEX), ("safetensors", MS_ST_INDEX), ("safetensors", HF_ST_INDEX),
+            ("torch_bin", HF_BIN_INDEX))
+
+
+def detect_layout(directory: str) -> tuple[str, list[str], dict[str, str] | None]:
+    """(kind, files, weight_map) of the checkpoint in a model directory.
 
     kind is "ms_ckpt", "safetensors" or "torch_bin"; files are in load order. An index file, when
-    present, is authoritative: every shard it names must exist.
+    present, is authoritative: every shard it names must exist, and weight_map (tensor name -> shard
+    file name) is returned so readers can check each tensor sits where the index says.
     """
     if not os.path.isdir(directory):
         raise CheckpointError(f"model directory not found: {directory}")
-    for kind, index_name in (("ms_ckpt", MS_CKPT_INDEX), ("safetensors", HF_ST_INDEX), ("torch_bin", HF_BIN_INDEX)):
+    for kind, index_name in _INDEXED:
         index_path = os.path.join(directory, index_name)
         if os.path.isfile(index_path):
-            return kind, _files_from_index(directory, index_path)
+            weight_map = read_index(index_path)
+            files = sorted(set(weight_map.values()))
+            for shard in files:
+                if not os.path.isfile(os.path.join(directory, shard)):
+                    raise CheckpointError(f"{index_path} lists shard {shard}, which is missing from {directory}")
+            return kind, [os.path.join(directory, s) for s in files], weight_map
     ckpts = sorted(glob.glob(os.path.join(directory, "*.ckpt")))
     if ckpts:
         if len(ckpts) > 1:
             raise CheckpointError(f"{directory} holds several .ckpt files and no {MS_CKPT_INDEX}: "
                                   f"{', '.join(os.path.basename(c) for c in ckpts)}")
-        return "ms_ckpt", ckpts
+        return "ms_ckpt", ckpts, None
     sts = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if sts:
-        return "safetensors", sts
+        if len(sts) > 1:
+            raise CheckpointError(f"{directory} holds several .safetensors files but no {HF_ST_INDEX}")
+        return "safetensors", sts, None
     bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
     if bins:
         if len(bins) > 1:
             raise CheckpointError(f"{directory} holds several pytorch_model*.bin shards but no {HF_BIN_INDEX}")
-        return "torch_bin", bins
+        return "torch_bin", bins, None
     raise CheckpointError(f"no checkpoint in {directory}: expected {MS_CKPT}, *.ckpt, *.safetensors "
                           "(with or without model.safetensors.index.json) or pytorch_model*.bin")
 
@@ -116,106 +153,84 @@ def read_index(index_path: str) -> dict[str, str]:
     return weight_map
 
 
-def _files_from_index(directory: str, index_path: str) -> list[str]:
-    weight_map = read_index(index_path)
-    files = sorted(set(weight_map.values()))
-    for shard in files:
-        if not os.path.isfile(os.path.join(directory, shard)):
-            raise CheckpointError(f"{index_path} lists shard {shard}, which is missing from {directory}")
-    return [os.path.join(directory, s) for s in files]
+# ---------------------------------------------------------------------------------------- reading
+def _read_file(kind: str, path: str, skip_training_state: bool, skipped: list[str]):
+    if kind == "ms_ckpt":
+        def want(name: str) -> bool:
+            if skip_training_state and is_training_state(name):
+                skipped.append(name)
+                return False
+            return True
+        return iter_ms_ckpt(path, want=want)
+    return iter_safetensors(path) if kind == "safetensors" else iter_torch_bin(path)
 
 
-# ---------------------------------------------------------------------------------------- readers
-def _torch():
-    import torch
+def _check_inv_freq(array: np.ndarray, config: GLM3Config, where: str) -> None:
+    """inv_freq is dropped (the model derives RoPE from the config), but only if it agrees with the config.
 
-    return torch
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-    torch = _torch()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.float().numpy()  # numpy has no bfloat16; float32 holds it exactly
-    return tensor.numpy()
-
-
-def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, _torch_to_numpy(f.get_tensor(name))
-    except SafetensorError as exc:
-        raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from exc
+    A 32k model whose config lost its rope_ratio would otherwise convert silently into a model with the
+    wrong positions. Both the plain and the rope_ratio-scaled base are accepted.
+    """
+    if tuple(array.shape) != inv_freq_shape(config):
+        raise CheckpointError(f"{HF_INV_FREQ} in {where} has shape {tuple(array.shape)}, expected "
+                              f"{inv_freq_shape(config)} for kv_channels={config.kv_channels}")
+    got = array.astype(np.float32)
+    if not any(np.allclose(got, rope_inv_freq(config, base), rtol=2e-3, atol=0)
+               for base in (config.rope_base, 10000.0)):
+        raise CheckpointError(f"{HF_INV_FREQ} in {where} does not match RoPE base {config.rope_base:g} "
+                              f"(rope_ratio={config.rope_ratio:g}) of config.json: the checkpoint and config disagree")
 
 
-def iter_torch_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Tensors of a PyTorch pickle, loaded with weights_only=True (no code in the file can run)."""
-    torch = _torch()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {exc}") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict")
-    for name in list(state):
-        tensor = state.pop(name)
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {name} is not a tensor")
-        yield name, _torch_to_numpy(tensor)
-
-
-def iter_ms_ckpt(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    import mindspore as ms
-
-    try:
-        params = ms.load_checkpoint(path, format="ckpt")
-    except Exception as exc:
-        raise CheckpointError(f"cannot load MindSpore checkpoint {path}: {exc}") from exc
-    for name in list(params):
-        param = params.pop(name)
-        if param.dtype == ms.bfloat16:
-            yield name, param.astype(ms.float32).asnumpy()
-        else:
-            yield name, param.asnumpy()
-
-
-_READERS = {"ms_ckpt": iter_ms_ckpt, "safetensors": iter_safetensors, "torch_bin": iter_torch_bin}
-
-
-def iter_checkpoint(directory: str, config: GLM3Config) -> Iterator[tuple[str, np.ndarray, str]]:
+def iter_checkpoint(directory: str, config: GLM3Config, files: list[str] | None = None,
+                    skip_training_state: bool = False,
+                    skipped: list[str] | None = None) -> Iterator[tuple[str, np.ndarray, str]]:
     """Yield (ms_name, array, source_file) for every weight of a model directory, validated.
 
-    Raises CheckpointError naming the tensor and file for an unexpected or duplicated name or a wrong
-    shape; after the last tensor, for any expected tensor that never appeared.
+    Raises CheckpointError naming the tensor and file for an unexpected or duplicated name, a wrong
+    shape or dtype, a tensor that is not where the index says, a truncated or corrupt file; and after
+    the last tensor, for any expected tensor that never appeared. `files` reads given .ckpt files
+    instead of detecting the layout (MindFormers' single-file checkpoints); skip_training_state drops
+    optimizer/loss-scale entries of training checkpoints (their names are appended to `skipped`).
     """
-    kind, files = detect_layout(directory)
+    skipped = [] if skipped is None else skipped
+    if files is None:
+        kind, files, weight_map = detect_layout(directory)
+    else:
+        kind, weight_map = "ms_ckpt", None
     expected = expected_shapes(config)
     seen: dict[str, str] = {}
     for path in files:
-        for raw_name, array in _READERS[kind](path):
-            where = os.path.basename(path)
-            if raw_name == HF_INV_FREQ:
-                if tuple(array.shape) != inv_freq_shape(config):
-                    raise CheckpointError(f"{HF_INV_FREQ} in {where} has shape {tuple(array.shape)}, expected "
-                                          f"{inv_freq_shape(config)} for kv_channels={config.kv_channels}")
-                continue
-            name = hf_to_ms_name(raw_name)
-            if name not in expected:
-                raise CheckpointError(f"unexpected tensor {raw_name} in {where} (not part of a {config.num_layers}-layer "
-                                      "ChatGLM3 with this config)")
-            if name in seen:
-                raise CheckpointError(f"tensor {raw_name} appears twice: in {seen[name]} and in {where}")
-            if tuple(array.shape) != expected[name]:
-                raise CheckpointError(f"tensor {raw_name} in {where} has shape {tuple(array.shape)}, "
-                                      f"expected {expected[name]}")
-            if array.dtype.kind != "f":
-                raise CheckpointError(f"tensor {raw_name} in {where} has dtype {array.dtype}, expected a float type")
-            seen[name] = where
-            yield name, array, where
+        where = os.path.basename(path)
+        try:
+            for raw_name, array in _read_file(kind, path, skip_training_state, skipped):
+                if weight_map is not None and weight_map.get(raw_name) != where:
+                    listed = weight_map.get(raw_name)
+                    raise CheckpointError(f"tensor {raw_name} is in {where} but the index "
+                                          + (f"maps it to {listed}" if listed else "does not list it"))
+                if raw_name == HF_INV_FREQ:
+                    _check_inv_freq(array, config, where)
+                    continue
+                name = hf_to_ms_name(raw_name)
+                if name not in expected:
+                    raise CheckpointError(f"unexpected tensor {raw_name} in {where} (not part of a "
+                                          f"{config.num_layers}-layer ChatGLM3 with this config)")
+                if name in seen:
+                    raise CheckpointError(f"tensor {raw_name} appears twice: in {seen[name]} and in {where}")
+                if tuple(array.shape) != expected[name]:
+                    raise CheckpointError(f"tensor {raw_name} in {where} has shape {tuple(array.shape)}, "
+                                          f"expected {expected[name]}")
+                if array.dtype.kind != "f":
+                    raise CheckpointError(f"tensor {raw_name} in {where} has dtype {array.dtype}, "
+                                          "expected a float type")
+                seen[name] = where
+                yield name, array, where
+        except TensorFileError as exc:
+            raise CheckpointError(str(exc)) from exc
     missing = [n for n in expected if n not in seen]
     if missing:
-        shown = ", ".join(ms_to_hf_name(n) for n in missing[:5])
+        def place(n: str) -> str:
+            listed = weight_map.get(ms_to_hf_name(n)) if weight_map else None
+            return f"{ms_to_hf_name(n)} (the index puts it in {listed})" if listed else ms_to_hf_name(n)
+        shown = ", ".join(place(n) for n in missing[:5])
         raise CheckpointError(f"{len(missing)} tensor(s) missing from {directory}: {shown}"
                               + (" ..." if len(missing) > 5 else ""))

@@ -162,12 +162,35 @@ def cmd_score(args) -> int:
     return 0
 
 
-def cmd_synthetic(args) -> int:
-    import glm3
+def cmd_download(args) -> int:
+    if args.synthetic:
+        from glm3.synthetic import write_synthetic_checkpoint
 
-    path = glm3.write_synthetic_checkpoint(args.dst, args.preset, seed=args.seed, fmt=args.format,
-                                           dtype=args.dtype, num_shards=args.shards, overwrite=args.overwrite)
-    print(f"wrote random-weight {args.preset} checkpoint (HuggingFace layout, {args.format}) to {path}")
+        path = write_synthetic_checkpoint(args.dst, args.synthetic, seed=args.seed, fmt=args.format,
+                                          dtype=args.dtype, num_shards=args.shards, overwrite=args.overwrite,
+                                          progress=not args.quiet)
+        print(f"wrote random-weight {args.synthetic} checkpoint (HuggingFace layout, {args.format}) to {path}")
+        return 0
+    from glm3.download import download_from_hub
+
+    summary = download_from_hub(args.dst, repo_id=args.repo, revision=args.revision, cache_dir=args.cache_dir,
+                                prefer=args.prefer, overwrite=args.overwrite, progress=not args.quiet,
+                                timeout=args.timeout)
+    print(summary.describe())
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from glm3.convert import convert_checkpoint
+
+    summary = convert_checkpoint(args.src, args.dst, to=args.to, dtype=args.dtype, fmt=args.format,
+                                 shard_size=args.shard_size, config=args.config, tokenizer=args.tokenizer,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+    print(summary.describe())
+    if args.summary:
+        from glm3.io import atomic_write_text
+
+        atomic_write_text(args.summary, json.dumps(summary.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -181,8 +204,8 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: chat, generate, score, "
-                                     "and build offline stand-in checkpoints.")
+    parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: download and convert "
+                                     "checkpoints, chat, generate, score.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
     p = sub.add_parser("chat", help="interactive streaming chat (reads stdin when it is not a terminal)",
@@ -208,15 +231,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz with input_ids and logits [batch, seq, vocab]")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("synthetic", help="write a random-weight checkpoint in HuggingFace layout (offline)")
-    p.add_argument("--preset", default="tiny", help="config preset: tiny, bench, glm3_6b, glm3_6b_32k")
-    p.add_argument("--dst", required=True, help="output directory")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "bin"])
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_synthetic)
+    p = sub.add_parser("download", help="download ChatGLM3 from the HuggingFace Hub, or write a synthetic stand-in",
+                       description="Hub: fetch config, tokenizer and one weight format of REPO at REVISION (resolved "
+                       "to a commit, recorded in DST/source.json), verify every weight file's sha256 against the "
+                       "Hub, publish into DST atomically. Resumable (HuggingFace cache); honours HF_ENDPOINT, "
+                       "HF_TOKEN, HF_HOME and HF_HUB_OFFLINE. --synthetic PRESET instead writes a seeded random-"
+                       "weight checkpoint in the release's exact layout, offline.")
+    p.add_argument("--dst", required=True, help="output model directory")
+    p.add_argument("--synthetic", metavar="PRESET", help="write a random-weight checkpoint of this preset "
+                   "(tiny, bench, glm3_6b, glm3_6b_32k) instead of downloading")
+    p.add_argument("--repo", default="THUDM/chatglm3-6b", help="Hub repo id (default THUDM/chatglm3-6b)")
+    p.add_argument("--revision", default="main", help="branch, tag or commit; pin a commit for reproducibility")
+    p.add_argument("--cache-dir", help="HuggingFace cache directory (default: HF_HUB_CACHE)")
+    p.add_argument("--prefer", default="safetensors", choices=["safetensors", "bin"],
+                   help="weight format to fetch when the repo has both")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the Hub before giving up")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "bin"], help="synthetic: weight files")
+    p.add_argument("--shards", type=int, default=None, help="synthetic: number of weight shards (6B: 7, else 2)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16"],
+                   help="synthetic: weight dtype (6B: float16, else float32)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed (same seed, same files)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="convert a checkpoint: HuggingFace/MindFormers -> MindSpore, or back to HF",
+                       description="Streams one tensor at a time (memory: one source shard), checks every tensor "
+                       "against the config, writes shards + index + config.json + tokenizer into DST atomically. "
+                       "SRC is a model directory (HF .bin/safetensors, ours) or a MindFormers .ckpt file.")
+    p.add_argument("--src", required=True, help="source model directory or MindFormers .ckpt file")
+    p.add_argument("--dst", required=True, help="output model directory")
+    p.add_argument("--to", default="mindspore", choices=["mindspore", "hf"],
+                   help="mindspore (default) or hf: HuggingFace safetensors for PyTorch tooling")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="output dtype (auto: the config's torch_dtype)")
+    p.add_argument("--format", default="ckpt", choices=["ckpt", "safetensors"],
+                   help="MindSpore output file format (--to hf always writes safetensors)")
+    p.add_argument("--shard-size", default="2GB", help="max bytes per output file, e.g. 2GB, 500MiB; 0: one file")
+    p.add_argument("--config", help="preset or config.json, when SRC has none (MindFormers' glm3_6b.ckpt)")
+    p.add_argument("--tokenizer", help="directory with tokenizer.model, when SRC has none")
+    p.add_argument("--summary", help="also write the summary as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train-tokenizer", help="train a ChatGLM3-style SentencePiece model from text files")
     p.add_argument("--input", nargs="+", required=True)
@@ -228,13 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from glm3.checkpoint import CheckpointError
-    from glm3.config import ConfigError
-    from glm3.tokenizer import TokenizerError
+    from glm3.download import DownloadError
 
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, TokenizerError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (DownloadError, OSError, ValueError) as exc:  # CheckpointError, ConfigError, TokenizerError: ValueError
         print(f"glm3 {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,7 +39,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", compute_dtype: s
                             param_init="lazy")
     params = {p.name: p for p in model.get_parameters()}
     target = to_ms_dtype(dtype)
-    for name, array, _ in iter_checkpoint(path, config):
+    for name, array, _ in iter_checkpoint(path, config, skip_training_state=True):
         params[name].set_data(_as_param_data(array, target))
     if os.path.isfile(os.path.join(path, VOCAB_FILE)):
         tokenizer = ChatGLM3Tokenizer.from_pretrained(path)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from importlib import resources
 
 import numpy as np
 
-from glm3.checkpoint import HF_BIN_INDEX, HF_INV_FREQ, HF_ST_INDEX, expected_shapes, inv_freq_shape, ms_to_hf_name
+from glm3.checkpoint import (HF_BIN_INDEX, HF_INV_FREQ, HF_ST_INDEX, MS_EMBEDDING, expected_shapes, inv_freq_shape,
+                             ms_to_hf_name, rope_inv_freq)
 from glm3.config import GLM3Config
-from glm3.io import atomic_directory, atomic_write_text
+from glm3.io import atomic_directory, atomic_write_text, check_destination
+from glm3.tensor_files import SafetensorsWriter, safetensors_header_bound, storage_nbytes
 from glm3.tokenizer import ChatGLM3Tokenizer, train_sentencepiece
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -32,23 +35,40 @@ def random_hf_weights(config: GLM3Config, seed: int = 0, dtype: str = "float32")
     for name, shape in expected_shapes(config).items():
         noise = rng.standard_normal(shape, dtype=np.float32)
         array = 1.0 + 0.1 * noise if name.endswith("layernorm.weight") else 0.05 * noise
-        yield ms_to_hf_name(name), array.astype(np_dtype)
-        if name == "transformer.embedding.embedding_table":
-            rot = config.rotary_dim
-            inv_freq = 1.0 / (10000.0 ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
-            assert inv_freq.shape == inv_freq_shape(config)
-            yield HF_INV_FREQ, inv_freq.astype(np_dtype)
+        del noise
+        yield ms_to_hf_name(name), array.astype(np_dtype, copy=False)
+        if name == MS_EMBEDDING:
+            yield HF_INV_FREQ, rope_inv_freq(config).astype(np_dtype)
+
+
+def hf_tensor_shapes(config: GLM3Config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of an HF checkpoint, in the release's order (inv_freq included)."""
+    out = []
+    for name, shape in expected_shapes(config).items():
+        out.append((ms_to_hf_name(name), shape))
+        if name == MS_EMBEDDING:
+            out.append((HF_INV_FREQ, inv_freq_shape(config)))
+    return out
+
+
+SYNTHETIC_DEFAULTS = {"glm3_6b": {"dtype": "float16", "num_shards": 7}, "glm3_6b_32k": {"dtype": "float16",
+                                                                                      "num_shards": 7}}
 
 
 def write_synthetic_checkpoint(directory: str | os.PathLike, config: GLM3Config | str = "tiny", seed: int = 0,
-                               fmt: str = "safetensors", dtype: str = "float32", num_shards: int = 2,
-                               tokenizer_vocab_size: int = 1500, overwrite: bool = False) -> str:
+                               fmt: str = "safetensors", dtype: str | None = None, num_shards: int | None = None,
+                               tokenizer_vocab_size: int = 1500, overwrite: bool = False,
+                               progress: bool = False) -> str:
     """Write a random-weight checkpoint in HuggingFace layout into `directory` (atomically); return its path.
 
     fmt: "safetensors" (model-0000N-of-0000M.safetensors + model.safetensors.index.json) or "bin"
     (pytorch_model-0000N-of-0000M.bin + pytorch_model.bin.index.json); num_shards=1 writes a single
-    model.safetensors / pytorch_model.bin without index.
+    model.safetensors / pytorch_model.bin without index. dtype and num_shards default to the release's
+    (float16, 7 shards) for the 6B presets, float32 and 2 shards otherwise. Memory: one shard at most.
     """
+    defaults = SYNTHETIC_DEFAULTS.get(config if isinstance(config, str) else "", {})
+    dtype = dtype or defaults.get("dtype", "float32")
+    num_shards = num_shards or defaults.get("num_shards", 2)
     if isinstance(config, str):
         config = GLM3Config.from_name(config)
     if fmt not in ("safetensors", "bin"):
@@ -58,6 +78,7 @@ def write_synthetic_checkpoint(directory: str | os.PathLike, config: GLM3Config 
     if num_shards < 1:
         raise ValueError("num_shards must be >= 1")
     directory = os.fspath(directory)
+    check_destination(directory, sum(storage_nbytes(s, dtype) for _, s in hf_tensor_shapes(config)), overwrite)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         tokenizer_path = train_sentencepiece([shipped_corpus()], os.path.join(tmp, "tokenizer.model"),
                                              vocab_size=tokenizer_vocab_size)
@@ -67,44 +88,60 @@ def write_synthetic_checkpoint(directory: str | os.PathLike, config: GLM3Config 
                              f"{config.padded_vocab_size}")
         tokenizer.save_pretrained(tmp)
         config.replace(torch_dtype=dtype).save(tmp)
-        _write_shards(tmp, random_hf_weights(config, seed, dtype), expected_bytes(config, dtype), fmt, num_shards)
+        _write_shards(tmp, config, seed, dtype, fmt, num_shards, progress)
     return directory
 
 
-def expected_bytes(config: GLM3Config, dtype: str) -> int:
-    item = np.dtype(_NP_DTYPES[dtype]).itemsize
-    return sum(int(np.prod(s)) for s in expected_shapes(config).values()) * item
+def _plan_shards(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, num_shards: int) -> list[list[str]]:
+    """Split tensors, in order, into up to num_shards groups of roughly equal bytes (like the release's).
+
+    A tensor goes to the shard its byte midpoint falls in, so the count is exact unless single tensors
+    are bigger than a shard.
+    """
+    sizes = [storage_nbytes(s, dtype) for _, s in shapes]
+    total = sum(sizes)
+    groups: list[list[str]] = [[] for _ in range(num_shards)]
+    start = 0
+    for (name, _), size in zip(shapes, sizes):
+        groups[min(num_shards - 1, (2 * start + size) * num_shards // (2 * total))].append(name)
+        start += size
+    return [g for g in groups if g]
 
 
-def _write_shards(directory: str, tensors, total_bytes: int, fmt: str, num_shards: int) -> None:
-    per_shard = -(-total_bytes // num_shards)
-    ext = "safetensors" if fmt == "safetensors" else "bin"
-    stem = "model" if fmt == "safetensors" else "pytorch_model"
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, array in tensors:
-        if size >= per_shard and len(shards) < num_shards:
-            shards.append({})
-            size = 0
-        shards[-1][name] = array
-        size += array.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"{stem}.{ext}" if num_shards == 1 else f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}"
-        _save(os.path.join(directory, fname), shard, fmt)
-        weight_map.update({name: fname for name in shard})
-    if num_shards > 1:
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+def _write_shards(directory: str, config: GLM3Config, seed: int, dtype: str, fmt: str, num_shards: int,
+                  progress: bool) -> None:
+    from tqdm import tqdm
+
+    shapes = hf_tensor_shapes(config)
+    groups = _plan_shards(shapes, dtype, num_shards)
+    ext, stem = ("safetensors", "model") if fmt == "safetensors" else ("bin", "pytorch_model")
+    names = [f"{stem}.{ext}"] if len(groups) == 1 else \
+        [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}" for i in range(len(groups))]
+    tensors = random_hf_weights(config, seed, dtype)
+    total = sum(storage_nbytes(s, dtype) for _, s in shapes)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synthetic weights",
+              disable=not progress, file=sys.stderr) as bar:
+        for group, fname in zip(groups, names):
+            path = os.path.join(directory, fname)
+            if fmt == "safetensors":
+                writer = SafetensorsWriter(path, safetensors_header_bound(shapes, {"format": "pt"}), {"format": "pt"})
+                for _ in group:
+                    name, array = next(tensors)
+                    writer.add(name, array, dtype)
+                    bar.update(array.nbytes)
+                writer.close()
+            else:
+                import torch
+
+                shard = {}
+                for _ in group:
+                    name, array = next(tensors)
+                    shard[name] = torch.from_numpy(array)
+                    bar.update(array.nbytes)
+                torch.save(shard, path)
+                del shard
+    if len(groups) > 1:
+        weight_map = {name: fname for group, fname in zip(groups, names) for name in group}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(os.path.join(directory, HF_ST_INDEX if fmt == "safetensors" else HF_BIN_INDEX),
                           json.dumps(index, indent=2) + "\n")
-
-
-def _save(path: str, tensors: dict[str, np.ndarray], fmt: str) -> None:
-    if fmt == "safetensors":
-        from safetensors.numpy import save_file
-
-        save_file(tensors, path, metadata={"format": "pt"})
-    else:
-        import torch
-
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
