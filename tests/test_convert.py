@@ -228,8 +228,8 @@ def test_destination_problems_fail_before_any_work(tiny_dir, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert(tiny_dir, tmp_path / "out")
     again = convert(tiny_dir, tmp_path / "out", overwrite=True, dtype="float16")
-    assert again.dtype == "float16" and no_leftovers(tmp_path, "out") is False
-    assert [e for e in os.listdir(tmp_path) if e.startswith(".out.")] == []
+    assert again.dtype == "float16" and os.path.isdir(tmp_path / "out")
+    assert [e for e in os.listdir(tmp_path) if e.startswith(".out.")] == []  # old version and temporary gone
     (tmp_path / "plain_file").write_text("x")
     with pytest.raises(NotADirectoryError, match="plain_file is not a directory"):
         convert(tiny_dir, tmp_path / "plain_file" / "out")

@@ -38,7 +38,7 @@ def test_download_verifies_records_and_loads(hub, tiny_dir, tmp_path):
     for name, sha in record["files"].items():
         if name.endswith(".safetensors"):
             assert sha == hub.repos[REPO].files[name]["sha256"]
-    for name in files[:-1]:
+    for name in files:
         if name != "source.json":
             assert open(tmp_path / "m" / name, "rb").read() == open(os.path.join(tiny_dir, name), "rb").read()
     # Pinned to the commit it resolved: the file requests name the commit, not the branch.

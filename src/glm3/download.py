@@ -98,7 +98,7 @@ def download_from_hub(dst: str | os.PathLike, repo_id: str = DEFAULT_REPO, revis
                       cache_dir: str | None = None, token: str | None = None, prefer: str = "safetensors",
                       overwrite: bool = False, progress: bool = True, timeout: float = 10.0) -> DownloadSummary:
     """Download a ChatGLM3 checkpoint from the Hub into `dst` (complete and verified, or not at all)."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
     from tqdm import tqdm
 
@@ -107,9 +107,8 @@ def download_from_hub(dst: str | os.PathLike, repo_id: str = DEFAULT_REPO, revis
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     start = time.perf_counter()
     if offline:
-        snapshot = _snapshot(snapshot_download, repo_id, revision, None, cache_dir, token, progress, hf_errors,
-                             local_files_only=True)
-        wanted = select_files(_list_dir(snapshot), prefer)
+        snapshot = _snapshot(repo_id, revision, None, cache_dir, token, progress, local_files_only=True)
+        wanted = select_files(sorted(os.listdir(snapshot)), prefer)
         commit = os.path.basename(os.path.normpath(snapshot))
         lfs_sha = {n: sha for n in wanted if (sha := _cached_blob_sha(snapshot, n))}
     else:
@@ -131,8 +130,7 @@ def download_from_hub(dst: str | os.PathLike, repo_id: str = DEFAULT_REPO, revis
         wanted = select_files(list(siblings), prefer)
         lfs_sha = {n: siblings[n].lfs.sha256 for n in wanted if siblings[n].lfs is not None}
         check_destination(dst, sum(siblings[n].size or 0 for n in wanted), overwrite)  # room for the download
-        snapshot = _snapshot(snapshot_download, repo_id, commit, wanted, cache_dir, token, progress, hf_errors,
-                             endpoint=endpoint)
+        snapshot = _snapshot(repo_id, commit, wanted, cache_dir, token, progress, endpoint=endpoint)
     missing = [n for n in wanted if not os.path.isfile(os.path.join(snapshot, n))]
     if missing:
         raise DownloadError(f"download of {repo_id}@{commit} is incomplete: missing {', '.join(missing)}")
@@ -158,7 +156,12 @@ def download_from_hub(dst: str | os.PathLike, repo_id: str = DEFAULT_REPO, revis
                            seconds=time.perf_counter() - start)
 
 
-def _snapshot(snapshot_download, repo_id, revision, allow, cache_dir, token, progress, hf_errors, **kwargs) -> str:
+def _snapshot(repo_id: str, revision: str, allow: list[str] | None, cache_dir: str | None, token: str | None,
+              progress: bool, **kwargs) -> str:
+    """snapshot_download into the HF cache (resuming partial files); its errors become DownloadErrors."""
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
+
     if not progress:
         from huggingface_hub.utils import disable_progress_bars
 
@@ -172,10 +175,6 @@ def _snapshot(snapshot_download, repo_id, revision, allow, cache_dir, token, pro
     except Exception as exc:  # HTTP errors, and httpx transport errors (connection reset, read timeout)
         raise DownloadError(f"download of {repo_id}@{revision} failed: {exc}. Run the same command again to "
                             "resume (partial files stay in the HuggingFace cache)") from exc
-
-
-def _list_dir(snapshot: str) -> list[str]:
-    return sorted(os.listdir(snapshot))
 
 
 def _cached_blob_sha(snapshot: str, name: str) -> str:

@@ -67,8 +67,8 @@ def write_synthetic_checkpoint(directory: str | os.PathLike, config: GLM3Config 
     (float16, 7 shards) for the 6B presets, float32 and 2 shards otherwise. Memory: one shard at most.
     """
     defaults = SYNTHETIC_DEFAULTS.get(config if isinstance(config, str) else "", {})
-    dtype = dtype or defaults.get("dtype", "float32")
-    num_shards = num_shards or defaults.get("num_shards", 2)
+    dtype = defaults.get("dtype", "float32") if dtype is None else dtype
+    num_shards = defaults.get("num_shards", 2) if num_shards is None else num_shards
     if isinstance(config, str):
         config = GLM3Config.from_name(config)
     if fmt not in ("safetensors", "bin"):
