@@ -69,6 +69,10 @@ def test_checksum_mismatch_is_refused_and_nothing_is_published(hub, tmp_path):
     with pytest.raises(DownloadError, match="model-00001-of-00002.safetensors .* failed verification: sha256"):
         download_from_hub(tmp_path / "m", cache_dir=str(tmp_path / "cache"), progress=False)
     assert not [e for e in os.listdir(tmp_path) if e == "m" or e.startswith(".m.")]
+    hub.corrupt.clear()  # the fault is gone: the same command now succeeds (the bad copy was not kept)
+    summary = download_from_hub(tmp_path / "m", cache_dir=str(tmp_path / "cache"), progress=False)
+    assert summary.files["model-00001-of-00002.safetensors"] == \
+        hub.repos[REPO].files["model-00001-of-00002.safetensors"]["sha256"]
 
 
 def test_private_repo_needs_hf_token(hub, tiny_dir, tmp_path, monkeypatch):

@@ -141,9 +141,10 @@ def download_from_hub(dst: str | os.PathLike, repo_id: str = DEFAULT_REPO, revis
         for name, expected in lfs_sha.items():
             actual = sha256_file(os.path.join(snapshot, name), bar)
             if expected and actual != expected:
+                _evict(os.path.join(snapshot, name))
                 raise DownloadError(f"{name} of {repo_id}@{commit} failed verification: sha256 {actual}, the Hub "
-                                    f"says {expected}. The cached copy is corrupt: delete it from the HuggingFace "
-                                    "cache (huggingface-cli delete-cache) and download again")
+                                    f"says {expected}. The corrupt copy was removed from the HuggingFace cache; "
+                                    "run the command again to download it anew")
             checksums[name] = actual
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         for name in wanted:
@@ -184,6 +185,16 @@ def _cached_blob_sha(snapshot: str, name: str) -> str:
         if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
             return blob
     return ""
+
+
+def _evict(snapshot_file: str) -> None:
+    """Remove a cached file and the snapshot link to it, so the next attempt downloads it again."""
+    blob = os.path.realpath(snapshot_file)
+    for path in (snapshot_file, blob):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def _link_or_copy(src: str, dst: str) -> None:
