@@ -1,0 +1,96 @@
+"""ADGEN loading and the two exact preprocessing formats, on the shipped sample and on the real ADGEN dev set."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from glm3.data import AdgenError, PreprocessError, load_adgen, preprocess_eval, preprocess_train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "data", "adgen_sample.json")
+# The 1,070 real records, beside the repo; override with GLM3_ADGEN_DEV.
+ADGEN_DEV = os.environ.get("GLM3_ADGEN_DEV", os.path.join(REPO, "..", "shared", "data", "AdvertiseGen", "dev.json"))
+
+
+def test_loader_formats_and_errors(tmp_path):
+    records, report = load_adgen(SAMPLE)
+    assert report.records == len(records) == 24 and not report.bad_lines
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps(records[:3], ensure_ascii=False), encoding="utf-8")
+    assert load_adgen(array)[0] == records[:3]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"content": "a", "summary": "b"}\n{"content": "a", \n\n{"content": 1, "summary": "x"}\n'
+                   '{"content": "", "summary": "y"}\n', encoding="utf-8")
+    with pytest.raises(AdgenError, match=r"bad.json:2: invalid JSON"):
+        load_adgen(bad)
+    kept, report = load_adgen(bad, skip_bad_lines=True)
+    assert len(kept) == 2 and report.bad_lines == [2, 4] and report.empty_content == 1
+    assert "2 malformed line(s) skipped (first: line 2)" in report.describe()
+    with pytest.raises(AdgenError, match="not found"):
+        load_adgen(tmp_path / "missing.json")
+
+
+def test_mindformers_v3_layout(tokenizer):
+    gmask, sop, eos = tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop"), tokenizer.eos_id
+    content, summary = "类型#裙*颜色#黑色", "黑色长裙优雅大方。"
+    c, s = tokenizer.encode(content), tokenizer.encode(summary)
+    (ex,), skipped = preprocess_train([{"content": content, "summary": summary}], tokenizer)
+    assert skipped == 0 and ex.input_ids.shape == ex.labels.shape == (193,)
+    n = 2 + len(c) + len(s) + 1
+    assert ex.input_ids[:n].tolist() == [gmask, sop] + c + s + [eos]
+    assert (ex.input_ids[n:] == 0).all()
+    # labels[i] is the token after input_ids[i]: -100 over the prompt but its last token, then answer + eos.
+    assert ex.labels[:2 + len(c) - 1].tolist() == [-100] * (2 + len(c) - 1)
+    assert ex.labels[2 + len(c) - 1:n - 1].tolist() == s + [eos]
+    assert (ex.labels[n - 1:] == -100).all()
+    (raw,), _ = preprocess_train([{"content": content, "summary": summary}], tokenizer,
+                                 ignore_pad_token_for_loss=False)
+    assert raw.labels[0] == 0 and raw.labels[-1] == 0
+
+
+def test_truncation_seq_length_and_blank_records(tokenizer):
+    long = {"content": "连衣裙" * 200, "summary": "很好看" * 300}
+    (ex,), _ = preprocess_train([long], tokenizer, max_source_length=16, max_target_length=8, seq_length=25)
+    assert ex.input_ids.shape == (25,) and ex.input_ids[24] == tokenizer.eos_id  # 16 prompt + 8 answer + eos
+    assert ex.input_ids[:16].tolist() == [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")] + \
+        tokenizer.encode(long["content"])[:14]
+    with pytest.raises(PreprocessError, match="seq_length 100 is shorter than .* = 64 \\+ 128 \\+ 1 = 193"):
+        preprocess_train([long], tokenizer, seq_length=100)
+    examples, skipped = preprocess_train([long, {"content": " ", "summary": "x"}, {"content": "x", "summary": ""}],
+                                         tokenizer)
+    assert len(examples) == 1 and skipped == 2
+
+
+def test_chat_template_trains_only_the_reply(tokenizer):
+    record = {"content": "类型#上衣*颜色#白色", "summary": "白色上衣清爽百搭。"}
+    (ex,), _ = preprocess_train([record], tokenizer, style="chat")
+    ids = ex.input_ids.tolist()
+    assistant = ids.index(tokenizer.get_command("<|assistant|>"))
+    # The prompt is exactly what chat inference feeds the model for this query.
+    assert ids[:assistant + 1] == list(tokenizer.build_chat_input(record["content"])["input_ids"][0])
+    reply = tokenizer.encode("\n") + tokenizer.encode(record["summary"]) + [tokenizer.eos_id]
+    assert ids[assistant + 1:assistant + 1 + len(reply)] == reply
+    supervised = [i for i, t in enumerate(ex.labels) if t != -100]
+    assert supervised == list(range(assistant, assistant + len(reply)))
+    assert [ex.labels[i] for i in supervised] == reply
+    (prompt,), _ = preprocess_eval([record], tokenizer, style="chat")
+    assert prompt.prompt_ids == ids[:assistant + 1] and prompt.reference == record["summary"]
+
+
+def test_real_adgen_dev_set(tokenizer):
+    assert os.path.isfile(ADGEN_DEV), f"ADGEN dev set not found at {ADGEN_DEV} (set GLM3_ADGEN_DEV)"
+    records, report = load_adgen(ADGEN_DEV)
+    assert report.records == 1070 and not report.bad_lines
+    examples, skipped = preprocess_train(records, tokenizer)
+    assert len(examples) + skipped == 1070
+    inputs = np.stack([e.input_ids for e in examples])
+    labels = np.stack([e.labels for e in examples])
+    assert inputs.shape == (len(examples), 193)
+    # Everywhere a label is supervised, it is the next input token (the shift), and every row ends in eos.
+    mask = labels[:, :-1] != -100
+    assert (labels[:, :-1][mask] == inputs[:, 1:][mask]).all()
+    assert ((inputs == tokenizer.eos_id).sum(axis=1) >= 1).all()
+    evals, _ = preprocess_eval(records, tokenizer)
+    assert all(len(e.prompt_ids) <= 64 for e in evals) and evals[0].reference == records[0]["summary"]
