@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from glm3.config import GLM3Config
+from glm3.config import GLM3Config, rope_inv_freq
 from glm3.tensor_files import TensorFileError, iter_ms_ckpt, iter_safetensors, iter_torch_bin
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
@@ -73,12 +73,14 @@ def inv_freq_shape(config: GLM3Config) -> tuple[int]:
     return (config.rotary_dim // 2,)
 
 
-def rope_inv_freq(config: GLM3Config, base: float | None = None) -> np.ndarray:
-    """The RoPE inverse frequencies the config implies (float32), as HF checkpoints store them."""
-    rot = config.rotary_dim
-    base = config.rope_base if base is None else base
-    return (np.float32(1.0) / np.power(np.float32(base), np.arange(0, rot, 2, dtype=np.float32) / np.float32(rot),
-                                       dtype=np.float32)).astype(np.float32)
+def hf_tensor_shapes(config: GLM3Config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of an HF checkpoint, in the release's order (inv_freq included)."""
+    out = []
+    for name, shape in expected_shapes(config).items():
+        out.append((ms_to_hf_name(name), shape))
+        if name == MS_EMBEDDING:
+            out.append((HF_INV_FREQ, inv_freq_shape(config)))
+    return out
 
 
 # Entries of training checkpoints (MindFormers/MindSpore optimizer and loss-scale state) that carry no
@@ -175,7 +177,7 @@ def _check_inv_freq(array: np.ndarray, config: GLM3Config, where: str) -> None:
         raise CheckpointError(f"{HF_INV_FREQ} in {where} has shape {tuple(array.shape)}, expected "
                               f"{inv_freq_shape(config)} for kv_channels={config.kv_channels}")
     got = array.astype(np.float32)
-    if not any(np.allclose(got, rope_inv_freq(config, base), rtol=2e-3, atol=0)
+    if not any(np.allclose(got, rope_inv_freq(config.rotary_dim, base), rtol=2e-3, atol=0)
                for base in (config.rope_base, 10000.0)):
         raise CheckpointError(f"{HF_INV_FREQ} in {where} does not match RoPE base {config.rope_base:g} "
                               f"(rope_ratio={config.rope_ratio:g}) of config.json: the checkpoint and config disagree")

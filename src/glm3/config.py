@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 # Fields of the released HuggingFace config.json that only describe the PyTorch runtime. They are
 # kept and written back so that a round trip through our format stays loadable by the official code.
 _HF_RUNTIME_DEFAULTS: dict[str, Any] = {
@@ -36,6 +38,13 @@ _DTYPES = ("float16", "bfloat16", "float32")
 
 class ConfigError(ValueError):
     """A configuration that does not describe a valid ChatGLM3 model."""
+
+
+def rope_inv_freq(rotary_dim: int, base: float) -> np.ndarray:
+    """RoPE inverse frequencies theta_i = base^(-2i / rotary_dim), float32, computed step by step in float32
+    as the reference does (so angles round the same way). HF checkpoints store them as `inv_freq`."""
+    exponent = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    return (np.float32(1.0) / np.power(np.float32(base), exponent, dtype=np.float32)).astype(np.float32)
 
 
 @dataclass

@@ -19,8 +19,8 @@ import sys
 import time
 
 from glm3.checkpoint import (HF_INV_FREQ, HF_ST_INDEX, MS_CKPT_INDEX, MS_EMBEDDING, MS_ST_INDEX, CheckpointError,
-                             expected_shapes, inv_freq_shape, iter_checkpoint, ms_to_hf_name, rope_inv_freq)
-from glm3.config import PRESETS, ConfigError, GLM3Config
+                             expected_shapes, hf_tensor_shapes, iter_checkpoint, ms_to_hf_name)
+from glm3.config import PRESETS, ConfigError, GLM3Config, rope_inv_freq
 from glm3.io import atomic_directory, atomic_write_text, check_destination
 from glm3.tensor_files import (STORAGE_DTYPES, MsCkptWriter, SafetensorsWriter, safetensors_header_bound,
                                storage_nbytes)
@@ -179,10 +179,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
         raise ValueError(f"dtype must be auto or one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     shard_bytes = parse_size(shard_size)
 
-    shapes = expected_shapes(cfg)
-    out_names = [(n if to == "mindspore" else ms_to_hf_name(n), s) for n, s in shapes.items()]
-    if to == "hf":
-        out_names.append((HF_INV_FREQ, inv_freq_shape(cfg)))
+    out_names = list(expected_shapes(cfg).items()) if to == "mindspore" else hf_tensor_shapes(cfg)
     total = sum(storage_nbytes(s, out_dtype) for _, s in out_names)
     check_destination(dst, total, overwrite, src=directory if files is None else None)
 
@@ -207,7 +204,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
                     bar.update(storage_nbytes(array.shape, out_dtype))
                     del array
                     if to == "hf" and name == MS_EMBEDDING:
-                        out.add(HF_INV_FREQ, rope_inv_freq(cfg), out_dtype)
+                        out.add(HF_INV_FREQ, rope_inv_freq(cfg.rotary_dim, cfg.rope_base), out_dtype)
             names = out.finish(index_name)
         except BaseException:
             out.abort()

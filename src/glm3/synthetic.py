@@ -13,9 +13,9 @@ from importlib import resources
 
 import numpy as np
 
-from glm3.checkpoint import (HF_BIN_INDEX, HF_INV_FREQ, HF_ST_INDEX, MS_EMBEDDING, expected_shapes, inv_freq_shape,
-                             ms_to_hf_name, rope_inv_freq)
-from glm3.config import GLM3Config
+from glm3.checkpoint import (HF_BIN_INDEX, HF_INV_FREQ, HF_ST_INDEX, MS_EMBEDDING, expected_shapes, hf_tensor_shapes,
+                             ms_to_hf_name)
+from glm3.config import GLM3Config, rope_inv_freq
 from glm3.io import atomic_directory, atomic_write_text, check_destination
 from glm3.tensor_files import SafetensorsWriter, safetensors_header_bound, storage_nbytes
 from glm3.tokenizer import ChatGLM3Tokenizer, train_sentencepiece
@@ -38,17 +38,7 @@ def random_hf_weights(config: GLM3Config, seed: int = 0, dtype: str = "float32")
         del noise
         yield ms_to_hf_name(name), array.astype(np_dtype, copy=False)
         if name == MS_EMBEDDING:
-            yield HF_INV_FREQ, rope_inv_freq(config).astype(np_dtype)
-
-
-def hf_tensor_shapes(config: GLM3Config) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor of an HF checkpoint, in the release's order (inv_freq included)."""
-    out = []
-    for name, shape in expected_shapes(config).items():
-        out.append((ms_to_hf_name(name), shape))
-        if name == MS_EMBEDDING:
-            out.append((HF_INV_FREQ, inv_freq_shape(config)))
-    return out
+            yield HF_INV_FREQ, rope_inv_freq(config.rotary_dim, config.rope_base).astype(np_dtype)
 
 
 SYNTHETIC_DEFAULTS = {"glm3_6b": {"dtype": "float16", "num_shards": 7}, "glm3_6b_32k": {"dtype": "float16",
@@ -119,12 +109,13 @@ def _write_shards(directory: str, config: GLM3Config, seed: int, dtype: str, fmt
         [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}" for i in range(len(groups))]
     tensors = random_hf_weights(config, seed, dtype)
     total = sum(storage_nbytes(s, dtype) for _, s in shapes)
+    header_bound = safetensors_header_bound(shapes, {"format": "pt"})
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synthetic weights",
               disable=not progress, file=sys.stderr) as bar:
         for group, fname in zip(groups, names):
             path = os.path.join(directory, fname)
             if fmt == "safetensors":
-                writer = SafetensorsWriter(path, safetensors_header_bound(shapes, {"format": "pt"}), {"format": "pt"})
+                writer = SafetensorsWriter(path, header_bound, {"format": "pt"})
                 for _ in group:
                     name, array = next(tensors)
                     writer.add(name, array, dtype)

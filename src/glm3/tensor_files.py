@@ -19,6 +19,7 @@ Readers yield (name, numpy array); bfloat16 comes back as float32 (exact), as nu
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import json
 import os
 import struct
@@ -87,11 +88,13 @@ def _len_field(field: int, payload_len: int) -> bytes:
     return _varint(field << 3 | 2) + _varint(payload_len)
 
 
-class _CrcReader:
-    """Sequential reads of a file region that keep a running CRC32 and report truncation clearly."""
+class _Reader:
+    """Sequential reads of a file region that report truncation clearly and, when the file carries a CRC
+    trailer (track_crc), keep a running CRC32 of everything read."""
 
-    def __init__(self, f, path: str, end: int):
+    def __init__(self, f, path: str, end: int, track_crc: bool):
         self.f, self.path, self.end, self.pos, self.crc = f, path, end, 0, 0
+        self.track_crc = track_crc
 
     def read(self, n: int) -> bytes:
         if self.pos + n > self.end:
@@ -100,7 +103,8 @@ class _CrcReader:
         if len(data) != n:
             raise TensorFileError(f"{self.path} is truncated")
         self.pos += n
-        self.crc = binascii.crc32(data, self.crc)
+        if self.track_crc:
+            self.crc = binascii.crc32(data, self.crc)
         return data
 
     def read_into(self, buffer: memoryview) -> None:
@@ -111,12 +115,17 @@ class _CrcReader:
         if got != n:
             raise TensorFileError(f"{self.path} is truncated")
         self.pos += n
-        self.crc = binascii.crc32(buffer, self.crc)
+        if self.track_crc:
+            self.crc = binascii.crc32(buffer, self.crc)
 
     def skip(self, n: int) -> None:
         if self.pos + n > self.end:
             raise TensorFileError(f"{self.path} is truncated or corrupt")
-        # Skipped bytes still count for the CRC; read them in bounded pieces.
+        if not self.track_crc:
+            self.f.seek(n, os.SEEK_CUR)
+            self.pos += n
+            return
+        # Skipped bytes still count for the CRC: read them in bounded pieces.
         while n:
             step = min(n, 1 << 24)
             self.crc = binascii.crc32(self.f.read(step), self.crc)
@@ -141,7 +150,8 @@ _CKPT_SLICE = 512 * 1024 * 1024  # bytes per Value, like MindSpore's own writer
 
 
 def iter_ms_ckpt(path: str, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream the tensors of a MindSpore .ckpt; tensors for which want(name) is False are skipped unread.
+    """Stream the tensors of a MindSpore .ckpt; tensors for which want(name) is False are skipped (never
+    held in memory; read only when a CRC trailer must be verified).
 
     Memory: one tensor at a time, read straight into its final array. A CRC trailer, when present, is
     verified after the last record.
@@ -155,8 +165,8 @@ def iter_ms_ckpt(path: str, want: Callable[[str], bool] | None = None) -> Iterat
             if tail[:7] == _CRC_TRAILER:
                 end, expected_crc = size - 17, int.from_bytes(tail[7:], "big")
             f.seek(0)
-        r = _CrcReader(f, path, end)
-        current: dict | None = None  # tag, dims, type, array (flat uint8 view), filled
+        r = _Reader(f, path, end, track_crc=expected_crc is not None)
+        current: _Tensor | None = None  # the tensor being assembled from one or more records
         while r.pos < end:
             if r.varint() != (1 << 3 | 2):
                 raise TensorFileError(f"{path} is not a MindSpore checkpoint (unexpected field at byte {r.pos})")
@@ -189,10 +199,9 @@ def iter_ms_ckpt(path: str, want: Callable[[str], bool] | None = None) -> Iterat
                             content_len = r.varint()
                             if tag is None or ttype is None:
                                 raise TensorFileError(f"{path}: a record's data precedes its name or type")
-                            current = _ckpt_slice(r, path, current, tag, dims, ttype, content_len, want)
-                            if current is not None and current.get("done"):
-                                yield current["tag"], current["result"]
-                                current = None
+                            current, finished = _ckpt_slice(r, path, current, tag, dims, ttype, content_len, want)
+                            if finished is not None:
+                                yield tag, finished
                         else:
                             raise TensorFileError(f"{path} is corrupt (unexpected tensor field {tfield})")
                     if r.pos != tensor_end:
@@ -203,46 +212,52 @@ def iter_ms_ckpt(path: str, want: Callable[[str], bool] | None = None) -> Iterat
                     raise TensorFileError(f"{path} is corrupt (unexpected record field {field})")
             if r.pos != value_end or tag is None or content_len is None:
                 raise TensorFileError(f"{path} is corrupt (incomplete record {tag!r})")
-        if current is not None and not current.get("skip"):
-            raise TensorFileError(f"{path} is truncated: tensor {current['tag']} has {current['filled']} of "
-                                  f"{current['nbytes']} bytes")
+        if current is not None and current.buffer is not None:
+            raise TensorFileError(f"{path} is truncated: tensor {current.tag} has {current.filled} of "
+                                  f"{current.nbytes} bytes")
         if expected_crc is not None and r.crc != expected_crc:
             raise TensorFileError(f"{path} failed its CRC check: the file is corrupt")
 
 
-def _ckpt_slice(r: _CrcReader, path, current, tag, dims, ttype, length, want):
-    """Read one Value's bytes into the tensor being assembled; returns the assembly state."""
+@dataclasses.dataclass
+class _Tensor:
+    tag: str
+    shape: tuple[int, ...]
+    nbytes: int
+    buffer: np.ndarray | None  # flat uint8; None when the tensor is skipped
+    filled: int = 0
+
+
+def _ckpt_slice(r: _Reader, path: str, current: _Tensor | None, tag: str, dims: list[int], ttype: str,
+                length: int, want) -> tuple[_Tensor | None, np.ndarray | None]:
+    """Read one record's bytes into the tensor being assembled: (still assembling, finished array)."""
     if ttype not in _CKPT_NUMPY:
         raise TensorFileError(f"{path}: tensor {tag} has unsupported type {ttype!r}")
-    if current is not None and current["tag"] != tag:
-        if not current.get("skip"):
-            raise TensorFileError(f"{path}: tensor {current['tag']} is incomplete ({current['filled']} of "
-                                  f"{current['nbytes']} bytes) before {tag} starts")
+    if current is not None and current.tag != tag:
+        if current.buffer is not None:
+            raise TensorFileError(f"{path}: tensor {current.tag} is incomplete ({current.filled} of "
+                                  f"{current.nbytes} bytes) before {tag} starts")
         current = None
     if current is None:
         shape = tuple(int(d) for d in dims)
         if shape == (0,):
             shape = ()
-        itemsize = np.dtype(_CKPT_NUMPY[ttype]).itemsize
-        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-        skip = want is not None and not want(tag)
-        current = {"tag": tag, "shape": shape, "type": ttype, "nbytes": nbytes, "filled": 0, "skip": skip,
-                   "buffer": None if skip else np.empty(nbytes, dtype=np.uint8)}
-    if current["filled"] + length > current["nbytes"]:
-        raise TensorFileError(f"{path}: tensor {tag} holds more bytes than its shape {current['shape']} allows")
-    if current["skip"]:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_CKPT_NUMPY[ttype]).itemsize
+        keep = want is None or want(tag)
+        current = _Tensor(tag, shape, nbytes, np.empty(nbytes, dtype=np.uint8) if keep else None)
+    if current.filled + length > current.nbytes:
+        raise TensorFileError(f"{path}: tensor {tag} holds more bytes than its shape {current.shape} allows")
+    if current.buffer is None:
         r.skip(length)
     else:
-        r.read_into(memoryview(current["buffer"])[current["filled"]:current["filled"] + length])
-    current["filled"] += length
-    if current["filled"] == current["nbytes"]:
-        if current["skip"]:
-            return None
-        array = current["buffer"].view(_CKPT_NUMPY[ttype]).reshape(current["shape"])
-        if ttype == "BFloat16":
-            array = bfloat16_to_float32(array)
-        current["done"], current["result"] = True, array
-    return current
+        r.read_into(memoryview(current.buffer)[current.filled:current.filled + length])
+    current.filled += length
+    if current.filled < current.nbytes:
+        return current, None
+    if current.buffer is None:
+        return None, None
+    array = current.buffer.view(_CKPT_NUMPY[ttype]).reshape(current.shape)
+    return None, bfloat16_to_float32(array) if ttype == "BFloat16" else array
 
 
 class MsCkptWriter:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from mindspore import ops
 
+from glm3.config import rope_inv_freq
+
 
 def rope_tables(max_positions: int, rotary_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of pos * theta_i, shape [max_positions, rotary_dim // 2], float32.
@@ -11,8 +13,7 @@ def rope_tables(max_positions: int, rotary_dim: int, base: float) -> tuple[np.nd
     theta_i = base^(-2i / rotary_dim). Computed in float32 step by step, as the reference implementation
     does, so the angles round the same way.
     """
-    exponent = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
-    theta = (np.float32(1.0) / np.power(np.float32(base), exponent, dtype=np.float32)).astype(np.float32)
+    theta = rope_inv_freq(rotary_dim, base)
     angles = np.outer(np.arange(max_positions, dtype=np.float32), theta).astype(np.float32)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
