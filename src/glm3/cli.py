@@ -203,6 +203,109 @@ def cmd_train_tokenizer(args) -> int:
     return 0
 
 
+# Flags of `glm3 finetune` that map one-to-one onto FinetuneConfig fields.
+_FINETUNE_FLAGS = ("model", "data", "output", "tokenizer", "cache_dir", "seq_length", "max_source_length",
+                   "max_target_length", "preprocess", "batch_size", "grad_accumulation", "steps", "epochs", "lr",
+                   "min_lr", "warmup_steps", "lr_schedule", "weight_decay", "max_grad_norm", "seed",
+                   "compute_dtype", "save_every", "keep_checkpoints", "resume", "device")
+
+
+def finetune_config_from_args(args):
+    """FinetuneConfig from --config (JSON/YAML) with command-line flags on top."""
+    import yaml
+
+    from glm3.train import FinetuneConfig
+
+    values: dict = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            values = (json.load(f) if args.config.endswith(".json") else yaml.safe_load(f)) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config} must hold a mapping of finetune settings")
+    for name in _FINETUNE_FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.skip_bad_lines:
+        values["skip_bad_lines"] = True
+    lora_flags = {key: getattr(args, flag) for flag, key in (("lora_rank", "rank"), ("lora_alpha", "alpha"),
+                                                             ("lora_dropout", "dropout"))
+                  if getattr(args, flag) is not None}
+    if args.lora_targets:
+        lora_flags["targets"] = args.lora_targets.split(",")
+    if args.lora is False:
+        values["lora"] = None
+    elif args.lora or values.get("lora") is not None or lora_flags:
+        values["lora"] = {**(values.get("lora") or {}), **lora_flags}
+    parallel = dict(values.get("parallel") or {})
+    for flag, key in (("workers", "data_parallel"), ("model_parallel", "model_parallel"),
+                      ("pipeline_stage", "pipeline_stage"), ("master_port", "master_port")):
+        if getattr(args, flag) is not None:
+            parallel[key] = getattr(args, flag)
+    values["parallel"] = parallel
+    if args.quiet:
+        values["progress"] = False
+    missing = [k for k in ("model", "data", "output") if not values.get(k)]
+    if missing:
+        raise ValueError(f"finetune needs {', '.join('--' + m for m in missing)} (or a --config that sets them)")
+    return FinetuneConfig(**values)
+
+
+def cmd_finetune(args) -> int:
+    from glm3.train import TrainingInterrupted
+    from glm3.train.launch import run_finetune
+
+    config = finetune_config_from_args(args)
+    try:
+        result = run_finetune(config)
+    except TrainingInterrupted as exc:
+        print(f"glm3 finetune: {exc}; run the same command again to resume", file=sys.stderr)
+        return 128 + exc.signum if exc.signum else 1
+    if result.metrics:
+        print(json.dumps(result.metrics, indent=2))
+    print(f"weights: {result.weights}; checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_rank_table(args) -> int:
+    from glm3 import rank_table as rt
+
+    if args.action == "merge":
+        if len(args.tables) < 1:
+            raise ValueError("rank-table merge needs one or more rank table files")
+        table = rt.merge_rank_tables([rt.load_rank_table(p) for p in args.tables])
+    else:
+        if args.tables:
+            raise ValueError(f"unexpected arguments {args.tables}; did you mean `glm3 rank-table merge`?")
+        if not args.server_ip:
+            raise ValueError("rank-table needs --server-ip")
+        ips = args.device_ips.split(",") if args.device_ips else None
+        table = rt.build_rank_table(args.server_ip, args.devices, device_ips=ips,
+                                    hccn_conf=None if ips else args.hccn_conf)
+    rt.save_rank_table(table, args.out)
+    ranks = sum(len(s["device"]) for s in table["server_list"])
+    print(f"wrote {args.out}: {table['server_count']} server(s), {ranks} rank(s)")
+    return 0
+
+
+def cmd_eval_adgen(args) -> int:
+    from glm3.eval import evaluate_adgen
+    from glm3.io import atomic_write_text
+
+    model, tok = _load(args)
+    if args.adapter:
+        from glm3.lora import load_adapter
+
+        load_adapter(model, args.adapter)
+    metrics = evaluate_adgen(model, tok, args.data, max_source_length=args.max_source_length,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                             style=args.preprocess, predictions_path=args.predictions, progress=not args.quiet)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: download and convert "
                                      "checkpoints, chat, generate, score.")
@@ -280,16 +383,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--vocab-size", type=int, default=1500)
     p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on ADGEN data (full or LoRA; msrun for several workers)",
+                       description="Tokenizes the data once into a MindRecord cache, trains with AdamW (warmup + "
+                       "cosine/linear decay, gradient accumulation, global-norm clipping), logs every step to "
+                       "OUTPUT/train_log.tsv, writes OUTPUT/metrics.json and OUTPUT/model (full) or OUTPUT/adapter "
+                       "(LoRA). Checkpoints go to OUTPUT/checkpoint/rank_N; running the same command again resumes "
+                       "from the newest one, exactly. Ctrl-C/SIGTERM save a checkpoint first. With --workers N > 1 "
+                       "the command starts N msrun data-parallel workers.")
+    p.add_argument("--config", help="JSON or YAML file of finetune settings (FinetuneConfig fields); flags override")
+    p.add_argument("--model", help="base model directory")
+    p.add_argument("--data", help="ADGEN training file (JSON lines or a JSON array)")
+    p.add_argument("--output", help="run directory")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--cache-dir", help="MindRecord cache directory (default OUTPUT/data_cache)")
+    for flag, kind in (("seq-length", int), ("max-source-length", int), ("max-target-length", int),
+                       ("batch-size", int), ("grad-accumulation", int), ("steps", int), ("epochs", float),
+                       ("lr", float), ("min-lr", float), ("warmup-steps", int), ("weight-decay", float),
+                       ("max-grad-norm", float), ("seed", int), ("save-every", int), ("keep-checkpoints", int)):
+        p.add_argument(f"--{flag}", type=kind)
+    p.add_argument("--preprocess", choices=["mindformers_v3", "chat"])
+    p.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"])
+    p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--resume", help="'auto' (default: newest checkpoint in OUTPUT), 'never', or a checkpoint dir")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed data lines")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument("--lora", dest="lora", action="store_true", default=None, help="train LoRA adapters only")
+    lora.add_argument("--full", dest="lora", action="store_false", help="train all parameters")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="comma-separated among query_key_value,dense,dense_h_to_4h,dense_4h_to_h")
+    p.add_argument("--workers", type=int, help="data-parallel workers (msrun)")
+    p.add_argument("--model-parallel", type=int, help="tensor-parallel ranks (Ascend/GPU only)")
+    p.add_argument("--pipeline-stage", type=int, help="pipeline stages (Ascend/GPU only)")
+    p.add_argument("--master-port", type=int, help="msrun scheduler port")
+    p.add_argument("--device", help="CPU (default), Ascend or GPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("rank-table", help="build an HCCL rank table for one server, or merge several",
+                       description="glm3 rank-table --server-ip IP [--devices '[0,8)'] (--hccn-conf FILE | "
+                       "--device-ips IP,IP,...) --out FILE builds one server's table; glm3 rank-table merge A.json "
+                       "B.json ... --out FILE joins per-server tables, numbering ranks in server order.")
+    p.add_argument("action", nargs="?", choices=["build", "merge"], default="build")
+    p.add_argument("tables", nargs="*", help="merge: per-server rank table files, in server order")
+    p.add_argument("--server-ip", help="this server's IP (server_id)")
+    p.add_argument("--devices", default="[0,8)", help="device id range, [first,end) or [first,last]")
+    p.add_argument("--hccn-conf", default="/etc/hccn.conf", help="file with address_N=IP lines (default %(default)s)")
+    p.add_argument("--device-ips", help="comma-separated device IPs in device order, instead of --hccn-conf")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.set_defaults(func=cmd_rank_table)
+
+    p = sub.add_parser("eval", help="evaluate a model: `glm3 eval adgen` (BLEU-4, ROUGE on characters)")
+    eval_sub = p.add_subparsers(dest="benchmark", required=True, metavar="<benchmark>")
+    p = eval_sub.add_parser("adgen", help="generate for ADGEN records and score BLEU-4 and ROUGE-1/2/L")
+    _add_model_args(p)
+    p.add_argument("--adapter", help="LoRA adapter directory to apply to the model")
+    p.add_argument("--data", required=True, help="ADGEN eval file")
+    p.add_argument("--max-source-length", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="score only the first N records")
+    p.add_argument("--preprocess", default="mindformers_v3", choices=["mindformers_v3", "chat"])
+    p.add_argument("--out", help="metrics JSON file")
+    p.add_argument("--predictions", help="JSON-lines file of predictions and references")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_adgen)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from glm3.download import DownloadError
+    from glm3.train.launch import LaunchError
 
     try:
         return args.func(args)
-    except (DownloadError, OSError, ValueError) as exc:  # CheckpointError, ConfigError, TokenizerError: ValueError
+    except (DownloadError, LaunchError, OSError, ValueError) as exc:  # CheckpointError, ConfigError, TokenizerError: ValueError
         print(f"glm3 {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import math
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, One, Zero, initializer
+from mindspore.common.initializer import Normal, One, Uniform, Zero, initializer
 
 from glm3 import kernels
 from glm3.config import GLM3Config
@@ -55,6 +55,19 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         use_small_m = backend == "cpu" and dtype == ms.float32 and compute_dtype == ms.float32
         self.small_m = kernels.small_m_op(kernels.small_m_kernel()) if use_small_m else None
+        self.lora_a = self.lora_b = self.lora_mask = None
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """Add a low-rank update: y = x W^T + drop(x) A^T B^T * alpha/rank, with B = 0 so it starts as a no-op.
+
+        A is [rank, in] (Kaiming-uniform, as in the LoRA paper's reference code), B is [out, rank].
+        Dropout, in training only, multiplies x by `lora_mask`, a Parameter the trainer refills from its
+        own seeded generator before each step (so a resumed run draws the same masks; see glm3.lora).
+        """
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.lora_a = _param((rank, self.in_features), ms.float32, Uniform(bound), "lora_a")
+        self.lora_b = _param((self.out_features, rank), ms.float32, Zero(), "lora_b")
+        self.lora_scale = alpha / rank
 
     def construct(self, x):
         shape = x.shape
@@ -65,6 +78,10 @@ class Linear(nn.Cell):
             y = self.matmul(x2, self.weight.astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias.astype(self.compute_dtype)
+        if self.lora_a is not None:
+            h = x2 * self.lora_mask.astype(x2.dtype) if self.lora_mask is not None and self.training else x2
+            h = self.matmul(h, self.lora_a.astype(self.compute_dtype))
+            y = y + self.matmul(h, self.lora_b.astype(self.compute_dtype)) * self.lora_scale
         return y.reshape(shape[:-1] + (self.out_features,))
 
 
@@ -83,9 +100,10 @@ class Embedding(nn.Cell):
         super().__init__()
         self.embedding_table = _param((vocab, hidden), dtype, init, "embedding_table")
         self.compute_dtype = compute_dtype
+        self.gather = ops.Gather()  # a primitive, so the parallel config can shard() it
 
     def construct(self, input_ids):
-        return ops.gather(self.embedding_table, input_ids, 0).astype(self.compute_dtype)
+        return self.gather(self.embedding_table, input_ids, 0).astype(self.compute_dtype)
 
 
 class SelfAttention(nn.Cell):

@@ -1,0 +1,173 @@
+"""LoRA adapters for GLM3ForCausalLM: inject, save separately, load, and merge into the base weights.
+
+An adapter directory holds `adapter_config.json` (rank, alpha, dropout, targets, the base model's shape)
+and `adapter_model.ckpt` with the `…lora_a` / `…lora_b` tensors, named after the Linear they adapt.
+Merging computes W + B·A·alpha/rank in float32 and writes a plain model directory that needs no adapter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import mindspore as ms
+import numpy as np
+
+from glm3.config import GLM3Config
+from glm3.io import atomic_directory
+from glm3.model import GLM3ForCausalLM, Linear
+
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.ckpt"
+
+
+class LoraError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("query_key_value",)
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank < 1:
+            raise LoraError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise LoraError(f"LoRA targets must be a non-empty subset of {', '.join(LORA_TARGETS)}; "
+                            f"got {list(self.targets)}")
+
+
+def _target_linears(model: GLM3ForCausalLM, targets) -> list[tuple[str, Linear]]:
+    found = [(name, cell) for name, cell in model.cells_and_names()
+             if isinstance(cell, Linear) and name.rsplit(".", 1)[-1] in targets and ".encoder." in f".{name}"]
+    if not found:
+        raise LoraError(f"no Linear layer named {list(targets)} in the model")
+    return found
+
+
+def apply_lora(model: GLM3ForCausalLM, config: LoraConfig, seed: int | None = None) -> list[str]:
+    """Add adapters to the target layers and freeze everything else. Returns the adapter parameter names."""
+    if seed is not None:
+        ms.set_seed(seed)
+    names = []
+    for param in model.get_parameters():
+        param.requires_grad = False
+    for name, cell in _target_linears(model, config.targets):
+        cell.add_lora(config.rank, config.alpha)
+        # Parameters added after the model was built keep their short names; give them their full path.
+        cell.lora_a.name, cell.lora_b.name = f"{name}.lora_a", f"{name}.lora_b"
+        cell.lora_a.init_data()
+        cell.lora_b.init_data()
+        names += [cell.lora_a.name, cell.lora_b.name]
+    model.lora_config = config
+    return names
+
+
+class LoraDropout:
+    """Inverted-dropout masks for every adapter, drawn on the host from a seeded numpy generator.
+
+    MindSpore's CPU dropout kernels keep a hidden per-kernel state that a checkpoint cannot capture; drawing
+    the masks here makes them part of the training state (`state()` / `restore()`), so resume is exact.
+    """
+
+    def __init__(self, model: GLM3ForCausalLM, rows: int, seed: int):
+        config: LoraConfig = model.lora_config
+        self.p = config.dropout
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.cells = [cell for _, cell in _target_linears(model, config.targets)] if self.p > 0 else []
+        for cell in self.cells:
+            cell.lora_mask = ms.Parameter(ms.Tensor(np.ones((rows, cell.in_features), np.float32)),
+                                          name=f"{cell.lora_a.name[:-len('.lora_a')]}.lora_mask", requires_grad=False)
+
+    def refresh(self) -> None:
+        keep = np.float32(1.0 / (1.0 - self.p)) if self.cells else None
+        for cell in self.cells:
+            mask = (self.rng.random(cell.lora_mask.shape, dtype=np.float32) >= self.p).astype(np.float32) * keep
+            cell.lora_mask.set_data(ms.Tensor(mask))
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def adapter_parameters(model: GLM3ForCausalLM) -> list[ms.Parameter]:
+    return [p for p in model.get_parameters() if p.name.endswith((".lora_a", ".lora_b"))]
+
+
+def save_adapter(model: GLM3ForCausalLM, directory: str | os.PathLike, overwrite: bool = False) -> str:
+    """Write the adapter (config + LoRA tensors only) as a directory that appears whole or not at all."""
+    config: LoraConfig | None = getattr(model, "lora_config", None)
+    if config is None:
+        raise LoraError("the model has no LoRA adapters")
+    directory = os.fspath(directory)
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        meta = {"peft_type": "LORA", **dataclasses.asdict(config), "targets": list(config.targets),
+                "base_config": model.config.to_hf()}
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        ms.save_checkpoint([{"name": p.name, "data": p} for p in adapter_parameters(model)],
+                           os.path.join(tmp, ADAPTER_WEIGHTS))
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[LoraConfig, dict]:
+    path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise LoraError(f"{directory} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    config = LoraConfig(meta["rank"], meta["alpha"], meta["dropout"], tuple(meta["targets"]))
+    return config, meta.get("base_config", {})
+
+
+def load_adapter(model: GLM3ForCausalLM, directory: str | os.PathLike) -> GLM3ForCausalLM:
+    """Add the saved adapter to a loaded base model, checking names, shapes and dtypes of every tensor."""
+    config, base = read_adapter_config(directory)
+    if base:
+        want = GLM3Config.from_hf(base)
+        for field in ("num_layers", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
+                      "multi_query_group_num", "padded_vocab_size"):
+            if getattr(want, field) != getattr(model.config, field):
+                raise LoraError(f"adapter {directory} was trained on a model with {field}={getattr(want, field)}, "
+                                f"this model has {getattr(model.config, field)}")
+    apply_lora(model, config)
+    params = {p.name: p for p in adapter_parameters(model)}
+    saved = ms.load_checkpoint(os.path.join(os.fspath(directory), ADAPTER_WEIGHTS))
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or extra:
+        raise LoraError(f"adapter {directory} does not match its config: missing {missing[:3]}, "
+                        f"unexpected {extra[:3]}")
+    for name, value in saved.items():
+        if tuple(value.shape) != tuple(params[name].shape) or value.dtype != params[name].dtype:
+            raise LoraError(f"adapter tensor {name} is {value.dtype}{tuple(value.shape)}, expected "
+                            f"{params[name].dtype}{tuple(params[name].shape)}")
+        params[name].set_data(value)
+    return model
+
+
+def merge_lora(model: GLM3ForCausalLM) -> GLM3ForCausalLM:
+    """Fold every adapter into its base weight (W += B·A·alpha/rank, computed in float32) and remove it."""
+    config: LoraConfig | None = getattr(model, "lora_config", None)
+    if config is None:
+        raise LoraError("the model has no LoRA adapters")
+    for _, cell in _target_linears(model, config.targets):
+        if cell.lora_a is None:
+            continue
+        delta = cell.lora_b.asnumpy().astype(np.float32) @ cell.lora_a.asnumpy().astype(np.float32)
+        merged = cell.weight.asnumpy().astype(np.float32) + delta * np.float32(cell.lora_scale)
+        cell.weight.set_data(ms.Tensor(merged).astype(cell.weight.dtype))
+        cell.lora_a = cell.lora_b = cell.lora_mask = None
+    for param in model.get_parameters():
+        param.requires_grad = True
+    model.lora_config = None
+    return model

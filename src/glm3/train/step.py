@@ -1,0 +1,162 @@
+"""The graph-mode training step: loss, gradients, accumulation, all-reduce, clipping, loss scaling, AdamW.
+
+One optimizer step is either one `TrainStep(mode="fused")` call, or `accumulate` calls of
+`TrainStep(mode="accumulate")` followed by one `ApplyAccumulated` call. Each is a compiled graph
+over the same parameters and optimizer state.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Zero, initializer
+
+from glm3.data.preprocess import IGNORE_INDEX
+from glm3.model import GLM3ForCausalLM
+
+
+class CausalLMLoss(nn.Cell):
+    """Mean cross-entropy over the labelled positions; labels are already shifted (labels[i] follows input[i])."""
+
+    def __init__(self, model: GLM3ForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def construct(self, input_ids, labels):
+        logits = self.model(input_ids)  # float32 [b, s, V]; right padding needs only the causal mask
+        mask = labels != IGNORE_INDEX
+        target = ops.where(mask, labels, ops.zeros_like(labels))
+        picked = ops.gather_elements(logits, 2, target.expand_dims(-1)).squeeze(-1)
+        nll = ops.logsumexp(logits, -1) - picked
+        weights = mask.astype(ms.float32)
+        return (nll * weights).sum() / ops.maximum(weights.sum(), 1.0)
+
+
+def _global_norm(grads):
+    return ops.sqrt(ops.addn([ops.square(g.astype(ms.float32)).sum() for g in grads]))
+
+
+class DynamicLossScale(nn.Cell):
+    """Loss scaling for half-precision compute: halve the scale on overflow, double it after `window` clean steps."""
+
+    def __init__(self, init_scale: float = 2.0 ** 16, window: int = 1000):
+        super().__init__()
+        self.scale = Parameter(Tensor(init_scale, ms.float32), name="loss_scale", requires_grad=False)
+        self.clean_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_clean_steps", requires_grad=False)
+        self.window = window
+
+    def construct(self, finite):
+        grown = self.clean_steps + 1 >= self.window
+        new_scale = ops.select(finite, ops.select(grown, self.scale * 2.0, self.scale),
+                               ops.maximum(self.scale * 0.5, 1.0))
+        new_clean = ops.select(ops.logical_and(finite, ops.logical_not(grown)), self.clean_steps + 1,
+                               ops.zeros_like(self.clean_steps))
+        ops.assign(self.scale, new_scale)
+        ops.assign(self.clean_steps, new_clean)
+        return finite
+
+
+class _Update(nn.Cell):
+    """grads -> (all-reduce) -> unscale -> finite check -> clip -> optimizer; returns the pre-clip norm.
+
+    On overflow (loss scaling only) the optimizer step is skipped and the scale halves.
+    """
+
+    def __init__(self, optimizer: nn.Optimizer, max_grad_norm: float, reducer=None, loss_scale=None):
+        super().__init__()
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.reducer = reducer
+        self.loss_scale = loss_scale
+
+    def construct(self, grads):
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+        if self.loss_scale is not None:
+            inv = 1.0 / self.loss_scale.scale
+            grads = tuple(g * inv.astype(g.dtype) for g in grads)
+        norm = _global_norm(grads)
+        if self.max_grad_norm > 0:
+            factor = ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
+            grads = tuple(g * factor.astype(g.dtype) for g in grads)
+        if self.loss_scale is None:
+            self.optimizer(grads)
+        else:
+            finite = ops.isfinite(norm)
+            self.loss_scale(finite)
+            if finite:
+                self.optimizer(grads)
+        return norm
+
+
+class TrainStep(nn.Cell):
+    """Loss and gradients of one micro-batch; mode "fused" also updates, "accumulate" adds grads/k to buffers."""
+
+    def __init__(self, loss_net: CausalLMLoss, update: _Update, mode: str = "fused", accumulate: int = 1,
+                 buffers=None, loss_reducer=None):
+        super().__init__()
+        if mode not in ("fused", "accumulate"):
+            raise ValueError(f"mode must be 'fused' or 'accumulate', got {mode!r}")
+        self.loss_net = loss_net
+        self.weights = update.optimizer.parameters
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.update = update
+        self.fused = mode == "fused"
+        self.inv_accumulate = 1.0 / accumulate
+        self.buffers = buffers
+        self.loss_reducer = loss_reducer  # mean of the loss over data-parallel ranks, for logging
+
+    def construct(self, input_ids, labels):
+        loss = self.loss_net(input_ids, labels)
+        scale = Tensor(1.0, ms.float32)
+        if self.update.loss_scale is not None:
+            scale = self.update.loss_scale.scale.value()
+        grads = self.grad(self.loss_net, self.weights)(input_ids, labels, scale)
+        if self.loss_reducer is not None:
+            loss = self.loss_reducer(loss)
+        if self.fused:
+            return loss, self.update(grads)
+        for buffer, g in zip(self.buffers, grads):
+            ops.assign_add(buffer, g.astype(buffer.dtype) * self.inv_accumulate)
+        return loss, Tensor(0.0, ms.float32)
+
+
+class ApplyAccumulated(nn.Cell):
+    """The optimizer step over the accumulated gradients; the buffers are zeroed afterwards."""
+
+    def __init__(self, update: _Update, buffers):
+        super().__init__()
+        self.update = update
+        self.buffers = buffers
+
+    def construct(self):
+        grads = tuple(b.value() for b in self.buffers)
+        norm = self.update(grads)
+        for b in self.buffers:
+            ops.assign(b, ops.zeros_like(b))
+        return norm
+
+
+def gradient_buffers(params) -> ms.ParameterTuple:
+    return ms.ParameterTuple([Parameter(initializer(Zero(), p.shape, ms.float32), name=f"accum.{p.name}",
+                                        requires_grad=False) for p in params])
+
+
+class MeanAllReduce(nn.Cell):
+    def __init__(self, group_size: int):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+        self.group_size = group_size
+
+    def construct(self, x):
+        return self.all_reduce(x) / self.group_size
+
+
+def adamw(params, lr, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8) -> nn.AdamWeightDecay:
+    """AdamW; matrices decay, vectors (biases, norm weights) do not."""
+    params = list(params)
+    decay = [p for p in params if len(p.shape) >= 2]
+    no_decay = [p for p in params if len(p.shape) < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return nn.AdamWeightDecay(groups, learning_rate=lr, beta1=betas[0], beta2=betas[1], eps=eps)

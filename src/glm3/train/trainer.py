@@ -1,0 +1,362 @@
+"""`finetune(FinetuneConfig)`: full-parameter or LoRA fine-tuning of a ChatGLM3 model directory on ADGEN data.
+
+Outputs in `config.output`:
+    model/ (full) or adapter/ (LoRA)   the trained weights, written once at the end
+    checkpoint/rank_N/step_XXXXXXXX/   resumable training state, every `save_every` steps and at the end
+    train_log.tsv                      step, epoch, loss, lr, grad_norm, tokens_per_s, loss_scale (for dvc plots)
+    metrics.json                       the run's summary (for dvc metrics)
+A run resumes from its newest checkpoint (resume="auto") and then continues exactly as if it had never
+stopped: same data order, same dropout masks, same losses, same weights. SIGINT/SIGTERM save a checkpoint
+at the end of the current step and raise TrainingInterrupted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from glm3.data.mindrecord import TrainData, batches_per_epoch, build_train_cache, train_dataset
+from glm3.io import atomic_write_text
+from glm3.lora import LoraConfig, LoraDropout, apply_lora, save_adapter
+from glm3.parallel import ParallelConfig, apply_shard_strategies, init_parallel
+from glm3.train import checkpoint as ckpt
+from glm3.train.schedule import lr_schedule
+from glm3.train.step import (ApplyAccumulated, CausalLMLoss, DynamicLossScale, MeanAllReduce, TrainStep, _Update,
+                             adamw, gradient_buffers)
+
+LOG_FILE = "train_log.tsv"
+METRICS_FILE = "metrics.json"
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
+
+
+class TrainingInterrupted(RuntimeError):
+    def __init__(self, signum: int, step: int, checkpoint: str):
+        super().__init__(f"stopped by signal {signum} after step {step}; checkpoint saved to {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    model: str  # base model directory (ours or HuggingFace layout)
+    data: str  # ADGEN training file
+    output: str  # run directory
+    tokenizer: str | None = None  # default: the model directory
+    cache_dir: str | None = None  # MindRecord cache; default <output>/data_cache
+    seq_length: int = 193
+    max_source_length: int = 64
+    max_target_length: int = 128
+    preprocess: str = "mindformers_v3"
+    ignore_pad_token_for_loss: bool = True
+    skip_bad_lines: bool = False
+    batch_size: int = 1  # per rank and micro-step
+    grad_accumulation: int = 1
+    steps: int = 0  # optimizer steps; 0: from epochs
+    epochs: float = 1.0
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    shuffle: bool = True
+    compute_dtype: str = "float32"  # float16/bfloat16 with loss scaling where the device supports it
+    loss_scale: float = 2.0 ** 16  # initial dynamic loss scale (half-precision compute only)
+    loss_scale_window: int = 1000
+    lora: LoraConfig | None = None
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # "auto" (newest checkpoint if any), "never", or a checkpoint directory
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    device: str = "CPU"
+    progress: bool = True
+    stop_after: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
+
+    def __post_init__(self):
+        # YAML reads 1e-4 as a string (it wants 1.0e-4): accept numbers written either way.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in ("float", "int") and isinstance(value, str):
+                try:
+                    setattr(self, field.name, float(value) if field.type == "float" else int(value))
+                except ValueError:
+                    raise ValueError(f"finetune.{field.name} must be a number, got {value!r}") from None
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
+        if isinstance(self.parallel, dict):
+            self.parallel = ParallelConfig(**self.parallel)
+
+    def validate(self) -> None:
+        positive = ("batch_size", "grad_accumulation", "seq_length", "max_source_length", "max_target_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
+            raise ValueError(f"give steps >= 1 or epochs > 0 (steps={self.steps}, epochs={self.epochs})")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
+            raise ValueError(f"resume must be 'auto', 'never' or a checkpoint directory; {self.resume!r} is none")
+        if self.device.upper() == "CPU" and self.compute_dtype == "bfloat16":
+            raise ValueError("bfloat16 compute is not supported on CPU; use float32 (or float16, slowly)")
+        if not os.path.isfile(self.data):
+            raise FileNotFoundError(f"training data {self.data} does not exist")
+        self.parallel.validate(self.device)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FinetuneConfig":
+        return cls(**json.loads(text))
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must agree on to be resumed (not output paths, progress or stop points)."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("output", "cache_dir", "progress", "resume", "stop_after", "save_every",
+                             "keep_checkpoints")}
+        keep["model"] = os.path.abspath(keep["model"])
+        keep["data"] = os.path.abspath(keep["data"])
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    output: str
+    steps: int
+    final_loss: float
+    metrics: dict
+    weights: str | None  # model/ or adapter/ (rank 0 only)
+    checkpoint: str
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag the loop checks between steps (main thread only; elsewhere a no-op)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare_data(config: FinetuneConfig) -> TrainData:
+    """Tokenize (or find cached) the training data; the launcher does this once before starting workers."""
+    from glm3.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    return build_train_cache(config.data, tokenizer, config.cache_dir or os.path.join(config.output, "data_cache"),
+                              config.max_source_length, config.max_target_length, config.seq_length,
+                              config.preprocess, config.ignore_pad_token_for_loss, config.skip_bad_lines)
+
+
+def total_steps(config: FinetuneConfig, data: TrainData, ranks: int) -> tuple[int, int]:
+    """(optimizer steps, micro-batches per epoch per rank)."""
+    per_epoch = batches_per_epoch(data.num_examples, config.batch_size, ranks)
+    if per_epoch < 1:
+        raise ValueError(f"{data.num_examples} examples are too few for batch_size {config.batch_size} on {ranks} "
+                         "rank(s): not one full batch per rank")
+    steps = config.steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accumulation))
+    return steps, per_epoch
+
+
+def _batches(config, data, rank, ranks, per_epoch, micro_step):
+    """(epoch, batch) from micro-step `micro_step` on, reshuffling every epoch."""
+    epoch, skip = divmod(micro_step, per_epoch)
+    while True:
+        dataset = train_dataset(data, config.batch_size, seed=config.seed, epoch=epoch, shuffle=config.shuffle,
+                                num_shards=ranks, shard_id=rank, skip_batches=skip)
+        for input_ids, labels in dataset.create_tuple_iterator(num_epochs=1):
+            yield epoch, input_ids, labels
+        epoch, skip = epoch + 1, 0
+
+
+class _Log:
+    """The per-step TSV: rewritten up to the resumed step, then appended and flushed every step."""
+
+    def __init__(self, path: str | None, start_step: int):
+        self.path = path
+        if path is None:
+            return
+        rows = []
+        if start_step > 0 and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                rows = [line for line in f.read().splitlines()[1:] if line and int(line.split("\t")[0]) <= start_step]
+        atomic_write_text(path, "\n".join(["\t".join(LOG_COLUMNS), *rows]) + "\n")
+
+    def write(self, values: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("\t".join(_fmt(values[c]) for c in LOG_COLUMNS) + "\n")
+
+
+def _fmt(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Train in this process (a single worker, or one rank under msrun). See the module docstring."""
+    from tqdm import tqdm
+
+    from glm3.loading import load_model, save_model
+
+    config.validate()
+    os.makedirs(config.output, exist_ok=True)
+    rank, ranks = init_parallel(config.parallel, os.path.join(config.output, "strategy"))
+    data = prepare_data(config)
+    steps, per_epoch = total_steps(config, data, ranks)
+    ms.set_seed(config.seed)
+
+    model = load_model(config.model, dtype="float32", compute_dtype=config.compute_dtype, kernels_backend="plain")
+    if data.seq_length > model.config.seq_length:
+        raise ValueError(f"examples are {data.seq_length} tokens but the model's seq_length is "
+                         f"{model.config.seq_length}")
+    dropout = None
+    if config.lora is not None:
+        apply_lora(model, config.lora, seed=config.seed)
+        dropout = LoraDropout(model, config.batch_size * data.seq_length, seed=config.seed * 7919 + rank)
+    if config.parallel.needs_auto_parallel:
+        apply_shard_strategies(model, config.parallel)
+    model.set_train(True)
+
+    trainable = model.trainable_params()
+    lrs = lr_schedule(config.lr, steps, config.warmup_steps, config.lr_schedule, config.min_lr)
+    optimizer = adamw(trainable, Tensor(lrs), config.weight_decay, (config.adam_beta1, config.adam_beta2),
+                      config.adam_eps)
+    half = config.compute_dtype != "float32"
+    loss_scale = DynamicLossScale(config.loss_scale, config.loss_scale_window) if half else None
+    reducer = (ms.nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=ranks)
+               if ranks > 1 and not config.parallel.needs_auto_parallel else None)
+    update = _Update(optimizer, config.max_grad_norm, reducer, loss_scale)
+    loss_net = CausalLMLoss(model)
+    loss_reducer = MeanAllReduce(ranks) if ranks > 1 else None
+    if config.grad_accumulation == 1:
+        micro_step_cell, apply_cell = TrainStep(loss_net, update, "fused", loss_reducer=loss_reducer), None
+    else:
+        buffers = gradient_buffers(optimizer.parameters)
+        micro_step_cell = TrainStep(loss_net, update, "accumulate", config.grad_accumulation, buffers, loss_reducer)
+        apply_cell = ApplyAccumulated(update, buffers)
+
+    state_params = list(trainable) + list(optimizer.moments1) + list(optimizer.moments2) + [optimizer.global_step]
+    if loss_scale is not None:
+        state_params += [loss_scale.scale, loss_scale.clean_steps]
+    ckpt_dir = ckpt.rank_dir(config.output, rank)
+    fingerprint = config.fingerprint()
+    start_step, meta = 0, None
+    resume_from = config.resume if config.resume not in ("auto", "never") else None
+    if config.resume == "auto" and ckpt.list_checkpoints(ckpt_dir):
+        resume_from = ckpt.list_checkpoints(ckpt_dir)[-1][1]
+    if resume_from:
+        meta = ckpt.load_checkpoint(resume_from, state_params)
+        if meta.get("fingerprint") != fingerprint:
+            raise ckpt.ResumeError(f"checkpoint {resume_from} belongs to a run with different settings "
+                                   f"(model, data, batch, schedule, LoRA or parallel config); use a new output "
+                                   "directory or resume='never'")
+        start_step = meta["step"]
+        if dropout is not None:
+            dropout.restore(meta["dropout_rng"])
+
+    is_main = rank == 0
+    log = _Log(os.path.join(config.output, LOG_FILE) if is_main else None, start_step)
+    tokens_per_micro = config.batch_size * data.seq_length * ranks
+    history = meta["history"] if meta else {"losses": [], "seconds": 0.0, "timed_steps": 0}
+    micro_step = start_step * config.grad_accumulation
+    batches = _batches(config, data, rank, ranks, per_epoch, micro_step)
+    last_path = resume_from
+    wall_start = time.perf_counter()
+
+    def save(step):
+        state = {"fingerprint": fingerprint, "micro_step": step * config.grad_accumulation,
+                 "epoch": step * config.grad_accumulation // per_epoch, "history": history,
+                 "dropout_rng": dropout.state() if dropout is not None else None}
+        return ckpt.save_checkpoint(ckpt_dir, step, state_params, state, config.keep_checkpoints)
+
+    bar = tqdm(total=steps, initial=start_step, desc="finetune", unit="step",
+               disable=not (config.progress and is_main), dynamic_ncols=True)
+    with _StopFlag() as stop:
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            losses = []
+            for _ in range(config.grad_accumulation):
+                epoch, input_ids, labels = next(batches)
+                if dropout is not None:
+                    dropout.refresh()
+                loss, norm = micro_step_cell(input_ids, labels)
+                losses.append(float(loss.asnumpy()))
+            if apply_cell is not None:
+                norm = apply_cell()
+            loss = float(np.mean(losses))
+            seconds = time.perf_counter() - t0
+            if step > start_step:  # the first step of a process includes graph compilation
+                history["seconds"] += seconds
+                history["timed_steps"] += 1
+            history["losses"].append(loss)
+            scale = float(loss_scale.scale.asnumpy()) if loss_scale is not None else 1.0
+            log.write({"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(lrs[step]),
+                       "grad_norm": float(norm.asnumpy()),
+                       "tokens_per_s": tokens_per_micro * config.grad_accumulation / seconds, "loss_scale": scale})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[step]:.2e}")
+            done = step + 1
+            if (config.save_every and done % config.save_every == 0) or done == steps:
+                last_path = save(done)
+            if stop.signum is not None or (config.stop_after is not None and done >= config.stop_after
+                                           and done < steps):
+                if not last_path or not last_path.endswith(f"step_{done:08d}"):
+                    last_path = save(done)
+                bar.close()
+                raise TrainingInterrupted(stop.signum or 0, done, last_path)
+    bar.close()
+
+    weights = None
+    if is_main:
+        tokenizer_dir = config.tokenizer or config.model
+        model.set_train(False)
+        if config.lora is not None:
+            weights = save_adapter(model, os.path.join(config.output, "adapter"), overwrite=True)
+        else:
+            weights = save_model(model, os.path.join(config.output, "model"), tokenizer_dir=tokenizer_dir,
+                                 overwrite=True)
+    losses = history["losses"]
+    timed = history["timed_steps"]
+    metrics = {
+        "steps": steps, "ranks": ranks, "mode": "lora" if config.lora else "full",
+        "micro_batch_size": config.batch_size, "global_batch_size": config.batch_size * config.grad_accumulation * ranks,
+        "examples": data.num_examples, "seq_length": data.seq_length,
+        "epochs": round(steps * config.grad_accumulation / per_epoch, 4),
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "min_loss": min(losses) if losses else None,
+        "train_seconds": round(history["seconds"], 3), "wall_seconds_this_process": round(time.perf_counter() - wall_start, 3),
+        "tokens_per_second": round(tokens_per_micro * config.grad_accumulation * timed / history["seconds"], 2)
+        if timed else None,
+        "trainable_parameters": int(sum(np.prod(p.shape) for p in trainable)),
+        "total_parameters": int(sum(np.prod(p.shape) for p in model.get_parameters()
+                                    if not p.name.endswith(".lora_mask"))),
+    }
+    if is_main:
+        atomic_write_text(os.path.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
+    return FinetuneResult(config.output, steps, metrics["final_loss"], metrics, weights, last_path)
