@@ -6,6 +6,11 @@ import pytest
 
 import glm3
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "data", "adgen_sample.json")  # the shipped ADGEN-format sample (24 records)
+# The 1,070 real ADGEN records, beside the repo; override with GLM3_ADGEN_DEV.
+ADGEN_DEV = os.environ.get("GLM3_ADGEN_DEV", os.path.join(REPO, "..", "shared", "data", "AdvertiseGen", "dev.json"))
+
 ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE)
 

@@ -7,10 +7,7 @@ import pytest
 
 from glm3.data import AdgenError, PreprocessError, load_adgen, preprocess_eval, preprocess_train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(REPO, "data", "adgen_sample.json")
-# The 1,070 real records, beside the repo; override with GLM3_ADGEN_DEV.
-ADGEN_DEV = os.environ.get("GLM3_ADGEN_DEV", os.path.join(REPO, "..", "shared", "data", "AdvertiseGen", "dev.json"))
+from conftest import ADGEN_DEV, SAMPLE
 
 
 def test_loader_formats_and_errors(tmp_path):
@@ -94,3 +91,76 @@ def test_real_adgen_dev_set(tokenizer):
     assert ((inputs == tokenizer.eos_id).sum(axis=1) >= 1).all()
     evals, _ = preprocess_eval(records, tokenizer)
     assert all(len(e.prompt_ids) <= 64 for e in evals) and evals[0].reference == records[0]["summary"]
+
+
+def _cache(tokenizer, cache_dir, data=SAMPLE, **overrides):
+    from glm3.data.mindrecord import build_train_cache
+
+    params = {"max_source_length": 32, "max_target_length": 32, "seq_length": 65, **overrides}
+    return build_train_cache(data, tokenizer, cache_dir, **params)
+
+
+def test_mindrecord_cache_holds_the_preprocessed_examples_and_is_reused(tokenizer, tmp_path):
+    from glm3.data.mindrecord import read_examples
+
+    built = _cache(tokenizer, tmp_path / "cache")
+    assert built.built and built.num_examples == 24 and built.seq_length == 65
+    records, _ = load_adgen(SAMPLE)
+    expected, _ = preprocess_train(records, tokenizer, 32, 32, 65)
+    stored = read_examples(built.path)
+    np.testing.assert_array_equal(stored["input_ids"], np.stack([e.input_ids for e in expected]))
+    np.testing.assert_array_equal(stored["labels"], np.stack([e.labels for e in expected]))
+
+    mtime = os.path.getmtime(built.path)
+    again = _cache(tokenizer, tmp_path / "cache")
+    assert not again.built and again.path == built.path and os.path.getmtime(built.path) == mtime
+    # Any change of what decides the content gives a new cache beside the old one.
+    other_params = _cache(tokenizer, tmp_path / "cache", max_target_length=16)
+    other_style = _cache(tokenizer, tmp_path / "cache", style="chat")
+    edited = tmp_path / "edited.json"
+    edited.write_text(open(SAMPLE, encoding="utf-8").read().replace("蓝色", "白色", 1), encoding="utf-8")
+    other_data = _cache(tokenizer, tmp_path / "cache", data=edited)
+    keys = {built.key, other_params.key, other_style.key, other_data.key}
+    assert len(keys) == 4 and all(c.built for c in (other_params, other_style, other_data))
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(keys)  # no temporary directories left
+
+
+def test_malformed_data_makes_no_cache(tokenizer, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"content": "a", "summary": "b"}\n{"content": oops}\n', encoding="utf-8")
+    with pytest.raises(AdgenError, match=r"bad.json:2"):
+        _cache(tokenizer, tmp_path / "cache", data=bad)
+    assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
+
+
+def _order(data, **kwargs):
+    from glm3.data.mindrecord import read_examples, train_dataset
+
+    rows = {r.tobytes(): i for i, r in enumerate(read_examples(data.path)["input_ids"])}
+    dataset = train_dataset(data, 2, **kwargs)
+    return [[rows[r.tobytes()] for r in ids] for ids, _ in dataset.create_tuple_iterator(output_numpy=True,
+                                                                                         num_epochs=1)]
+
+
+def test_dataset_shards_shuffles_by_seed_and_epoch_and_resumes(tokenizer, tmp_path):
+    data = _cache(tokenizer, tmp_path / "cache")
+    assert _order(data, shuffle=False) == [[2 * i, 2 * i + 1] for i in range(12)]
+    rank0 = _order(data, seed=3, num_shards=2, shard_id=0)
+    rank1 = _order(data, seed=3, num_shards=2, shard_id=1)
+    assert len(rank0) == len(rank1) == 6
+    seen0, seen1 = {i for b in rank0 for i in b}, {i for b in rank1 for i in b}
+    assert not seen0 & seen1 and seen0 | seen1 == set(range(24))  # disjoint shards covering the data
+    assert _order(data, seed=3, num_shards=2, shard_id=0) == rank0  # the seed fixes the order
+    assert _order(data, seed=3, epoch=1, num_shards=2, shard_id=0) != rank0  # each epoch reshuffles
+    assert _order(data, seed=4, num_shards=2, shard_id=0) != rank0
+    assert _order(data, seed=3, num_shards=2, shard_id=0, skip_batches=4) == rank0[4:]
+
+
+def test_dataset_drops_the_last_partial_batch(tokenizer, tmp_path):
+    from glm3.data.mindrecord import batches_per_epoch, train_dataset
+
+    data = _cache(tokenizer, tmp_path / "cache")
+    dataset = train_dataset(data, 5, seed=0)
+    sizes = [ids.shape[0] for ids, _ in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)]
+    assert sizes == [5, 5, 5, 5] == [5] * batches_per_epoch(24, 5)
+    assert batches_per_epoch(24, 5, num_shards=2) == 2 and batches_per_epoch(24, 13, num_shards=2) == 0

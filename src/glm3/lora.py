@@ -68,6 +68,7 @@ def apply_lora(model: GLM3ForCausalLM, config: LoraConfig, seed: int | None = No
         cell.lora_b.init_data()
         names += [cell.lora_a.name, cell.lora_b.name]
     model.lora_config = config
+    model.structure_changed()
     return names
 
 
@@ -86,6 +87,7 @@ class LoraDropout:
         for cell in self.cells:
             cell.lora_mask = ms.Parameter(ms.Tensor(np.ones((rows, cell.in_features), np.float32)),
                                           name=f"{cell.lora_a.name[:-len('.lora_a')]}.lora_mask", requires_grad=False)
+        model.structure_changed()
 
     def refresh(self) -> None:
         keep = np.float32(1.0 / (1.0 - self.p)) if self.cells else None
@@ -166,8 +168,9 @@ def merge_lora(model: GLM3ForCausalLM) -> GLM3ForCausalLM:
         delta = cell.lora_b.asnumpy().astype(np.float32) @ cell.lora_a.asnumpy().astype(np.float32)
         merged = cell.weight.asnumpy().astype(np.float32) + delta * np.float32(cell.lora_scale)
         cell.weight.set_data(ms.Tensor(merged).astype(cell.weight.dtype))
-        cell.lora_a = cell.lora_b = cell.lora_mask = None
+        cell.remove_lora()
     for param in model.get_parameters():
         param.requires_grad = True
     model.lora_config = None
+    model.structure_changed()
     return model

@@ -10,6 +10,7 @@ so the same code serves the full forward pass, the prompt prefill and one-token 
 from __future__ import annotations
 
 import math
+import time
 
 import mindspore as ms
 import numpy as np
@@ -68,6 +69,12 @@ class Linear(nn.Cell):
         self.lora_a = _param((rank, self.in_features), ms.float32, Uniform(bound), "lora_a")
         self.lora_b = _param((self.out_features, rank), ms.float32, Zero(), "lora_b")
         self.lora_scale = alpha / rank
+
+    def remove_lora(self) -> None:
+        for name in ("lora_a", "lora_b", "lora_mask"):
+            if getattr(self, name) is not None:
+                delattr(self, name)  # drops the Parameter from the cell, then a plain None stands in
+                object.__setattr__(self, name, None)
 
     def construct(self, x):
         shape = x.shape
@@ -276,6 +283,15 @@ class GLM3ForCausalLM(nn.Cell):
         from glm3.generation import generate
 
         return generate(self, input_ids, **kwargs)
+
+    def structure_changed(self) -> None:
+        """Forget graphs compiled for this model: call after adding or removing cells or parameters (LoRA).
+
+        MindSpore keys a Cell's compiled graphs by the Cell's creation time and the call's arguments, not by
+        its structure, so without this a changed model would keep running its old graph.
+        """
+        object.__setattr__(self, "_create_time", time.time_ns())
+        self._runners = {}
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(p.shape)) for p in self.get_parameters())

@@ -2,7 +2,9 @@
 
 One optimizer step is either one `TrainStep(mode="fused")` call, or `accumulate` calls of
 `TrainStep(mode="accumulate")` followed by one `ApplyAccumulated` call. Each is a compiled graph
-over the same parameters and optimizer state.
+over the same parameters and optimizer state. Accumulation sums per-token losses and divides by the
+total number of labelled tokens at the end, so k micro-batches of size b give the same update as one
+batch of size k*b (a mean of per-micro-batch means would weight short answers more).
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from glm3.model import GLM3ForCausalLM
 class CausalLMLoss(nn.Cell):
     """Mean cross-entropy over the labelled positions; labels are already shifted (labels[i] follows input[i])."""
 
-    def __init__(self, model: GLM3ForCausalLM):
-        super().__init__()
+    def __init__(self, model: GLM3ForCausalLM, reduction: str = "mean"):
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
         self.model = model
+        self.mean = reduction == "mean"
 
     def construct(self, input_ids, labels):
         logits = self.model(input_ids)  # float32 [b, s, V]; right padding needs only the causal mask
@@ -28,7 +31,12 @@ class CausalLMLoss(nn.Cell):
         picked = ops.gather_elements(logits, 2, target.expand_dims(-1)).squeeze(-1)
         nll = ops.logsumexp(logits, -1) - picked
         weights = mask.astype(ms.float32)
-        return (nll * weights).sum() / ops.maximum(weights.sum(), 1.0)
+        total = (nll * weights).sum()
+        return total / ops.maximum(weights.sum(), 1.0) if self.mean else total
+
+
+def labelled_tokens(labels):
+    return (labels != IGNORE_INDEX).astype(ms.float32).sum()
 
 
 def _global_norm(grads):
@@ -39,7 +47,7 @@ class DynamicLossScale(nn.Cell):
     """Loss scaling for half-precision compute: halve the scale on overflow, double it after `window` clean steps."""
 
     def __init__(self, init_scale: float = 2.0 ** 16, window: int = 1000):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
         self.scale = Parameter(Tensor(init_scale, ms.float32), name="loss_scale", requires_grad=False)
         self.clean_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_clean_steps", requires_grad=False)
         self.window = window
@@ -62,7 +70,7 @@ class _Update(nn.Cell):
     """
 
     def __init__(self, optimizer: nn.Optimizer, max_grad_norm: float, reducer=None, loss_scale=None):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.reducer = reducer
@@ -89,61 +97,71 @@ class _Update(nn.Cell):
 
 
 class TrainStep(nn.Cell):
-    """Loss and gradients of one micro-batch; mode "fused" also updates, "accumulate" adds grads/k to buffers."""
+    """One micro-batch. mode "fused": mean loss, gradients and the update, returns (loss, tokens, grad norm).
+    mode "accumulate": summed loss, gradients added to the buffers, returns (loss sum, tokens, 0)."""
 
-    def __init__(self, loss_net: CausalLMLoss, update: _Update, mode: str = "fused", accumulate: int = 1,
-                 buffers=None, loss_reducer=None):
-        super().__init__()
+    def __init__(self, model: GLM3ForCausalLM, update: _Update, mode: str = "fused", buffers=None,
+                 loss_reducer=None):
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
         if mode not in ("fused", "accumulate"):
             raise ValueError(f"mode must be 'fused' or 'accumulate', got {mode!r}")
-        self.loss_net = loss_net
+        self.fused = mode == "fused"
+        self.loss_net = CausalLMLoss(model, "mean" if self.fused else "sum")
         self.weights = update.optimizer.parameters
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
         self.update = update
-        self.fused = mode == "fused"
-        self.inv_accumulate = 1.0 / accumulate
-        self.buffers = buffers
+        self.accum = buffers
         self.loss_reducer = loss_reducer  # mean of the loss over data-parallel ranks, for logging
 
     def construct(self, input_ids, labels):
         loss = self.loss_net(input_ids, labels)
+        tokens = labelled_tokens(labels)
         scale = Tensor(1.0, ms.float32)
         if self.update.loss_scale is not None:
             scale = self.update.loss_scale.scale.value()
         grads = self.grad(self.loss_net, self.weights)(input_ids, labels, scale)
-        if self.loss_reducer is not None:
-            loss = self.loss_reducer(loss)
         if self.fused:
-            return loss, self.update(grads)
-        for buffer, g in zip(self.buffers, grads):
-            ops.assign_add(buffer, g.astype(buffer.dtype) * self.inv_accumulate)
-        return loss, Tensor(0.0, ms.float32)
+            loss = self.loss_reducer(loss) if self.loss_reducer is not None else loss
+            return loss, tokens, self.update(grads)
+        for buffer, g in zip(self.accum.grads, grads):
+            ops.assign_add(buffer, g.astype(buffer.dtype))
+        ops.assign_add(self.accum.tokens, tokens)
+        if self.loss_reducer is not None:  # logged loss = all ranks' summed loss / all ranks' tokens
+            loss, tokens = self.loss_reducer(loss), self.loss_reducer(tokens)
+        return loss, tokens, Tensor(0.0, ms.float32)
+
+
+class GradientBuffers(nn.Cell):
+    """Summed gradients and the number of labelled tokens they cover, between optimizer steps."""
+
+    def __init__(self, params):
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
+        self.grads = ms.ParameterTuple([Parameter(initializer(Zero(), p.shape, ms.float32), name=f"accum.{p.name}",
+                                                  requires_grad=False) for p in params])
+        self.tokens = Parameter(Tensor(0.0, ms.float32), name="accum.tokens", requires_grad=False)
 
 
 class ApplyAccumulated(nn.Cell):
-    """The optimizer step over the accumulated gradients; the buffers are zeroed afterwards."""
+    """The optimizer step over the accumulated gradients (divided by their token count); then zero them."""
 
-    def __init__(self, update: _Update, buffers):
-        super().__init__()
+    def __init__(self, update: _Update, buffers: GradientBuffers):
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
         self.update = update
-        self.buffers = buffers
+        self.accum = buffers
 
     def construct(self):
-        grads = tuple(b.value() for b in self.buffers)
+        inv = 1.0 / ops.maximum(self.accum.tokens.value(), 1.0)
+        grads = tuple(b.value() * inv for b in self.accum.grads)
         norm = self.update(grads)
-        for b in self.buffers:
+        for b in self.accum.grads:
             ops.assign(b, ops.zeros_like(b))
+        ops.assign(self.accum.tokens, ops.zeros_like(self.accum.tokens))
         return norm
-
-
-def gradient_buffers(params) -> ms.ParameterTuple:
-    return ms.ParameterTuple([Parameter(initializer(Zero(), p.shape, ms.float32), name=f"accum.{p.name}",
-                                        requires_grad=False) for p in params])
 
 
 class MeanAllReduce(nn.Cell):
     def __init__(self, group_size: int):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
         self.all_reduce = ops.AllReduce()
         self.group_size = group_size
 

@@ -30,8 +30,8 @@ from glm3.lora import LoraConfig, LoraDropout, apply_lora, save_adapter
 from glm3.parallel import ParallelConfig, apply_shard_strategies, init_parallel
 from glm3.train import checkpoint as ckpt
 from glm3.train.schedule import lr_schedule
-from glm3.train.step import (ApplyAccumulated, CausalLMLoss, DynamicLossScale, MeanAllReduce, TrainStep, _Update,
-                             adamw, gradient_buffers)
+from glm3.train.step import (ApplyAccumulated, DynamicLossScale, GradientBuffers, MeanAllReduce, TrainStep, _Update,
+                             adamw)
 
 LOG_FILE = "train_log.tsv"
 METRICS_FILE = "metrics.json"
@@ -252,13 +252,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     reducer = (ms.nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=ranks)
                if ranks > 1 and not config.parallel.needs_auto_parallel else None)
     update = _Update(optimizer, config.max_grad_norm, reducer, loss_scale)
-    loss_net = CausalLMLoss(model)
     loss_reducer = MeanAllReduce(ranks) if ranks > 1 else None
     if config.grad_accumulation == 1:
-        micro_step_cell, apply_cell = TrainStep(loss_net, update, "fused", loss_reducer=loss_reducer), None
+        micro_step_cell, apply_cell = TrainStep(model, update, "fused", loss_reducer=loss_reducer), None
     else:
-        buffers = gradient_buffers(optimizer.parameters)
-        micro_step_cell = TrainStep(loss_net, update, "accumulate", config.grad_accumulation, buffers, loss_reducer)
+        buffers = GradientBuffers(optimizer.parameters)
+        micro_step_cell = TrainStep(model, update, "accumulate", buffers, loss_reducer)
         apply_cell = ApplyAccumulated(update, buffers)
 
     state_params = list(trainable) + list(optimizer.moments1) + list(optimizer.moments2) + [optimizer.global_step]
@@ -300,16 +299,18 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     with _StopFlag() as stop:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
-            losses = []
+            loss_sum = tokens = 0.0
             for _ in range(config.grad_accumulation):
                 epoch, input_ids, labels = next(batches)
                 if dropout is not None:
                     dropout.refresh()
-                loss, norm = micro_step_cell(input_ids, labels)
-                losses.append(float(loss.asnumpy()))
+                loss, count, norm = micro_step_cell(input_ids, labels)
+                loss_sum, tokens = loss_sum + float(loss.asnumpy()), tokens + float(count.asnumpy())
             if apply_cell is not None:
                 norm = apply_cell()
-            loss = float(np.mean(losses))
+                loss = loss_sum / max(tokens, 1.0)
+            else:
+                loss = loss_sum
             seconds = time.perf_counter() - t0
             if step > start_step:  # the first step of a process includes graph compilation
                 history["seconds"] += seconds
