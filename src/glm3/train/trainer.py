@@ -302,6 +302,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             loss_sum = tokens = 0.0
             for _ in range(config.grad_accumulation):
                 epoch, input_ids, labels = next(batches)
+                if ranks > 1 and step == start_step and not tokens:  # shows in each worker's log
+                    digest = hashlib.sha1(input_ids.asnumpy().tobytes()).hexdigest()[:12]
+                    print(f"rank {rank}: step {step + 1} first batch {digest}", flush=True)
                 if dropout is not None:
                     dropout.refresh()
                 loss, count, norm = micro_step_cell(input_ids, labels)
