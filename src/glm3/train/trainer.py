@@ -30,8 +30,8 @@ from glm3.lora import LoraConfig, LoraDropout, apply_lora, save_adapter
 from glm3.parallel import ParallelConfig, apply_shard_strategies, init_parallel
 from glm3.train import checkpoint as ckpt
 from glm3.train.schedule import lr_schedule
-from glm3.train.step import (ApplyAccumulated, DynamicLossScale, GradientBuffers, MeanAllReduce, TrainStep, _Update,
-                             adamw)
+from glm3.train.step import (AdamW, ApplyAccumulated, DynamicLossScale, GradientBuffers, MeanAllReduce, TrainStep,
+                             _Update)
 
 LOG_FILE = "train_log.tsv"
 METRICS_FILE = "metrics.json"
@@ -245,22 +245,22 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     trainable = model.trainable_params()
     lrs = lr_schedule(config.lr, steps, config.warmup_steps, config.lr_schedule, config.min_lr)
-    optimizer = adamw(trainable, Tensor(lrs), config.weight_decay, (config.adam_beta1, config.adam_beta2),
+    optimizer = AdamW(trainable, Tensor(lrs), config.weight_decay, (config.adam_beta1, config.adam_beta2),
                       config.adam_eps)
     half = config.compute_dtype != "float32"
     loss_scale = DynamicLossScale(config.loss_scale, config.loss_scale_window) if half else None
-    reducer = (ms.nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=ranks)
+    reducer = (ms.nn.DistributedGradReducer(optimizer.params, mean=True, degree=ranks)
                if ranks > 1 and not config.parallel.needs_auto_parallel else None)
     update = _Update(optimizer, config.max_grad_norm, reducer, loss_scale)
     loss_reducer = MeanAllReduce(ranks) if ranks > 1 else None
     if config.grad_accumulation == 1:
         micro_step_cell, apply_cell = TrainStep(model, update, "fused", loss_reducer=loss_reducer), None
     else:
-        buffers = GradientBuffers(optimizer.parameters)
+        buffers = GradientBuffers(optimizer.params)
         micro_step_cell = TrainStep(model, update, "accumulate", buffers, loss_reducer)
         apply_cell = ApplyAccumulated(update, buffers)
 
-    state_params = list(trainable) + list(optimizer.moments1) + list(optimizer.moments2) + [optimizer.global_step]
+    state_params = list(trainable) + optimizer.state()
     if loss_scale is not None:
         state_params += [loss_scale.scale, loss_scale.clean_steps]
     ckpt_dir = ckpt.rank_dir(config.output, rank)
