@@ -25,6 +25,8 @@ run: setup
 	$(BIN)/glm3 convert --src $(DEMO_HF) --dst $(DEMO) --overwrite --quiet
 	printf '你好\n请介绍一下你自己。\n' | $(BIN)/glm3 chat --model $(DEMO) --seed 0 --max-new-tokens 24
 	$(BIN)/glm3 generate --model $(DEMO) --prompt "这款连衣裙" --prompt "Hello" --max-new-tokens 16 --json
+	$(BIN)/glm3 finetune --model $(DEMO) --data data/adgen_sample.json --output models/demo-finetune --resume never \
+		--steps 30 --lr 2e-3 --batch-size 4 --max-source-length 32 --max-target-length 32 --seq-length 65 --quiet
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests
@@ -32,6 +34,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/convert_6b.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/train.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) $(DEMO_HF) .pytest_cache
+	rm -rf $(VENV) $(DEMO) $(DEMO_HF) models/demo-finetune .pytest_cache

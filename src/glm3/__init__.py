@@ -26,6 +26,9 @@ _EXPORTS = {
     "save_model": "glm3.loading", "GLM3ForCausalLM": "glm3.model", "write_synthetic_checkpoint": "glm3.synthetic",
     "ChatGLM3Tokenizer": "glm3.tokenizer", "TokenizerError": "glm3.tokenizer", "load_tokenizer": "glm3.tokenizer",
     "train_sentencepiece": "glm3.tokenizer", "ToolCallError": "glm3.tool_call", "parse_tool_call": "glm3.tool_call",
+    "LoraConfig": "glm3.lora", "apply_lora": "glm3.lora", "load_adapter": "glm3.lora", "merge_lora": "glm3.lora",
+    "save_adapter": "glm3.lora", "FinetuneConfig": "glm3.train", "finetune": "glm3.train",
+    "run_finetune": "glm3.train.launch",
 }
 
 __version__ = "0.1.0"

@@ -117,6 +117,10 @@ def init_parallel(parallel: ParallelConfig, strategy_dir: str | None = None) -> 
         return 0, 1
     init()
     rank, size = get_rank(), get_group_size()
+    local = parallel.local_worker_num or size
+    if ms.get_context("device_target") == "CPU" and local > 1:
+        # Workers on one host share its cores: give each its share instead of every worker a pool of all.
+        ms.set_context(runtime_num_threads=max(1, (os.cpu_count() or 1) // local))
     if size != parallel.world_size:
         raise ParallelConfigError(f"msrun started {size} workers but the parallel config needs {parallel.world_size}")
     ms.reset_auto_parallel_context()

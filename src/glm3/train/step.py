@@ -104,12 +104,16 @@ class TrainStep(nn.Cell):
     mode "accumulate": summed loss, gradients added to the buffers, returns (loss sum, tokens, 0)."""
 
     def __init__(self, model: GLM3ForCausalLM, update: _Update, mode: str = "fused", buffers=None,
-                 loss_reducer=None):
+                 loss_reducer=None, pipeline_micro_batches: int = 1):
         super().__init__(auto_prefix=False)  # keep the model's parameter names
         if mode not in ("fused", "accumulate"):
             raise ValueError(f"mode must be 'fused' or 'accumulate', got {mode!r}")
         self.fused = mode == "fused"
         self.loss_net = CausalLMLoss(model, "mean" if self.fused else "sum")
+        if pipeline_micro_batches > 1:  # pipeline stages (Ascend): MindSpore splits each batch into micro-batches
+            from mindspore.parallel.nn import Pipeline
+
+            self.loss_net = Pipeline(self.loss_net, pipeline_micro_batches)
         self.weights = update.optimizer.params
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
         self.update = update

@@ -252,12 +252,13 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     reducer = (ms.nn.DistributedGradReducer(optimizer.params, mean=True, degree=ranks)
                if ranks > 1 and not config.parallel.needs_auto_parallel else None)
     update = _Update(optimizer, config.max_grad_norm, reducer, loss_scale)
-    loss_reducer = MeanAllReduce(ranks) if ranks > 1 else None
+    loss_reducer = MeanAllReduce(ranks) if ranks > 1 and not config.parallel.needs_auto_parallel else None
+    micro = config.parallel.micro_batch_num if config.parallel.pipeline_stage > 1 else 1
     if config.grad_accumulation == 1:
-        micro_step_cell, apply_cell = TrainStep(model, update, "fused", loss_reducer=loss_reducer), None
+        micro_step_cell, apply_cell = TrainStep(model, update, "fused", None, loss_reducer, micro), None
     else:
         buffers = GradientBuffers(optimizer.params)
-        micro_step_cell = TrainStep(model, update, "accumulate", buffers, loss_reducer)
+        micro_step_cell = TrainStep(model, update, "accumulate", buffers, loss_reducer, micro)
         apply_cell = ApplyAccumulated(update, buffers)
 
     state_params = list(trainable) + optimizer.state()
