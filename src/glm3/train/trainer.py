@@ -218,6 +218,59 @@ def _fmt(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+@dataclasses.dataclass
+class _Graphs:
+    """The compiled pieces of one optimizer step and the state a checkpoint must hold."""
+
+    micro_step: TrainStep
+    apply: ApplyAccumulated | None
+    loss_scale: DynamicLossScale | None
+    lrs: np.ndarray
+    state: list  # trainable parameters + optimizer state (+ loss scale)
+
+
+def _build_graphs(config: FinetuneConfig, model, steps: int, ranks: int) -> _Graphs:
+    trainable = model.trainable_params()
+    lrs = lr_schedule(config.lr, steps, config.warmup_steps, config.lr_schedule, config.min_lr)
+    optimizer = AdamW(trainable, Tensor(lrs), config.weight_decay, (config.adam_beta1, config.adam_beta2),
+                      config.adam_eps)
+    loss_scale = (DynamicLossScale(config.loss_scale, config.loss_scale_window)
+                  if config.compute_dtype != "float32" else None)
+    # Data parallel reduces explicitly; semi-auto parallel (Ascend) inserts its own communication.
+    explicit_dp = ranks > 1 and not config.parallel.needs_auto_parallel
+    reducer = ms.nn.DistributedGradReducer(optimizer.params, mean=True, degree=ranks) if explicit_dp else None
+    update = _Update(optimizer, config.max_grad_norm, reducer, loss_scale)
+    loss_reducer = MeanAllReduce(ranks) if explicit_dp else None
+    micro = config.parallel.micro_batch_num if config.parallel.pipeline_stage > 1 else 1
+    if config.grad_accumulation == 1:
+        micro_step, apply = TrainStep(model, update, "fused", None, loss_reducer, micro), None
+    else:
+        buffers = GradientBuffers(optimizer.params)
+        micro_step = TrainStep(model, update, "accumulate", buffers, loss_reducer, micro)
+        apply = ApplyAccumulated(update, buffers)
+    state = list(trainable) + optimizer.state()
+    if loss_scale is not None:
+        state += [loss_scale.scale, loss_scale.clean_steps]
+    return _Graphs(micro_step, apply, loss_scale, lrs, state)
+
+
+def _resume(config: FinetuneConfig, ckpt_dir: str, state: list, fingerprint: str) -> tuple[str | None, dict | None]:
+    """(checkpoint path, its meta) after loading it into `state`, or (None, None) for a fresh start."""
+    path = None
+    if config.resume == "auto":
+        found = ckpt.list_checkpoints(ckpt_dir)
+        path = found[-1][1] if found else None
+    elif config.resume != "never":
+        path = config.resume
+    if path is None:
+        return None, None
+    meta = ckpt.load_checkpoint(path, state)
+    if meta.get("fingerprint") != fingerprint:
+        raise ckpt.ResumeError(f"checkpoint {path} belongs to a run with different settings (model, data, batch, "
+                               "schedule, LoRA or parallel config); use a new output directory or resume='never'")
+    return path, meta
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Train in this process (a single worker, or one rank under msrun). See the module docstring."""
     from tqdm import tqdm
@@ -242,96 +295,61 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.parallel.needs_auto_parallel:
         apply_shard_strategies(model, config.parallel)
     model.set_train(True)
+    graphs = _build_graphs(config, model, steps, ranks)
 
-    trainable = model.trainable_params()
-    lrs = lr_schedule(config.lr, steps, config.warmup_steps, config.lr_schedule, config.min_lr)
-    optimizer = AdamW(trainable, Tensor(lrs), config.weight_decay, (config.adam_beta1, config.adam_beta2),
-                      config.adam_eps)
-    half = config.compute_dtype != "float32"
-    loss_scale = DynamicLossScale(config.loss_scale, config.loss_scale_window) if half else None
-    reducer = (ms.nn.DistributedGradReducer(optimizer.params, mean=True, degree=ranks)
-               if ranks > 1 and not config.parallel.needs_auto_parallel else None)
-    update = _Update(optimizer, config.max_grad_norm, reducer, loss_scale)
-    loss_reducer = MeanAllReduce(ranks) if ranks > 1 and not config.parallel.needs_auto_parallel else None
-    micro = config.parallel.micro_batch_num if config.parallel.pipeline_stage > 1 else 1
-    if config.grad_accumulation == 1:
-        micro_step_cell, apply_cell = TrainStep(model, update, "fused", None, loss_reducer, micro), None
-    else:
-        buffers = GradientBuffers(optimizer.params)
-        micro_step_cell = TrainStep(model, update, "accumulate", buffers, loss_reducer, micro)
-        apply_cell = ApplyAccumulated(update, buffers)
-
-    state_params = list(trainable) + optimizer.state()
-    if loss_scale is not None:
-        state_params += [loss_scale.scale, loss_scale.clean_steps]
-    ckpt_dir = ckpt.rank_dir(config.output, rank)
-    fingerprint = config.fingerprint()
-    start_step, meta = 0, None
-    resume_from = config.resume if config.resume not in ("auto", "never") else None
-    if config.resume == "auto" and ckpt.list_checkpoints(ckpt_dir):
-        resume_from = ckpt.list_checkpoints(ckpt_dir)[-1][1]
-    if resume_from:
-        meta = ckpt.load_checkpoint(resume_from, state_params)
-        if meta.get("fingerprint") != fingerprint:
-            raise ckpt.ResumeError(f"checkpoint {resume_from} belongs to a run with different settings "
-                                   f"(model, data, batch, schedule, LoRA or parallel config); use a new output "
-                                   "directory or resume='never'")
-        start_step = meta["step"]
-        if dropout is not None:
-            dropout.restore(meta["dropout_rng"])
-
-    is_main = rank == 0
-    log = _Log(os.path.join(config.output, LOG_FILE) if is_main else None, start_step)
-    tokens_per_micro = config.batch_size * data.seq_length * ranks
+    ckpt_dir, fingerprint = ckpt.rank_dir(config.output, rank), config.fingerprint()
+    last_path, meta = _resume(config, ckpt_dir, graphs.state, fingerprint)
+    start_step = meta["step"] if meta else 0
+    if meta and dropout is not None:
+        dropout.restore(meta["dropout_rng"])
     history = meta["history"] if meta else {"losses": [], "seconds": 0.0, "timed_steps": 0}
-    micro_step = start_step * config.grad_accumulation
-    batches = _batches(config, data, rank, ranks, per_epoch, micro_step)
-    last_path = resume_from
-    wall_start = time.perf_counter()
 
     def save(step):
         state = {"fingerprint": fingerprint, "micro_step": step * config.grad_accumulation,
                  "epoch": step * config.grad_accumulation // per_epoch, "history": history,
                  "dropout_rng": dropout.state() if dropout is not None else None}
-        return ckpt.save_checkpoint(ckpt_dir, step, state_params, state, config.keep_checkpoints)
+        return ckpt.save_checkpoint(ckpt_dir, step, graphs.state, state, config.keep_checkpoints)
 
+    is_main = rank == 0
+    log = _Log(os.path.join(config.output, LOG_FILE) if is_main else None, start_step)
+    tokens_per_step = config.batch_size * data.seq_length * ranks * config.grad_accumulation
+    batches = _batches(config, data, rank, ranks, per_epoch, start_step * config.grad_accumulation)
     bar = tqdm(total=steps, initial=start_step, desc="finetune", unit="step",
                disable=not (config.progress and is_main), dynamic_ncols=True)
     with _StopFlag() as stop:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             loss_sum = tokens = 0.0
-            for _ in range(config.grad_accumulation):
+            for micro in range(config.grad_accumulation):
                 epoch, input_ids, labels = next(batches)
-                if ranks > 1 and step == start_step and not tokens:  # shows in each worker's log
+                if ranks > 1 and step == start_step and micro == 0:  # each worker's log shows its own data
                     digest = hashlib.sha1(input_ids.asnumpy().tobytes()).hexdigest()[:12]
                     print(f"rank {rank}: step {step + 1} first batch {digest}", flush=True)
                 if dropout is not None:
                     dropout.refresh()
-                loss, count, norm = micro_step_cell(input_ids, labels)
+                loss, count, norm = graphs.micro_step(input_ids, labels)
                 loss_sum, tokens = loss_sum + float(loss.asnumpy()), tokens + float(count.asnumpy())
-            if apply_cell is not None:
-                norm = apply_cell()
-                loss = loss_sum / max(tokens, 1.0)
+            if graphs.apply is not None:  # accumulated: summed losses over all micro-batches' tokens
+                norm, loss = graphs.apply(), loss_sum / max(tokens, 1.0)
             else:
                 loss = loss_sum
             seconds = time.perf_counter() - t0
-            if step > start_step:  # the first step of a process includes graph compilation
+            if step > start_step:  # a process's first step includes graph compilation
                 history["seconds"] += seconds
                 history["timed_steps"] += 1
             history["losses"].append(loss)
-            scale = float(loss_scale.scale.asnumpy()) if loss_scale is not None else 1.0
-            log.write({"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(lrs[step]),
-                       "grad_norm": float(norm.asnumpy()),
-                       "tokens_per_s": tokens_per_micro * config.grad_accumulation / seconds, "loss_scale": scale})
+            scale = float(graphs.loss_scale.scale.asnumpy()) if graphs.loss_scale is not None else 1.0
+            log.write({"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(graphs.lrs[step]),
+                       "grad_norm": float(norm.asnumpy()), "tokens_per_s": tokens_per_step / seconds,
+                       "loss_scale": scale})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[step]:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{graphs.lrs[step]:.2e}")
             done = step + 1
             if (config.save_every and done % config.save_every == 0) or done == steps:
                 last_path = save(done)
-            if stop.signum is not None or (config.stop_after is not None and done >= config.stop_after
-                                           and done < steps):
-                if not last_path or not last_path.endswith(f"step_{done:08d}"):
+            stopping = stop.signum is not None or (config.stop_after is not None and done >= config.stop_after)
+            if stopping and done < steps:
+                if last_path is None or not last_path.endswith(f"step_{done:08d}"):
                     last_path = save(done)
                 bar.close()
                 raise TrainingInterrupted(stop.signum or 0, done, last_path)
@@ -339,29 +357,34 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     weights = None
     if is_main:
-        tokenizer_dir = config.tokenizer or config.model
         model.set_train(False)
         if config.lora is not None:
             weights = save_adapter(model, os.path.join(config.output, "adapter"), overwrite=True)
         else:
-            weights = save_model(model, os.path.join(config.output, "model"), tokenizer_dir=tokenizer_dir,
-                                 overwrite=True)
-    losses = history["losses"]
-    timed = history["timed_steps"]
-    metrics = {
+            weights = save_model(model, os.path.join(config.output, "model"),
+                                 tokenizer_dir=config.tokenizer or config.model, overwrite=True)
+    metrics = _summary(config, model, data, history, steps, ranks, per_epoch, tokens_per_step)
+    if is_main:
+        atomic_write_text(os.path.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
+    return FinetuneResult(config.output, steps, metrics["final_loss"], metrics, weights, last_path)
+
+
+def _summary(config, model, data, history, steps, ranks, per_epoch, tokens_per_step) -> dict:
+    losses, timed = history["losses"], history["timed_steps"]
+    return {
         "steps": steps, "ranks": ranks, "mode": "lora" if config.lora else "full",
         "micro_batch_size": config.batch_size, "global_batch_size": config.batch_size * config.grad_accumulation * ranks,
         "examples": data.num_examples, "seq_length": data.seq_length,
         "epochs": round(steps * config.grad_accumulation / per_epoch, 4),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "min_loss": min(losses) if losses else None,
-        "train_seconds": round(history["seconds"], 3), "wall_seconds_this_process": round(time.perf_counter() - wall_start, 3),
-        "tokens_per_second": round(tokens_per_micro * config.grad_accumulation * timed / history["seconds"], 2)
-        if timed else None,
-        "trainable_parameters": int(sum(np.prod(p.shape) for p in trainable)),
-        "total_parameters": int(sum(np.prod(p.shape) for p in model.get_parameters()
-                                    if not p.name.endswith(".lora_mask"))),
+        # Steps timed: all but each process's first (graph compilation), across resumes.
+        "train_seconds": round(history["seconds"], 3),
+        "tokens_per_second": round(tokens_per_step * timed / history["seconds"], 2) if timed else None,
+        "trainable_parameters": _numel(model.trainable_params()),
+        "total_parameters": _numel(p for p in model.get_parameters() if not p.name.endswith(".lora_mask")),
     }
-    if is_main:
-        atomic_write_text(os.path.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
-    return FinetuneResult(config.output, steps, metrics["final_loss"], metrics, weights, last_path)
+
+
+def _numel(params) -> int:
+    return int(sum(np.prod(p.shape) for p in params))
