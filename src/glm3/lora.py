@@ -82,6 +82,7 @@ class LoraDropout:
     def __init__(self, model: GLM3ForCausalLM, rows: int, seed: int):
         config: LoraConfig = model.lora_config
         self.p = config.dropout
+        self.keep_scale = np.float32(1.0 / (1.0 - self.p))
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.cells = [cell for _, cell in _target_linears(model, config.targets)] if self.p > 0 else []
         for cell in self.cells:
@@ -90,9 +91,9 @@ class LoraDropout:
         model.structure_changed()
 
     def refresh(self) -> None:
-        keep = np.float32(1.0 / (1.0 - self.p)) if self.cells else None
         for cell in self.cells:
-            mask = (self.rng.random(cell.lora_mask.shape, dtype=np.float32) >= self.p).astype(np.float32) * keep
+            keep = self.rng.random(cell.lora_mask.shape, dtype=np.float32) >= self.p
+            mask = keep.astype(np.float32) * self.keep_scale
             cell.lora_mask.set_data(ms.Tensor(mask))
 
     def state(self) -> dict:
