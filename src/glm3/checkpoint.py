@@ -86,10 +86,10 @@ def hf_tensor_shapes(config: GLM3Config) -> list[tuple[str, tuple[int, ...]]]:
 # Entries of training checkpoints (MindFormers/MindSpore optimizer and loss-scale state) that carry no
 # model weight; a converter skips them instead of failing on them.
 _TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accumulated_grads.",
-                            "global_norm", "lamb_m.", "lamb_v.")
+                            "global_norm", "lamb_m.", "lamb_v.", "accum.")
 _TRAINING_STATE_NAMES = {"global_step", "learning_rate", "beta1_power", "beta2_power", "scale_sense",
                          "current_iterator_step", "last_overflow_iterator_step", "epoch_num", "step_num",
-                         "loss_scale", "loss_scale_value"}
+                         "loss_scale", "loss_scale_value", "loss_scale_clean_steps"}
 
 
 def is_training_state(name: str) -> bool:

@@ -1,0 +1,242 @@
+"""From a training run's per-rank checkpoints (or a LoRA adapter) to one plain model directory, and back.
+
+- Data-parallel runs hold the same weights on every rank: merging checks that all ranks agree, tensor by
+  tensor, and takes rank 0's (a disagreement is an error, never averaged away).
+- Sharded runs (tensor/pipeline parallel on Ascend) are merged by MindSpore's `transform_checkpoints` using
+  the ranks' strategy files (several pipeline-stage files are first combined with `merge_pipeline_strategys`).
+- `split_model` goes the other way: a full model into per-rank checkpoints for a given strategy file, to
+  resume on another topology.
+- LoRA adapters are folded into their base model (W + B·A·alpha/rank).
+Every output tensor is checked against the config (name, shape, floating dtype) before anything is written,
+and every output directory appears whole or not at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import shutil
+import tempfile
+
+import mindspore as ms
+import numpy as np
+
+from glm3.checkpoint import MS_CKPT, CheckpointError, expected_shapes, is_training_state
+from glm3.config import GLM3Config
+from glm3.io import atomic_directory
+from glm3.tokenizer import copy_tokenizer_files
+from glm3.train.checkpoint import STATE_FILE, list_checkpoints
+
+
+class MergeError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class MergeSummary:
+    dst: str
+    ranks: int
+    step: int | None
+    method: str  # "data-parallel", "strategy", "single" or "lora"
+    tensors: int
+
+    def describe(self) -> str:
+        where = f" (step {self.step})" if self.step is not None else ""
+        return f"merged {self.ranks} rank(s){where} by {self.method}: {self.tensors} tensors -> {self.dst}"
+
+
+def rank_checkpoints(run: str | os.PathLike, step: int | None = None) -> tuple[list[str], int | None]:
+    """([rank 0's checkpoint file, rank 1's, ...], step) under a run directory, its checkpoint/ directory, or
+    any directory of rank_N/ folders.
+
+    A rank_N/ folder holds either training checkpoints (step_XXXXXXXX/state.ckpt; every rank must have the
+    step, by default the newest one all ranks have) or plain .ckpt files (the last by name is used, as
+    MindSpore's transform_checkpoints does)."""
+    root = os.fspath(run)
+    if os.path.isdir(os.path.join(root, "checkpoint")):
+        root = os.path.join(root, "checkpoint")
+    ranks = sorted((int(d[len("rank_"):]), os.path.join(root, d)) for d in os.listdir(root)
+                   if d.startswith("rank_") and d[len("rank_"):].isdigit()) if os.path.isdir(root) else []
+    if not ranks:
+        raise MergeError(f"no rank_N checkpoint directories in {root}")
+    if [r for r, _ in ranks] != list(range(len(ranks))):
+        raise MergeError(f"ranks {[r for r, _ in ranks]} in {root} are not 0..{len(ranks) - 1}: a rank is missing")
+    steps = [dict(list_checkpoints(path)) for _, path in ranks]
+    if not any(steps):
+        files = [sorted(glob.glob(os.path.join(path, "*.ckpt"))) for _, path in ranks]
+        empty = [r for r, found in enumerate(files) if not found]
+        if empty:
+            raise MergeError(f"rank(s) {empty} in {root} hold no checkpoint")
+        return [found[-1] for found in files], None
+    common = set(steps[0]).intersection(*steps[1:])
+    if step is None:
+        if not common:
+            raise MergeError(f"the ranks in {root} have no checkpoint step in common")
+        step = max(common)
+    missing = [r for r, found in enumerate(steps) if step not in found]
+    if missing:
+        raise MergeError(f"rank(s) {missing} in {root} have no checkpoint of step {step}")
+    return [os.path.join(found[step], STATE_FILE) for found in steps], step
+
+
+def model_tensors(state: dict, config: GLM3Config, where: str) -> dict[str, np.ndarray]:
+    """The model weights of a checkpoint dict (optimizer state dropped), checked against the config."""
+    expected = expected_shapes(config)
+    tensors = {}
+    for name, value in state.items():
+        if is_training_state(name):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{where}: unexpected tensor {name} for this config")
+        array = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+        if tuple(array.shape) != tuple(expected[name]):
+            raise CheckpointError(f"{where}: {name} has shape {tuple(array.shape)}, expected {expected[name]}")
+        if array.dtype.kind != "f":
+            raise CheckpointError(f"{where}: {name} has dtype {array.dtype}, expected a floating type")
+        tensors[name] = array
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    return tensors
+
+
+def write_model_dir(tensors: dict[str, np.ndarray], config: GLM3Config, dst: str | os.PathLike,
+                    tokenizer_dir: str | os.PathLike | None, overwrite: bool = False) -> str:
+    """config.json + mindspore_model.ckpt (+ tokenizer files), atomically."""
+    dst = os.fspath(dst)
+    dtypes = {a.dtype for a in tensors.values()}
+    torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(next(iter(dtypes)), "float32")
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        config.replace(torch_dtype=torch_dtype if len(dtypes) == 1 else "float32").save(tmp)
+        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in tensors.items()], os.path.join(tmp, MS_CKPT))
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return dst
+
+
+def _all_equal(paths: list[str]) -> None:
+    reference = ms.load_checkpoint(paths[0])
+    for rank, path in enumerate(paths[1:], 1):
+        other = ms.load_checkpoint(path)
+        if set(other) != set(reference):
+            raise MergeError(f"rank {rank} holds different tensors than rank 0 ({path})")
+        for name, value in reference.items():
+            if not np.array_equal(value.asnumpy(), other[name].asnumpy()):
+                raise MergeError(f"rank {rank} disagrees with rank 0 on {name}: not a data-parallel run (or its "
+                                 "ranks diverged); pass the strategy files to merge a sharded run")
+        del other
+
+
+def _strategy_file(strategy: str, scratch: str) -> str:
+    """A single strategy file: the given file, or the pipeline stages' files of a directory combined."""
+    if os.path.isfile(strategy):
+        return strategy
+    files = sorted(glob.glob(os.path.join(strategy, "*.ckpt")))
+    if not files:
+        raise MergeError(f"no strategy files (*.ckpt) in {strategy}")
+    if len(files) == 1:
+        return files[0]
+    merged = os.path.join(scratch, "merged_strategy.ckpt")
+    ms.merge_pipeline_strategys(strategy, merged)
+    return merged
+
+
+def _check_rank_count(strategy_file: str, ranks: int) -> None:
+    from glm3.strategy import read_strategy_file
+
+    layouts = read_strategy_file(strategy_file)
+    devices = int(np.prod(next(iter(layouts.values()))["dev_matrix"]))
+    stages = 1 + max((int(k.split("-", 1)[0]) for k in layouts if "-" in k and k.split("-", 1)[0].isdigit()),
+                     default=0)
+    if devices * stages != ranks:
+        raise MergeError(f"the strategy describes {devices * stages} rank(s) ({devices} per stage, {stages} "
+                         f"stage(s)) but {ranks} rank checkpoint(s) were found")
+
+
+def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.PathLike,
+              strategy: str | None = None, step: int | None = None, overwrite: bool = False) -> MergeSummary:
+    """Merge a training run's per-rank checkpoints into a model directory.
+
+    `base` is the model the run started from: its config and tokenizer are used, and for a LoRA run its
+    weights (the run's checkpoints then hold only the adapters, which are folded in).
+    """
+    from glm3.lora import read_adapter_config
+
+    config = GLM3Config.from_hf(base)
+    paths, step = rank_checkpoints(run, step)
+    with tempfile.TemporaryDirectory(prefix="glm3-merge-") as scratch:
+        if strategy:
+            src = os.path.join(scratch, "src")
+            for rank, path in enumerate(paths):
+                os.makedirs(os.path.join(src, f"rank_{rank}"))
+                os.symlink(os.path.abspath(path), os.path.join(src, f"rank_{rank}", "state.ckpt"))
+            strategy_file = _strategy_file(strategy, scratch)
+            _check_rank_count(strategy_file, len(paths))
+            try:
+                ms.transform_checkpoints(src, os.path.join(scratch, "out"), "merged", strategy_file, None)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise MergeError(f"MindSpore could not merge {len(paths)} rank(s) with {strategy}: {exc}") from None
+            state = ms.load_checkpoint(glob.glob(os.path.join(scratch, "out", "rank_0", "*.ckpt"))[0])
+            method = "strategy"
+        else:
+            _all_equal(paths)
+            state = ms.load_checkpoint(paths[0])
+            method = "data-parallel" if len(paths) > 1 else "single"
+    adapter_names = [k for k in state if k.endswith((".lora_a", ".lora_b")) and not is_training_state(k)]
+    if adapter_names:
+        adapter = os.path.join(os.fspath(run), "adapter")
+        if not os.path.isdir(adapter):
+            raise MergeError(f"{run} is a LoRA run but has no adapter/ directory with its adapter_config.json")
+        read_adapter_config(adapter)
+        return _merge_lora_state(base, adapter, {k: state[k] for k in adapter_names}, dst, overwrite, len(paths),
+                                 step)
+    tensors = model_tensors(state, config, os.fspath(run))
+    write_model_dir(tensors, config, dst, base, overwrite)
+    return MergeSummary(os.fspath(dst), len(paths), step, method, len(tensors))
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.PathLike,
+                  overwrite: bool = False) -> MergeSummary:
+    """Fold a saved LoRA adapter into its base model and write a plain model directory."""
+    return _merge_lora_state(base, adapter, None, dst, overwrite, 1, None)
+
+
+def _merge_lora_state(base, adapter, state, dst, overwrite, ranks, step) -> MergeSummary:
+    from glm3.loading import load_model, save_model
+    from glm3.lora import adapter_parameters, load_adapter, merge_lora
+
+    model = load_adapter(load_model(base, kernels_backend="plain"), adapter)
+    if state is not None:  # a checkpoint's adapter values instead of the adapter directory's
+        params = {p.name: p for p in adapter_parameters(model)}
+        if set(params) != set(state):
+            raise MergeError(f"the checkpoint's adapter tensors do not match {adapter}'s config")
+        for name, value in state.items():
+            params[name].set_data(value)
+    merge_lora(model)
+    save_model(model, dst, tokenizer_dir=base, overwrite=overwrite)
+    return MergeSummary(os.fspath(dst), ranks, step, "lora", len(list(model.get_parameters())))
+
+
+def split_model(model_dir: str | os.PathLike, strategy_file: str, dst: str | os.PathLike,
+                overwrite: bool = False) -> list[str]:
+    """Write `dst/rank_N/model.ckpt`, the shards of a model directory under a strategy file."""
+    from glm3.checkpoint import iter_checkpoint
+
+    config = GLM3Config.from_hf(model_dir)
+    tensors = {name: array for name, array, _ in iter_checkpoint(os.fspath(model_dir), config,
+                                                                 skip_training_state=True)}
+    with tempfile.TemporaryDirectory(prefix="glm3-split-") as scratch:
+        os.makedirs(os.path.join(scratch, "rank_0"))
+        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in tensors.items()],
+                           os.path.join(scratch, "rank_0", "model.ckpt"))
+        del tensors
+        with atomic_directory(dst, overwrite=overwrite) as tmp:
+            try:
+                ms.transform_checkpoints(scratch, tmp, "model", None, strategy_file)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise MergeError(f"MindSpore could not split {model_dir} with {strategy_file}: {exc}") from None
+            for rank_dir in glob.glob(os.path.join(tmp, "rank_*")):
+                for name in os.listdir(rank_dir):
+                    if name != "model.ckpt":
+                        shutil.move(os.path.join(rank_dir, name), os.path.join(rank_dir, "model.ckpt"))
+    return sorted(glob.glob(os.path.join(os.fspath(dst), "rank_*", "model.ckpt")))

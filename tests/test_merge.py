@@ -1,0 +1,166 @@
+"""Merging per-rank checkpoints: tensor-parallel split -> merge round trip, data-parallel verified selection,
+LoRA folding, and clear errors for mismatches."""
+import os
+import shutil
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+import glm3
+from conftest import SAMPLE
+from glm3.merge import MergeError, merge_adapter, merge_run, split_model
+from glm3.strategy import read_strategy_file, write_strategy_file, write_tensor_parallel_strategy
+from glm3.train import FinetuneConfig, finetune
+
+
+def arrays(path):
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+
+
+def original(model_dir):
+    return {p.name: p.asnumpy() for p in glm3.load_model(model_dir).get_parameters()}
+
+
+def test_tensor_parallel_split_then_merge_is_bit_exact(tiny_dir, tmp_path):
+    config = glm3.GLM3Config.from_hf(tiny_dir)
+    strategy = write_tensor_parallel_strategy(tmp_path / "tp2.ckpt", config, model_parallel=2)
+    layout = read_strategy_file(strategy)
+    assert layout["transformer.encoder.layers.0.self_attention.dense.weight"] == {"dev_matrix": [1, 2],
+                                                                                  "tensor_map": [-1, 0]}
+    files = split_model(tiny_dir, strategy, tmp_path / "split")
+    assert [os.path.relpath(f, tmp_path / "split") for f in files] == ["rank_0/model.ckpt", "rank_1/model.ckpt"]
+    full = original(tiny_dir)
+    shards = [arrays(f) for f in files]
+    p = "transformer.encoder.layers.1."
+    half_qkv, half_ffn = full[p + "self_attention.query_key_value.weight"].shape[0] // 2, config.ffn_hidden_size
+    for rank, shard in enumerate(shards):  # the Megatron layout, checked by slicing the full tensors here
+        rows = slice(rank * half_qkv, (rank + 1) * half_qkv)
+        np.testing.assert_array_equal(shard[p + "self_attention.query_key_value.weight"],
+                                      full[p + "self_attention.query_key_value.weight"][rows])
+        np.testing.assert_array_equal(shard[p + "self_attention.query_key_value.bias"],
+                                      full[p + "self_attention.query_key_value.bias"][rows])
+        np.testing.assert_array_equal(shard[p + "mlp.dense_h_to_4h.weight"],
+                                      full[p + "mlp.dense_h_to_4h.weight"][rank * half_ffn:(rank + 1) * half_ffn])
+        cols = slice(rank * 32, (rank + 1) * 32)
+        np.testing.assert_array_equal(shard[p + "self_attention.dense.weight"],
+                                      full[p + "self_attention.dense.weight"][:, cols])
+        np.testing.assert_array_equal(shard[p + "mlp.dense_4h_to_h.weight"],
+                                      full[p + "mlp.dense_4h_to_h.weight"][:, rank * 80:(rank + 1) * 80])
+        vocab = slice(rank * 1024, (rank + 1) * 1024)
+        np.testing.assert_array_equal(shard["transformer.embedding.embedding_table"],
+                                      full["transformer.embedding.embedding_table"][vocab])
+        np.testing.assert_array_equal(shard["transformer.output_layer.weight"],
+                                      full["transformer.output_layer.weight"][vocab])
+        np.testing.assert_array_equal(shard[p + "input_layernorm.weight"], full[p + "input_layernorm.weight"])
+
+    summary = merge_run(tmp_path / "split", tmp_path / "merged", tiny_dir, strategy=strategy)
+    assert summary.method == "strategy" and summary.ranks == 2
+    merged = original(tmp_path / "merged")
+    assert merged.keys() == full.keys()
+    for name in full:
+        np.testing.assert_array_equal(merged[name], full[name], err_msg=name)
+    assert os.path.isfile(tmp_path / "merged" / "tokenizer.model")
+
+
+def test_strategy_mismatches_are_clear_errors(tiny_dir, tmp_path):
+    config = glm3.GLM3Config.from_hf(tiny_dir)
+    strategy = write_tensor_parallel_strategy(tmp_path / "tp2.ckpt", config, model_parallel=2)
+    split_model(tiny_dir, strategy, tmp_path / "split")
+    # A missing rank.
+    shutil.copytree(tmp_path / "split", tmp_path / "one")
+    shutil.rmtree(tmp_path / "one" / "rank_1")
+    with pytest.raises(MergeError, match="strategy describes 2 rank"):
+        merge_run(tmp_path / "one", tmp_path / "out", tiny_dir, strategy=strategy)
+    shutil.copytree(tmp_path / "split", tmp_path / "gap")
+    os.rename(tmp_path / "gap" / "rank_1", tmp_path / "gap" / "rank_2")
+    with pytest.raises(MergeError, match="a rank is missing"):
+        merge_run(tmp_path / "gap", tmp_path / "out", tiny_dir, strategy=strategy)
+    # A different strategy: four-way.
+    four = write_tensor_parallel_strategy(tmp_path / "tp4.ckpt", config, model_parallel=4)
+    with pytest.raises(MergeError, match="strategy describes 4 rank"):
+        merge_run(tmp_path / "split", tmp_path / "out", tiny_dir, strategy=four)
+    # Same rank count, but the row-parallel weights split the other way: the merged shapes are wrong.
+    layout = {k: v["tensor_map"] for k, v in read_strategy_file(strategy).items()}
+    layout["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"] = [0, -1]
+    other = write_strategy_file(tmp_path / "other.ckpt", layout, [1, 2])
+    with pytest.raises((MergeError, glm3.CheckpointError), match="dense_4h_to_h"):
+        merge_run(tmp_path / "split", tmp_path / "out", tiny_dir, strategy=other)
+    # A shard of the wrong shape.
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "split", bad)
+    shard = arrays(bad / "rank_1" / "model.ckpt")
+    shard["transformer.encoder.layers.0.self_attention.dense.weight"] = np.zeros((64, 30), np.float32)
+    ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in shard.items()], str(bad / "rank_1" / "model.ckpt"))
+    with pytest.raises((MergeError, glm3.CheckpointError)):
+        merge_run(bad, tmp_path / "out", tiny_dir, strategy=strategy)
+    assert not (tmp_path / "out").exists()
+
+
+def _run(tiny_dir, out, **overrides):
+    values = {"model": str(tiny_dir), "data": SAMPLE, "output": str(out), "max_source_length": 32,
+              "max_target_length": 32, "seq_length": 65, "batch_size": 2, "steps": 3, "lr": 1e-3, "progress": False}
+    return finetune(FinetuneConfig(**{**values, **overrides}))
+
+
+def test_data_parallel_ranks_merge_by_verified_selection(tiny_dir, tmp_path):
+    result = _run(tiny_dir, tmp_path / "run")
+    # A second rank with the same state, as a data-parallel run leaves it (two real msrun ranks are checked
+    # bit-identical in test_finetune_cli).
+    shutil.copytree(tmp_path / "run" / "checkpoint" / "rank_0", tmp_path / "run" / "checkpoint" / "rank_1")
+    summary = merge_run(tmp_path / "run", tmp_path / "merged", tiny_dir)
+    assert (summary.method, summary.ranks, summary.step) == ("data-parallel", 2, 3)
+    trained = arrays(os.path.join(result.weights, "mindspore_model.ckpt"))
+    merged = arrays(tmp_path / "merged" / "mindspore_model.ckpt")
+    assert merged.keys() == trained.keys()  # optimizer state left behind
+    for name in trained:
+        np.testing.assert_array_equal(merged[name], trained[name], err_msg=name)
+
+    state_path = tmp_path / "run" / "checkpoint" / "rank_1" / "step_00000003" / "state.ckpt"
+    state = arrays(state_path)
+    state["transformer.output_layer.weight"][0, 0] += 1.0
+    ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in state.items()], str(state_path))
+    with pytest.raises(MergeError, match="rank 1 disagrees with rank 0 on transformer.output_layer.weight"):
+        merge_run(tmp_path / "run", tmp_path / "merged2", tiny_dir)
+    with pytest.raises(MergeError, match="no checkpoint of step 2"):
+        merge_run(tmp_path / "run", tmp_path / "merged2", tiny_dir, step=2)
+
+
+def test_lora_merge_gives_the_adapter_models_logits(tiny_dir, tmp_path):
+    lora = {"rank": 4, "alpha": 16, "dropout": 0.0, "targets": ["query_key_value", "dense", "dense_h_to_4h",
+                                                                "dense_4h_to_h"]}
+    result = _run(tiny_dir, tmp_path / "run", lora=lora, steps=4, lr=5e-3)
+    ids = Tensor(np.array([[64790, 64792, 30, 31, 32, 33, 34]], np.int32) % 2048)
+    adapted = glm3.load_adapter(glm3.load_model(tiny_dir, kernels_backend="plain"), result.weights)
+    expected = adapted(ids).asnumpy()
+    base = glm3.load_model(tiny_dir)(ids).asnumpy()
+    assert np.abs(expected - base).max() > 1e-3  # the adapter changed something
+    for summary in (merge_adapter(tiny_dir, result.weights, tmp_path / "from_adapter"),
+                    merge_run(tmp_path / "run", tmp_path / "from_run", tiny_dir)):
+        assert summary.method == "lora"
+        merged = glm3.load_model(summary.dst)
+        np.testing.assert_allclose(merged(ids).asnumpy(), expected, atol=2e-5)
+        assert not any("lora" in p.name for p in merged.get_parameters())
+
+
+def test_cli_strategy_split_merge(tiny_dir, tmp_path):
+    glm3_cli = [sys.executable, "-m", "glm3.cli"]
+
+    def run(*args):
+        result = subprocess.run([*glm3_cli, *args], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    run("strategy", "--model", tiny_dir, "--model-parallel", "2", "--out", str(tmp_path / "tp.ckpt"))
+    run("split", "--model", tiny_dir, "--strategy", str(tmp_path / "tp.ckpt"), "--dst", str(tmp_path / "split"))
+    out = run("merge", "--run", str(tmp_path / "split"), "--strategy", str(tmp_path / "tp.ckpt"), "--base", tiny_dir,
+              "--dst", str(tmp_path / "merged"))
+    assert "merged 2 rank(s) by strategy" in out
+    merged, full = original(tmp_path / "merged"), original(tiny_dir)
+    assert all(np.array_equal(merged[k], full[k]) for k in full)
+    bad = subprocess.run([*glm3_cli, "merge", "--base", tiny_dir, "--dst", str(tmp_path / "x")], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "exactly one of --run" in bad.stderr
