@@ -287,6 +287,26 @@ def cmd_rank_table(args) -> int:
     return 0
 
 
+def cmd_eval_ceval(args) -> int:
+    from glm3.eval.ceval import eager_logits, evaluate_ceval
+    from glm3.io import atomic_write_text
+
+    model, tok = _load(args)
+    if args.adapter:
+        from glm3.lora import load_adapter
+
+        load_adapter(model, args.adapter)
+    subjects = args.subjects.split(",") if args.subjects else None
+    metrics = evaluate_ceval(eager_logits(model), tok, args.data, split=args.split, shots=args.shots,
+                             subjects=subjects, batch_size=args.batch_size, predictions_path=args.predictions,
+                             progress=not args.quiet)
+    text = json.dumps(metrics, indent=2, ensure_ascii=False)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
 def cmd_eval_adgen(args) -> int:
     from glm3.eval import evaluate_adgen
     from glm3.io import atomic_write_text
@@ -496,8 +516,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_strategy)
 
-    p = sub.add_parser("eval", help="evaluate a model: `glm3 eval adgen` (BLEU-4, ROUGE on characters)")
+    p = sub.add_parser("eval", help="evaluate a model: `glm3 eval ceval` (C-Eval accuracy), `glm3 eval adgen` "
+                       "(BLEU-4, ROUGE on characters)")
     eval_sub = p.add_subparsers(dest="benchmark", required=True, metavar="<benchmark>")
+    p = eval_sub.add_parser("ceval", help="C-Eval multiple choice: accuracy per subject, category and on average",
+                            description="Reads the official layout DATA/{dev,val,test}/<subject>_<split>.csv; prompts "
+                            "in ChatGLM3 chat format, zero- or few-shot (shots from dev); the prediction is the "
+                            "answer letter with the largest logit. The test split gives predictions only.")
+    _add_model_args(p)
+    p.add_argument("--adapter", help="LoRA adapter directory to apply to the model")
+    p.add_argument("--data", required=True, help="C-Eval root (with dev/, val/, test/)")
+    p.add_argument("--split", default="val", choices=["dev", "val", "test"])
+    p.add_argument("--shots", type=int, default=0, help="solved dev questions in each prompt (0..5)")
+    p.add_argument("--subjects", help="comma-separated subjects (default: every subject in the split)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="metrics JSON file")
+    p.add_argument("--predictions", help="predictions JSON ({subject: {id: letter}}, the submission format)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_ceval)
+
     p = eval_sub.add_parser("adgen", help="generate for ADGEN records and score BLEU-4 and ROUGE-1/2/L")
     _add_model_args(p)
     p.add_argument("--adapter", help="LoRA adapter directory to apply to the model")
