@@ -105,13 +105,16 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
+    """A user chat turn awaiting the assistant, or plain text after the [gMASK] sop prefix."""
+    if chat:
+        return tok.build_chat_input(text)["input_ids"][0]
+    return [tok.get_command("[gMASK]"), tok.get_command("sop")] + tok.encode(text)
+
+
 def cmd_generate(args) -> int:
     model, tok = _load(args)
-    if args.chat:
-        rows = [tok.build_chat_input(p)["input_ids"][0] for p in args.prompt]
-    else:
-        rows = [[tok.get_command("[gMASK]"), tok.get_command("sop")] + tok.encode(p) for p in args.prompt]
-    batch = tok.pad(rows)
+    batch = tok.pad([_prompt_ids(tok, p, args.chat) for p in args.prompt])
     stops = list(tok.stop_token_ids)
     out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], eos_token_id=stops,
                          pad_token_id=tok.pad_id, **_gen_kwargs(args))
@@ -358,6 +361,45 @@ def cmd_strategy(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from glm3.export import export_model
+
+    _setup_mindspore("graph")
+    batch = None if args.dynamic_batch else args.batch_size
+    dst = export_model(args.model, args.dst, batch_size=batch, prompt_length=args.prompt_length,
+                       seq_length=args.seq_length, overwrite=args.overwrite)
+    print(f"exported prefill and decode graphs ({'dynamic' if batch is None else batch} batch, prompt "
+          f"{args.prompt_length}, cache {args.seq_length or 'model seq_length'}) to {dst}")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from glm3.infer import PROMPT_MARKER, MindIRRunner
+    from glm3.tokenizer import load_tokenizer
+
+    _setup_mindspore("graph")
+    runner, tok = MindIRRunner(args.model), load_tokenizer(args.model)
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+               "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
+               "seed": args.seed}
+
+    def answer(texts):
+        outputs = runner.generate([_prompt_ids(tok, t, args.chat) for t in texts], **options)
+        return [tok.decode([t for t in out if t not in runner.config.stop_token_ids]) for out in outputs]
+
+    if args.prompt:
+        for text, reply in zip(args.prompt, answer(args.prompt)):
+            print(json.dumps({"prompt": text, "text": reply}, ensure_ascii=False) if args.json else reply)
+        return 0
+    while True:  # interactive, like MindFormers' inference tool
+        print(PROMPT_MARKER, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "exit":
+            return 0
+        if line.strip():
+            print(answer([line.rstrip("\n")])[0], flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: download and convert "
                                      "checkpoints, chat, generate, score.")
@@ -515,6 +557,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel", type=int, default=1)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_strategy)
+
+    p = sub.add_parser("export", help="export a model to MindIR: a prefill and a one-token decode graph",
+                       description="The KV cache is a graph input/output (see glm3.export). Prompts are left-padded "
+                       "to --prompt-length; the cache holds --seq-length positions.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--dst", required=True, help="output directory")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=1, help="static batch size (default 1)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension instead")
+    p.add_argument("--prompt-length", type=int, default=64)
+    p.add_argument("--seq-length", type=int, help="KV cache length (default: the model's seq_length)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("infer", help="generate with an exported model (MindIR), interactively or for --prompt",
+                       description="Without --prompt: prints 'Please enter your predict data:', answers each line, "
+                       "and stops at 'exit' or end of input.")
+    p.add_argument("--model", required=True, help="export directory (glm3 export)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat: generated in batches of the export's size)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat turn")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    _add_generation_args(p, sample_default=False)
+    p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("eval", help="evaluate a model: `glm3 eval ceval` (C-Eval accuracy), `glm3 eval adgen` "
                        "(BLEU-4, ROUGE on characters)")

@@ -118,7 +118,7 @@ def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int 
     config = model.config
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     ids, mask = as_batch(input_ids, attention_mask, pad)
-    batch, prompt_len = ids.shape
+    prompt_len = ids.shape[1]
     if max_new_tokens is None:
         max_new_tokens = (max_length - prompt_len) if max_length is not None else 20
     if max_new_tokens < 1:
@@ -131,26 +131,38 @@ def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int 
         raise ValueError(f"input_ids must be in [0, {config.padded_vocab_size})")
     _validate(do_sample, temperature, top_k, top_p, repetition_penalty)
     if eos_token_id is None:
-        stops = {config.eos_token_id, *model.stop_token_ids}
-    elif isinstance(eos_token_id, (int, np.integer)):
-        stops = {int(eos_token_id)}
-    else:
-        stops = {int(t) for t in eos_token_id}
-    stop_ids = np.array(sorted(stops), dtype=np.int64)
-    rng = np.random.default_rng(seed)
-
+        eos_token_id = {config.eos_token_id, *model.stop_token_ids}
     bucket = _round_up(prompt_len, PROMPT_BUCKET)
-    shift = bucket - prompt_len
+    max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
+    yield from decode_loop(runner(model, "prefill", max_len), runner(model, "decode", max_len), ids, mask,
+                           bucket, max_len, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                           stop_ids=eos_token_id, pad=pad, seed=seed)
+
+
+def decode_loop(prefill, decode, ids: np.ndarray, mask: np.ndarray, prompt_slots: int, max_len: int,
+                max_new_tokens: int, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                repetition_penalty: float, stop_ids, pad: int, seed: int | None) -> Iterator[np.ndarray]:
+    """The generation loop over a prefill and a decode step (compiled Cells or loaded MindIR graphs).
+
+    prefill(ids [b, prompt_slots], mask) -> (last logits [b, V], caches [b, groups, max_len, head_dim] x 2L);
+    decode(tokens [b, 1], positions [b, 1], key_mask [b, max_len], write_index, caches) -> the same pair.
+    Prompts are left-padded to prompt_slots here.
+    """
+    batch, prompt_len = ids.shape
+    stops = {int(stop_ids)} if isinstance(stop_ids, (int, np.integer)) else {int(t) for t in stop_ids}
+    stop_array = np.array(sorted(stops), dtype=np.int64)
+    # One generator per row: a row's sample depends on the seed and its index, not on the rest of the batch.
+    rngs = [np.random.default_rng(None if seed is None else [seed, row]) for row in range(batch)]
+    shift = prompt_slots - prompt_len
     padded_ids = np.pad(ids, ((0, 0), (shift, 0)), constant_values=pad)
     padded_mask = np.pad(mask, ((0, 0), (shift, 0)))
-    max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
 
-    logits, caches = runner(model, "prefill", max_len)(Tensor(padded_ids), Tensor(padded_mask))
+    logits, caches = prefill(Tensor(padded_ids), Tensor(padded_mask))
     cache = StaticKVCache(caches, padded_mask, max_len)
     history = np.concatenate([ids.astype(np.int64), np.zeros((batch, max_new_tokens), np.int64)], axis=1)
     history_mask = np.concatenate([mask, np.zeros((batch, max_new_tokens), np.int32)], axis=1)
     finished = np.zeros(batch, dtype=bool)
-    decode = runner(model, "decode", max_len)
     for step in range(max_new_tokens):
         scores = logits.asnumpy()
         if do_sample or repetition_penalty != 1.0:
@@ -159,19 +171,19 @@ def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int 
                                     repetition_penalty=repetition_penalty)
         if do_sample:
             probs = _softmax(scores.astype(np.float64))
-            tokens = np.array([rng.choice(probs.shape[-1], p=p) for p in probs], dtype=np.int64)
+            tokens = np.array([rng.choice(probs.shape[-1], p=p) for rng, p in zip(rngs, probs)], dtype=np.int64)
         else:
             tokens = scores.argmax(axis=-1).astype(np.int64)
         tokens = np.where(finished, pad, tokens)
         history[:, prompt_len + step] = tokens
         history_mask[:, prompt_len + step] = ~finished
-        finished = finished | np.isin(tokens, stop_ids)
+        finished = finished | np.isin(tokens, stop_array)
         yield tokens
         if finished.all() or step == max_new_tokens - 1:
             return
         position_ids, key_mask, write_index = cache.step_inputs()
         logits, caches = decode(Tensor(tokens.astype(np.int32).reshape(-1, 1)), position_ids, key_mask,
-                                write_index, mutable(cache.caches))
+                                write_index, mutable(tuple(cache.caches)))
         cache.advance(caches)
 
 

@@ -1,0 +1,115 @@
+"""Running an exported model: the prefill and decode MindIR graphs behind the same generation loop as the
+eager model (glm3.generation.decode_loop), so both give the same tokens.
+
+Graphs load with MindSpore Lite when it is importable, else with MindSpore's GraphCell (MindSpore Lite has no
+wheel for Python 3.11 on the registry, so the tests here run GraphCell).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from glm3.export import DECODE, PREFILL, ExportConfig, ExportError
+from glm3.generation import _validate, as_batch, decode_loop
+
+PROMPT_MARKER = "Please enter your predict data:"
+
+
+class _LiteGraph:
+    """A MindSpore Lite model called like the GraphCell: tuple inputs are flattened, and the outputs come back
+    as (logits, (cache tensors...)). Not exercised here: MindSpore Lite has no wheel for this Python."""
+
+    def __init__(self, path: str, lite):
+        context = lite.Context()
+        context.target = [os.environ.get("GLM3_LITE_TARGET", "cpu")]
+        self.model = lite.Model()
+        self.model.build_from_file(path, lite.ModelType.MINDIR, context)
+
+    def __call__(self, *args):
+        from mindspore import Tensor
+
+        arrays = []
+        for arg in args:
+            for t in (arg if isinstance(arg, (tuple, list)) else (arg,)):
+                arrays.append(t.asnumpy())
+        inputs = self.model.get_inputs()
+        self.model.resize(inputs, [list(a.shape) for a in arrays])
+        for tensor, array in zip(inputs, arrays):
+            tensor.set_data_from_numpy(array)
+        outputs = [Tensor(o.get_data_to_numpy()) for o in self.model.predict(inputs)]
+        return outputs[0], tuple(outputs[1:])
+
+
+def _load_graph(path: str):
+    """(graph, backend name): MindSpore Lite if importable, else MindSpore's GraphCell."""
+    try:
+        import mindspore_lite as lite
+    except ImportError:
+        import mindspore as ms
+        from mindspore import nn
+
+        return nn.GraphCell(ms.load(path)), "GraphCell"
+    return _LiteGraph(path, lite), "mindspore_lite"
+
+
+class MindIRRunner:
+    """Generation from an export directory (see glm3.export). `backend` says what loaded the graphs."""
+
+    def __init__(self, directory: str | os.PathLike):
+        directory = os.fspath(directory)
+        self.config = ExportConfig.load(directory)
+        for name in (PREFILL, DECODE):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise ExportError(f"{directory} has no {name}")
+        self.prefill, self.backend = _load_graph(os.path.join(directory, PREFILL))
+        self.decode, _ = _load_graph(os.path.join(directory, DECODE))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None) -> list[list[int]]:
+        """New tokens of each prompt (stop token included, padding removed), in batches of the export's size."""
+        out: list[list[int]] = []
+        step = self.config.batch_size or len(prompts)
+        for start in range(0, len(prompts), step):
+            out += self._generate_batch(list(prompts[start:start + step]), max_new_tokens, do_sample, temperature,
+                                        top_k, top_p, repetition_penalty, seed)
+        return out
+
+    def _generate_batch(self, prompts, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                        seed) -> list[list[int]]:
+        c = self.config
+        _validate(do_sample, temperature, top_k, top_p, repetition_penalty)
+        real = len(prompts)
+        if c.batch_size is not None:  # a static batch: fill it with copies of the first prompt
+            prompts = prompts + [prompts[0]] * (c.batch_size - real)
+        ids, mask = as_batch(prompts, None, c.pad_token_id)
+        if ids.shape[1] > c.prompt_length:
+            raise ExportError(f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length}")
+        if c.prompt_length + max_new_tokens > c.seq_length:
+            raise ExportError(f"prompt_length {c.prompt_length} + max_new_tokens {max_new_tokens} exceeds the "
+                              f"exported cache of {c.seq_length}")
+        if (ids < 0).any() or (ids >= c.vocab_size).any():
+            raise ExportError(f"token ids must be in [0, {c.vocab_size})")
+        steps = list(self._steps(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                 repetition_penalty, seed))
+        tokens = np.stack(steps, axis=1)[:real]
+        stops = set(c.stop_token_ids)
+        result = []
+        for row in tokens:
+            kept = []
+            for t in row.tolist():
+                kept.append(t)
+                if t in stops:
+                    break
+            result.append(kept)
+        return result
+
+    def _steps(self, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+               seed) -> Iterator[np.ndarray]:
+        c = self.config
+        yield from decode_loop(self.prefill, self.decode, ids, mask, c.prompt_length, c.seq_length, max_new_tokens,
+                               do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                               repetition_penalty=repetition_penalty, stop_ids=c.stop_token_ids,
+                               pad=c.pad_token_id, seed=seed)
