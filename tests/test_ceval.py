@@ -122,3 +122,14 @@ def test_cli_eval_ceval_test_split_writes_submission(tiny_dir, tmp_path):
     submission = json.loads((tmp_path / "sub.json").read_text(encoding="utf-8"))
     assert {s: sorted(v) for s, v in submission.items()} == {s: ["0", "1", "2"] for s in SAMPLE_SUBJECTS}
     assert all(letter in "ABCD" for v in submission.values() for letter in v.values())
+
+
+def test_exported_model_scores_like_the_eager_model(tiny_dir, tiny_model, tokenizer, tmp_path):
+    from glm3.export import export_model
+    from glm3.infer import MindIRRunner
+
+    exported = MindIRRunner(export_model(tiny_dir, tmp_path / "exp", batch_size=4, prompt_length=224,
+                                         seq_length=256))
+    eager = evaluate_ceval(eager_logits(tiny_model), tokenizer, CEVAL, "val", shots=1, batch_size=4, progress=False)
+    mindir = evaluate_ceval(exported.last_logits, tokenizer, CEVAL, "val", shots=1, batch_size=3, progress=False)
+    assert mindir["subjects"] == eager["subjects"] and mindir["average"] == eager["average"]

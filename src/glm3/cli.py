@@ -292,15 +292,24 @@ def cmd_rank_table(args) -> int:
 
 def cmd_eval_ceval(args) -> int:
     from glm3.eval.ceval import eager_logits, evaluate_ceval
+    from glm3.export import EXPORT_CONFIG
     from glm3.io import atomic_write_text
 
-    model, tok = _load(args)
-    if args.adapter:
-        from glm3.lora import load_adapter
+    if os.path.isfile(os.path.join(args.model, EXPORT_CONFIG)):  # an exported model: score with its prefill graph
+        from glm3.infer import MindIRRunner
+        from glm3.tokenizer import load_tokenizer
 
-        load_adapter(model, args.adapter)
+        _setup_mindspore("graph")
+        source, tok = MindIRRunner(args.model).last_logits, load_tokenizer(args.model)
+    else:
+        model, tok = _load(args)
+        if args.adapter:
+            from glm3.lora import load_adapter
+
+            load_adapter(model, args.adapter)
+        source = eager_logits(model)
     subjects = args.subjects.split(",") if args.subjects else None
-    metrics = evaluate_ceval(eager_logits(model), tok, args.data, split=args.split, shots=args.shots,
+    metrics = evaluate_ceval(source, tok, args.data, split=args.split, shots=args.shots,
                              subjects=subjects, batch_size=args.batch_size, predictions_path=args.predictions,
                              progress=not args.quiet)
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
@@ -587,7 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = eval_sub.add_parser("ceval", help="C-Eval multiple choice: accuracy per subject, category and on average",
                             description="Reads the official layout DATA/{dev,val,test}/<subject>_<split>.csv; prompts "
                             "in ChatGLM3 chat format, zero- or few-shot (shots from dev); the prediction is the "
-                            "answer letter with the largest logit. The test split gives predictions only.")
+                            "answer letter with the largest logit. The test split gives predictions only. --model "
+                            "is a model directory or an export directory (glm3 export: scored with its MindIR "
+                            "prefill graph).")
     _add_model_args(p)
     p.add_argument("--adapter", help="LoRA adapter directory to apply to the model")
     p.add_argument("--data", required=True, help="C-Eval root (with dev/, val/, test/)")

@@ -66,6 +66,28 @@ class MindIRRunner:
         self.prefill, self.backend = _load_graph(os.path.join(directory, PREFILL))
         self.decode, _ = _load_graph(os.path.join(directory, DECODE))
 
+    def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """[len(prompts), vocab] logits at each prompt's last position, from the prefill graph alone."""
+        from mindspore import Tensor
+
+        c = self.config
+        out = []
+        step = c.batch_size or len(prompts)
+        for start in range(0, len(prompts), step):
+            chunk = [list(p) for p in prompts[start:start + step]]
+            real = len(chunk)
+            if c.batch_size is not None:
+                chunk += [chunk[0]] * (c.batch_size - real)
+            ids, mask = as_batch(chunk, None, c.pad_token_id)
+            if ids.shape[1] > c.prompt_length:
+                raise ExportError(f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length}")
+            shift = c.prompt_length - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (shift, 0)), constant_values=c.pad_token_id)
+            mask = np.pad(mask, ((0, 0), (shift, 0)))
+            logits, _ = self.prefill(Tensor(ids), Tensor(mask))
+            out.append(logits.asnumpy()[:real])
+        return np.concatenate(out)
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int | None = None) -> list[list[int]]:
