@@ -17,7 +17,9 @@ PROMPTS = ["这款连衣裙", "Hello there, how are you", "黑色长裙优雅大
 def exports(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     return {"static": export_model(tiny_dir, root / "static", batch_size=2, prompt_length=32, seq_length=96),
-            "dynamic": export_model(tiny_dir, root / "dynamic", batch_size=None, prompt_length=32, seq_length=96)}
+            "dynamic": export_model(tiny_dir, root / "dynamic", batch_size=None, prompt_length=32, seq_length=96),
+            "paged": export_model(tiny_dir, root / "paged", batch_size=None, prompt_length=32, seq_length=96,
+                                  paged=True, block_size=16, num_blocks=24)}
 
 
 def prompt_rows(tokenizer):
@@ -34,7 +36,7 @@ def eager_tokens(model, tokenizer, rows, **kwargs):
     return out
 
 
-@pytest.mark.parametrize("kind", ["static", "dynamic"])
+@pytest.mark.parametrize("kind", ["static", "dynamic", "paged"])
 def test_runner_matches_the_eager_model_token_for_token(exports, kind, tiny_model, tokenizer):
     runner = MindIRRunner(exports[kind])
     assert runner.backend in ("GraphCell", "mindspore_lite")
@@ -55,6 +57,16 @@ def test_exported_graphs_compute_the_eager_logits(exports, tiny_model):
     np.testing.assert_allclose(logits.asnumpy(), eager, atol=1e-5)
     config = ExportConfig.load(exports["dynamic"])
     assert len(caches) == 2 * config.num_layers and caches[0].shape == (3, config.kv_groups, 96, config.head_dim)
+
+
+def test_paged_cache_running_out_of_blocks_is_a_clear_error(exports, tokenizer):
+    from glm3.block_manager import OutOfBlocks
+
+    runner = MindIRRunner(exports["paged"])  # 24 blocks of 16: 1 scratch + 3 rows of up to 6 blocks each
+    rows = prompt_rows(tokenizer) * 3
+    with pytest.raises(OutOfBlocks, match="free finished sequences, wait, or raise num_blocks"):
+        runner.generate(rows, max_new_tokens=60)
+    assert len(runner.generate(rows[:3], max_new_tokens=60)) == 3
 
 
 def test_bad_inputs(exports, tiny_dir, tmp_path, tokenizer):

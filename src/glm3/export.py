@@ -7,6 +7,10 @@ it updated, so the two graphs are pure functions and any runtime can hold the ca
 Shapes: prompts are left-padded to `prompt_length`; the cache holds `seq_length` positions. The batch is
 static (`batch_size`) or dynamic (`batch_size=None`: any batch at run time).
 
+With `paged=True` the cache is a block cache instead (glm3.kv_cache): per layer [num_blocks, block_size,
+kv_groups, head_dim] keys and values shared by the batch; prefill also takes the prompt's slot mapping, and
+decode takes each row's slot, block table ([batch, ceil(seq_length / block_size)]) and context length.
+
 Output directory: prefill.mindir, decode.mindir, export_config.json, config.json and the tokenizer files.
 """
 from __future__ import annotations
@@ -40,6 +44,9 @@ class ExportConfig:
     vocab_size: int
     pad_token_id: int
     stop_token_ids: list[int]
+    paged: bool = False
+    block_size: int = 16
+    num_blocks: int = 224
     kv_cache: str = "graph inputs/outputs: prefill returns 2*num_layers tensors [batch, kv_groups, seq_length, " \
                     "head_dim] (keys and values per layer); decode takes them and returns them updated"
 
@@ -52,10 +59,16 @@ class ExportConfig:
             return cls(**json.load(f))
 
 
+    @property
+    def max_blocks(self) -> int:
+        return -(-self.seq_length // self.block_size)
+
+
 def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_size: int | None = 1,
-                 prompt_length: int = 64, seq_length: int | None = None, overwrite: bool = False) -> str:
+                 prompt_length: int = 64, seq_length: int | None = None, paged: bool = False,
+                 block_size: int = 16, num_blocks: int = 224, overwrite: bool = False) -> str:
     """Export `model_dir` to `dst` (see the module docstring). seq_length defaults to the model's."""
-    from glm3.kv_cache import DecodeStep, PrefillStep
+    from glm3.kv_cache import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
     from glm3.loading import load_model
 
     model = load_model(model_dir, kernels_backend="plain")
@@ -68,17 +81,27 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
                           f"seq_length ({config.seq_length})")
     spec = ExportConfig(batch_size, prompt_length, seq_length, config.num_layers, config.num_kv_groups,
                         config.kv_channels, config.padded_vocab_size, config.pad_token_id,
-                        sorted({config.eos_token_id, *model.stop_token_ids}))
+                        sorted({config.eos_token_id, *model.stop_token_ids}), paged, block_size, num_blocks)
+    if paged and (block_size < 1 or num_blocks < 2):
+        raise ExportError(f"a paged cache needs block_size >= 1 and num_blocks >= 2, got {block_size}, {num_blocks}")
     b = batch_size  # None becomes a dynamic dimension
-    cache = Tensor(shape=[b, spec.kv_groups, seq_length, spec.head_dim], dtype=ms.float32)
+    ids, prompt = Tensor(shape=[b, 1], dtype=ms.int32), Tensor(shape=[b, prompt_length], dtype=ms.int32)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        ms.export(PrefillStep(model, seq_length), Tensor(shape=[b, prompt_length], dtype=ms.int32),
-                  Tensor(shape=[b, prompt_length], dtype=ms.int32), file_name=os.path.join(tmp, "prefill"),
-                  file_format="MINDIR")
-        ms.export(DecodeStep(model, seq_length), Tensor(shape=[b, 1], dtype=ms.int32),
-                  Tensor(shape=[b, 1], dtype=ms.int32), Tensor(shape=[b, seq_length], dtype=ms.bool_),
-                  Tensor(0, ms.int32), ms.mutable((cache,) * (2 * spec.num_layers)),
-                  file_name=os.path.join(tmp, "decode"), file_format="MINDIR")
+        prefill_file, decode_file = os.path.join(tmp, "prefill"), os.path.join(tmp, "decode")
+        if paged:
+            cache = Tensor(shape=[num_blocks, block_size, spec.kv_groups, spec.head_dim], dtype=ms.float32)
+            caches = ms.mutable((cache,) * (2 * spec.num_layers))
+            ms.export(PagedPrefillStep(model), prompt, prompt, prompt, caches, file_name=prefill_file,
+                      file_format="MINDIR")
+            row = Tensor(shape=[b], dtype=ms.int32)
+            ms.export(PagedDecodeStep(model), ids, ids, row, Tensor(shape=[b, spec.max_blocks], dtype=ms.int32), row,
+                      caches, file_name=decode_file, file_format="MINDIR")
+        else:
+            cache = Tensor(shape=[b, spec.kv_groups, seq_length, spec.head_dim], dtype=ms.float32)
+            ms.export(PrefillStep(model, seq_length), prompt, prompt, file_name=prefill_file, file_format="MINDIR")
+            ms.export(DecodeStep(model, seq_length), ids, ids, Tensor(shape=[b, seq_length], dtype=ms.bool_),
+                      Tensor(0, ms.int32), ms.mutable((cache,) * (2 * spec.num_layers)), file_name=decode_file,
+                      file_format="MINDIR")
         with open(os.path.join(tmp, EXPORT_CONFIG), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(spec), f, indent=2)
         config.save(tmp)

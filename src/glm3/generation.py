@@ -4,9 +4,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-from mindspore import Tensor, mutable
+from mindspore import Tensor
 
-from glm3.kv_cache import StaticKVCache, runner
+from glm3.kv_cache import StaticCacheSteps, runner
 
 # Prompts are left-padded to a multiple of this, and the cache to a multiple of CACHE_BUCKET, so that
 # a handful of compiled graphs serve every prompt length.
@@ -134,20 +134,18 @@ def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int 
         eos_token_id = {config.eos_token_id, *model.stop_token_ids}
     bucket = _round_up(prompt_len, PROMPT_BUCKET)
     max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
-    yield from decode_loop(runner(model, "prefill", max_len), runner(model, "decode", max_len), ids, mask,
-                           bucket, max_len, max_new_tokens, do_sample=do_sample, temperature=temperature,
+    steps = StaticCacheSteps(runner(model, "prefill", max_len), runner(model, "decode", max_len), max_len)
+    yield from decode_loop(steps, ids, mask, bucket, max_new_tokens, do_sample=do_sample, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                            stop_ids=eos_token_id, pad=pad, seed=seed)
 
 
-def decode_loop(prefill, decode, ids: np.ndarray, mask: np.ndarray, prompt_slots: int, max_len: int,
-                max_new_tokens: int, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                repetition_penalty: float, stop_ids, pad: int, seed: int | None) -> Iterator[np.ndarray]:
-    """The generation loop over a prefill and a decode step (compiled Cells or loaded MindIR graphs).
-
-    prefill(ids [b, prompt_slots], mask) -> (last logits [b, V], caches [b, groups, max_len, head_dim] x 2L);
-    decode(tokens [b, 1], positions [b, 1], key_mask [b, max_len], write_index, caches) -> the same pair.
-    Prompts are left-padded to prompt_slots here.
+def decode_loop(steps, ids: np.ndarray, mask: np.ndarray, prompt_slots: int, max_new_tokens: int, *,
+                do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+                stop_ids, pad: int, seed: int | None) -> Iterator[np.ndarray]:
+    """The generation loop over a cache's steps (glm3.kv_cache.StaticCacheSteps or PagedCacheSteps, driving
+    compiled Cells or loaded MindIR graphs): steps.start(ids, mask) and steps.step(tokens) return the logits
+    [b, V] of the next token. Prompts are left-padded to prompt_slots here.
     """
     batch, prompt_len = ids.shape
     stops = {int(stop_ids)} if isinstance(stop_ids, (int, np.integer)) else {int(t) for t in stop_ids}
@@ -158,8 +156,7 @@ def decode_loop(prefill, decode, ids: np.ndarray, mask: np.ndarray, prompt_slots
     padded_ids = np.pad(ids, ((0, 0), (shift, 0)), constant_values=pad)
     padded_mask = np.pad(mask, ((0, 0), (shift, 0)))
 
-    logits, caches = prefill(Tensor(padded_ids), Tensor(padded_mask))
-    cache = StaticKVCache(caches, padded_mask, max_len)
+    logits = steps.start(padded_ids, padded_mask)
     history = np.concatenate([ids.astype(np.int64), np.zeros((batch, max_new_tokens), np.int64)], axis=1)
     history_mask = np.concatenate([mask, np.zeros((batch, max_new_tokens), np.int32)], axis=1)
     finished = np.zeros(batch, dtype=bool)
@@ -181,10 +178,7 @@ def decode_loop(prefill, decode, ids: np.ndarray, mask: np.ndarray, prompt_slots
         yield tokens
         if finished.all() or step == max_new_tokens - 1:
             return
-        position_ids, key_mask, write_index = cache.step_inputs()
-        logits, caches = decode(Tensor(tokens.astype(np.int32).reshape(-1, 1)), position_ids, key_mask,
-                                write_index, mutable(tuple(cache.caches)))
-        cache.advance(caches)
+        logits = steps.step(tokens)
 
 
 def generate(model, input_ids, attention_mask=None, *, streamer: Callable[[np.ndarray], None] | None = None,

@@ -68,8 +68,6 @@ class MindIRRunner:
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """[len(prompts), vocab] logits at each prompt's last position, from the prefill graph alone."""
-        from mindspore import Tensor
-
         c = self.config
         out = []
         step = c.batch_size or len(prompts)
@@ -84,7 +82,7 @@ class MindIRRunner:
             shift = c.prompt_length - ids.shape[1]
             ids = np.pad(ids, ((0, 0), (shift, 0)), constant_values=c.pad_token_id)
             mask = np.pad(mask, ((0, 0), (shift, 0)))
-            logits, _ = self.prefill(Tensor(ids), Tensor(mask))
+            logits = self.cache_steps().start(ids, mask)
             out.append(logits.asnumpy()[:real])
         return np.concatenate(out)
 
@@ -128,10 +126,19 @@ class MindIRRunner:
             result.append(kept)
         return result
 
+    def cache_steps(self):
+        from glm3.kv_cache import PagedCacheSteps, StaticCacheSteps
+
+        c = self.config
+        if c.paged:
+            return PagedCacheSteps(self.prefill, self.decode, c.num_layers, c.kv_groups, c.head_dim, c.num_blocks,
+                                   c.block_size, c.max_blocks)
+        return StaticCacheSteps(self.prefill, self.decode, c.seq_length)
+
     def _steps(self, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                seed) -> Iterator[np.ndarray]:
         c = self.config
-        yield from decode_loop(self.prefill, self.decode, ids, mask, c.prompt_length, c.seq_length, max_new_tokens,
+        yield from decode_loop(self.cache_steps(), ids, mask, c.prompt_length, max_new_tokens,
                                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                repetition_penalty=repetition_penalty, stop_ids=c.stop_token_ids,
                                pad=c.pad_token_id, seed=seed)

@@ -1,8 +1,12 @@
-"""The static KV cache and the two compiled steps that use it: prompt prefill and one-token decode.
+"""KV caches and the compiled steps that use them: prompt prefill and one-token decode.
 
-The cache is explicit data, not hidden state: one key and one value tensor per layer, each
-[batch, kv_groups, max_len, head_dim], handed to each step and returned updated. Its size is fixed when
-generation starts, so the decode step compiles once per (batch, max_len) and runs in graph mode.
+The cache is explicit data, not hidden state, handed to each step and returned updated. Two layouts:
+- static: one key and one value tensor per layer, [batch, kv_groups, max_len, head_dim], a column per position;
+- paged: one key and one value tensor per layer, [num_blocks, block_size, kv_groups, head_dim], shared by all
+  sequences, each owning blocks through a block table (glm3.block_manager); prefill writes the prompt through
+  a slot mapping, decode writes one slot per row and attends through the block tables.
+`StaticCacheSteps` / `PagedCacheSteps` drive a pair of steps (compiled Cells or loaded MindIR graphs) and keep
+the host-side bookkeeping, so one generation loop serves both.
 """
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from glm3 import kernels
+from glm3.block_manager import BlockManager
 from glm3.model import GLM3ForCausalLM, positions_and_mask
 
 
@@ -71,6 +77,95 @@ class StaticKVCache:
         self.caches = caches
         self.next_index += 1
         self.next_position = self.next_position + 1
+
+
+class PagedPrefillStep(nn.Cell):
+    """(input_ids [b, s], attention_mask [b, s], slot_mapping [b, s], caches) -> (last logits [b, V], caches).
+
+    Attention within the prompt is the ordinary causal one; the prompt's keys and values are then written
+    into the block caches at their slots (padding positions point at a scratch slot)."""
+
+    def __init__(self, model: GLM3ForCausalLM):
+        super().__init__(auto_prefix=False)
+        self.transformer = model.transformer
+        self.groups, self.head_dim = model.config.num_kv_groups, model.config.kv_channels
+
+    def construct(self, input_ids, attention_mask, slot_mapping, caches):
+        positions, keep = positions_and_mask(attention_mask, input_ids.shape[1])
+        logits, kv = self.transformer(input_ids, positions, keep, None, None, True)
+        slots = slot_mapping.reshape(-1)
+        new_caches = ()
+        for cache, t in zip(caches, kv):
+            rows = t.transpose(0, 2, 1, 3).reshape(-1, self.groups, self.head_dim)
+            new_caches = new_caches + (kernels.write_cache(cache, rows, slots),)
+        return logits, new_caches
+
+
+class PagedDecodeStep(nn.Cell):
+    """(input_ids [b, 1], position_ids [b, 1], slots [b], block_tables [b, max_blocks], context_lens [b], caches)
+    -> (logits [b, V], caches)."""
+
+    def __init__(self, model: GLM3ForCausalLM):
+        super().__init__(auto_prefix=False)
+        self.transformer = model.transformer
+
+    def construct(self, input_ids, position_ids, slots, block_tables, context_lens, caches):
+        return self.transformer(input_ids, position_ids, None, caches, None, True, (slots, block_tables, context_lens))
+
+
+class StaticCacheSteps:
+    """Drives a static-cache prefill/decode pair: start(ids, mask) and step(tokens) return next-token logits."""
+
+    def __init__(self, prefill, decode, max_len: int):
+        self.prefill, self.decode, self.max_len = prefill, decode, max_len
+
+    def start(self, ids: np.ndarray, mask: np.ndarray):
+        logits, caches = self.prefill(Tensor(ids), Tensor(mask))
+        self.cache = StaticKVCache(caches, mask, self.max_len)
+        return logits
+
+    def step(self, tokens: np.ndarray):
+        position_ids, key_mask, write_index = self.cache.step_inputs()
+        logits, caches = self.decode(Tensor(tokens.astype(np.int32).reshape(-1, 1)), position_ids, key_mask,
+                                     write_index, ms.mutable(tuple(self.cache.caches)))
+        self.cache.advance(caches)
+        return logits
+
+
+class PagedCacheSteps:
+    """Drives a paged-cache prefill/decode pair. Each row is a sequence with its own blocks; block 0's first
+    slot is kept as scratch for padding positions. Blocks are freed when the generation ends."""
+
+    def __init__(self, prefill, decode, num_layers: int, kv_groups: int, head_dim: int, num_blocks: int,
+                 block_size: int, max_blocks: int):
+        self.prefill, self.decode = prefill, decode
+        self.shape = (num_blocks, block_size, kv_groups, head_dim)
+        self.num_layers, self.max_blocks = num_layers, max_blocks
+        self.blocks = BlockManager(num_blocks, block_size)
+
+    def start(self, ids: np.ndarray, mask: np.ndarray):
+        batch, width = ids.shape
+        self.blocks = BlockManager(*self.shape[:2])
+        scratch = int(self.blocks.allocate(-1, 1)[0])
+        lengths = mask.sum(axis=1).astype(np.int32)
+        slot_mapping = np.full((batch, width), scratch, np.int32)
+        for row in range(batch):
+            slot_mapping[row, width - lengths[row]:] = self.blocks.allocate(row, int(lengths[row]))
+        self.rows = list(range(batch))
+        self.next_position = lengths.copy()
+        caches = ms.mutable(tuple(Tensor(np.zeros(self.shape, np.float32)) for _ in range(2 * self.num_layers)))
+        logits, self.caches = self.prefill(Tensor(ids), Tensor(mask), Tensor(slot_mapping), caches)
+        return logits
+
+    def step(self, tokens: np.ndarray):
+        slots = np.array([self.blocks.append_slot(row) for row in self.rows], np.int32)
+        context_lens = np.array([self.blocks.lengths[row] for row in self.rows], np.int32)
+        logits, self.caches = self.decode(Tensor(tokens.astype(np.int32).reshape(-1, 1)),
+                                          Tensor(self.next_position.reshape(-1, 1)), Tensor(slots),
+                                          Tensor(self.blocks.block_tables(self.rows, self.max_blocks)),
+                                          Tensor(context_lens), ms.mutable(tuple(self.caches)))
+        self.next_position = self.next_position + 1
+        return logits
 
 
 def runner(model: GLM3ForCausalLM, kind: str, max_len: int) -> nn.Cell:

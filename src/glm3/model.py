@@ -147,14 +147,23 @@ class SelfAttention(nn.Cell):
         self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, dtype, compute_dtype, init,
                             backend)
 
-    def construct(self, x, cos, sin, keep_mask, cache_k=None, cache_v=None, write_mask=None):
+    def construct(self, x, cos, sin, keep_mask, cache_k=None, cache_v=None, write_mask=None, paged=None):
         b, s, _ = x.shape
         qkv = self.query_key_value(x)
         q = qkv[:, :, :self.q_size].reshape(b, s, self.heads, self.head_dim)
         k = qkv[:, :, self.q_size:self.q_size + self.kv_size].reshape(b, s, self.groups, self.head_dim)
         v = qkv[:, :, self.q_size + self.kv_size:].reshape(b, s, self.groups, self.head_dim)
         q = kernels.apply_rotary(q, cos, sin, self.fused).transpose(0, 2, 1, 3)
-        k = kernels.apply_rotary(k, cos, sin, self.fused).transpose(0, 2, 1, 3)
+        k = kernels.apply_rotary(k, cos, sin, self.fused)
+        if paged is not None:
+            # Paged decode (one token per row): store this step's key/value in its slot, attend over the blocks.
+            slots, block_tables, context_lens = paged
+            cache_k = kernels.write_cache(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
+            cache_v = kernels.write_cache(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
+            out = kernels.paged_attention(q, cache_k, cache_v, block_tables, context_lens, self.scale)
+            out = out.transpose(0, 2, 1, 3).reshape(b, s, self.q_size)
+            return self.dense(out), cache_k, cache_v
+        k = k.transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
         if cache_k is not None:
             # Decode: write this step's key/value into the static cache column chosen by write_mask.
@@ -191,9 +200,9 @@ class GLMBlock(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, backend)
         self.mlp = MLP(config, dtype, compute_dtype, init, backend)
 
-    def construct(self, x, cos, sin, keep_mask, cache_k=None, cache_v=None, write_mask=None):
+    def construct(self, x, cos, sin, keep_mask, cache_k=None, cache_v=None, write_mask=None, paged=None):
         normed = self.input_layernorm(x)
-        attn, k, v = self.self_attention(normed, cos, sin, keep_mask, cache_k, cache_v, write_mask)
+        attn, k, v = self.self_attention(normed, cos, sin, keep_mask, cache_k, cache_v, write_mask, paged)
         x = (normed if self.residual_from_norm else x) + attn
         normed = self.post_attention_layernorm(x)
         x = (normed if self.residual_from_norm else x) + self.mlp(normed)
@@ -210,13 +219,13 @@ class GLMTransformer(nn.Cell):
         self.final_layernorm = (RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, backend)
                                 if config.post_layer_norm else None)
 
-    def construct(self, x, cos, sin, keep_mask, caches=None, write_mask=None):
+    def construct(self, x, cos, sin, keep_mask, caches=None, write_mask=None, paged=None):
         new_caches = ()
         for i, layer in enumerate(self.layers):
             if caches is None:
                 x, k, v = layer(x, cos, sin, keep_mask)
             else:
-                x, k, v = layer(x, cos, sin, keep_mask, caches[2 * i], caches[2 * i + 1], write_mask)
+                x, k, v = layer(x, cos, sin, keep_mask, caches[2 * i], caches[2 * i + 1], write_mask, paged)
             new_caches = new_caches + (k, v)
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
@@ -238,12 +247,16 @@ class ChatGLMModel(nn.Cell):
         self.rope_cos = Tensor(cos)
         self.rope_sin = Tensor(sin)
 
-    def construct(self, input_ids, position_ids, keep_mask, caches=None, write_mask=None, last_only=False):
-        """Hidden states -> float32 logits ([b, s, V], or [b, V] for the last position) and the K/V tensors."""
+    def construct(self, input_ids, position_ids, keep_mask, caches=None, write_mask=None, last_only=False,
+                  paged=None):
+        """Hidden states -> float32 logits ([b, s, V], or [b, V] for the last position) and the K/V tensors.
+
+        paged: (slots [b], block_tables [b, max_blocks], context_lens [b]) for a paged-cache decode step,
+        with `caches` the per-layer block caches [num_blocks, block_size, groups, head_dim]."""
         x = self.embedding(input_ids)
         cos = ops.gather(self.rope_cos, position_ids, 0).expand_dims(2)
         sin = ops.gather(self.rope_sin, position_ids, 0).expand_dims(2)
-        x, new_caches = self.encoder(x, cos, sin, keep_mask, caches, write_mask)
+        x, new_caches = self.encoder(x, cos, sin, keep_mask, caches, write_mask, paged)
         if last_only:
             x = x[:, -1]
         return self.output_layer(x).astype(ms.float32), new_caches

@@ -13,6 +13,7 @@ import mindspore as ms
 
 from glm3.kernels.attention import attention
 from glm3.kernels.linear import SMALL_M, small_m_kernel, small_m_op
+from glm3.kernels.paged_attention import paged_attention, write_cache
 from glm3.kernels.rms_norm import rms_norm
 from glm3.kernels.rope import apply_rotary, rope_tables
 
@@ -39,5 +40,5 @@ def resolve_backend(name: str = "auto") -> str:
     return name
 
 
-__all__ = ["BACKENDS", "SMALL_M", "apply_rotary", "attention", "resolve_backend", "rms_norm", "rope_tables",
-           "small_m_kernel", "small_m_op"]
+__all__ = ["BACKENDS", "SMALL_M", "apply_rotary", "attention", "paged_attention", "resolve_backend", "rms_norm",
+           "rope_tables", "small_m_kernel", "small_m_op", "write_cache"]

@@ -1,0 +1,40 @@
+"""Paged attention: one query token per sequence against keys and values kept in cache blocks.
+
+key_cache / value_cache: [num_blocks, block_size, groups, head_dim]; block_tables: int32 [batch, max_blocks];
+context_lens: int32 [batch] (tokens in the cache for each sequence, the current one included).
+This version, plain MindSpore ops for any device, gathers each sequence's blocks into a contiguous
+[batch, groups, max_blocks*block_size, d] view and runs the masked grouped-query attention of
+glm3.kernels.attention on it. (MindSpore's fused Ascend operators, PagedAttention and ReshapeAndCache, are not
+wired in yet.)
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import ops
+
+from glm3.kernels.attention import attention
+
+
+def write_cache(cache, values, slot_mapping):
+    """Scatter `values` [tokens, groups, d] into `cache` at flat slots [tokens]; returns the updated cache."""
+    num_blocks, block_size, groups, d = cache.shape
+    flat = cache.reshape(num_blocks * block_size, groups, d)
+    flat = ops.tensor_scatter_update(flat, slot_mapping.reshape(-1, 1).astype(ms.int32), values.astype(cache.dtype))
+    return flat.reshape(num_blocks, block_size, groups, d)
+
+
+def gather_blocks(cache, block_tables):
+    """[batch, groups, max_blocks*block_size, d]: each sequence's blocks, in order."""
+    b, max_blocks = block_tables.shape
+    _, block_size, groups, d = cache.shape
+    picked = ops.gather(cache, block_tables.reshape(-1), 0)  # [b*max_blocks, block_size, groups, d]
+    return picked.reshape(b, max_blocks * block_size, groups, d).transpose(0, 2, 1, 3)
+
+
+def paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale: float):
+    """q: [batch, heads, 1, d] -> [batch, heads, 1, d], attending to the first context_lens[b] cached tokens."""
+    k = gather_blocks(key_cache, block_tables).astype(q.dtype)
+    v = gather_blocks(value_cache, block_tables).astype(q.dtype)
+    span = k.shape[2]
+    keep = ops.arange(span, dtype=ms.int32).reshape(1, span) < context_lens.reshape(-1, 1).astype(ms.int32)
+    return attention(q, k, v, keep.reshape(-1, 1, 1, span), scale)

@@ -1,0 +1,62 @@
+"""The paged KV cache: block manager bookkeeping, and paged attention against dense attention in numpy."""
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from glm3.block_manager import BlockManager, OutOfBlocks
+from glm3.kernels.paged_attention import paged_attention, write_cache
+
+
+def test_block_manager_allocates_appends_frees_and_runs_out_clearly():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    np.testing.assert_array_equal(bm.allocate(7, 6), [0, 1, 2, 3, 4, 5])  # blocks 0 and 1
+    np.testing.assert_array_equal(bm.allocate(8, 3), [8, 9, 10])  # block 2
+    assert bm.append_slot(7) == 6 and bm.append_slot(7) == 7  # block 1 fills up
+    assert bm.append_slot(7) == 12 and bm.tables[7] == [0, 1, 3]  # then a new block
+    assert bm.free_blocks == 2 and bm.can_allocate(8) and not bm.can_allocate(9)
+    np.testing.assert_array_equal(bm.block_tables([7, 8]), [[0, 1, 3], [2, 0, 0]])
+    with pytest.raises(OutOfBlocks, match="needs 3 more cache block"):
+        bm.allocate(9, 9)
+    assert 9 not in bm.tables and bm.free_blocks == 2  # a failed allocation takes nothing
+    bm.free(7)
+    assert bm.free_blocks == 5 and bm.allocate(9, 9).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 12]  # blocks 0, 1, 3 again
+    with pytest.raises(ValueError, match="already holds"):
+        bm.allocate(9, 1)
+    assert BlockManager().num_blocks == 224 and BlockManager().block_size == 16
+
+
+def test_paged_attention_equals_dense_attention():
+    rng = np.random.default_rng(0)
+    heads, groups, d, block_size = 4, 2, 8, 4
+    bm = BlockManager(num_blocks=12, block_size=block_size)
+    lengths = {0: 9, 1: 3, 2: 6}
+    key_cache = Tensor(np.zeros((12, block_size, groups, d), np.float32))
+    value_cache = Tensor(np.zeros((12, block_size, groups, d), np.float32))
+    dense = {}
+    # Interleave the sequences so that their blocks are not contiguous.
+    for seq, n in lengths.items():
+        bm.allocate(seq, 1)
+        dense[seq] = [rng.standard_normal((1, groups, d)).astype(np.float32) for _ in range(2)]
+        slots = bm.slots(seq, [0])
+        key_cache = write_cache(key_cache, Tensor(dense[seq][0]), Tensor(slots))
+        value_cache = write_cache(value_cache, Tensor(dense[seq][1]), Tensor(slots))
+    for step in range(1, max(lengths.values())):
+        for seq, n in lengths.items():
+            if step < n:
+                k, v = (rng.standard_normal((1, groups, d)).astype(np.float32) for _ in range(2))
+                slot = np.array([bm.append_slot(seq)], np.int32)
+                key_cache = write_cache(key_cache, Tensor(k), Tensor(slot))
+                value_cache = write_cache(value_cache, Tensor(v), Tensor(slot))
+                dense[seq] = [np.concatenate([dense[seq][0], k]), np.concatenate([dense[seq][1], v])]
+    seqs = list(lengths)
+    q = rng.standard_normal((len(seqs), heads, 1, d)).astype(np.float32)
+    out = paged_attention(Tensor(q), key_cache, value_cache, Tensor(bm.block_tables(seqs)),
+                          Tensor(np.array([lengths[s] for s in seqs], np.int32)), 0.5).asnumpy()
+    for row, seq in enumerate(seqs):
+        keys, values = dense[seq]  # [n, groups, d]
+        for h in range(heads):
+            g = h // (heads // groups)
+            scores = keys[:, g] @ q[row, h, 0] * 0.5
+            probs = np.exp(scores - scores.max())
+            probs /= probs.sum()
+            np.testing.assert_allclose(out[row, h, 0], probs @ values[:, g], atol=1e-5)
