@@ -22,7 +22,7 @@ def run(*args, stdin=None, check=True):
 def test_help_lists_commands():
     out = run("--help").stdout
     for command in ("chat", "generate", "score", "download", "convert", "train-tokenizer", "finetune", "rank-table",
-                    "eval"):
+                    "merge", "split", "strategy", "export", "infer", "eval"):
         assert command in out
     assert "--synthetic" in run("download", "--help").stdout and "--to" in run("convert", "--help").stdout
 

@@ -412,7 +412,9 @@ def cmd_infer(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: download and convert "
-                                     "checkpoints, chat, generate, score.")
+                                     "checkpoints; chat, generate, score; fine-tune (full, LoRA, msrun), build rank "
+                                     "tables, merge and split distributed checkpoints; export to MindIR and run it; "
+                                     "evaluate on C-Eval and ADGEN.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
     p = sub.add_parser("chat", help="interactive streaming chat (reads stdin when it is not a terminal)",
