@@ -123,6 +123,9 @@ def test_finetune_reads_a_yaml_config_and_flags_override_it(tiny_dir, tmp_path):
     assert cfg.lora.rank == 2 and cfg.lora.alpha == 4 and cfg.lora.targets == ("dense",)
     full = finetune_config_from_args(build_parser().parse_args(["finetune", "--config", str(config), "--full"]))
     assert full.lora is None
+    config.write_text(config.read_text() + "learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown finetune setting\(s\) \['learning_rate'\]"):
+        finetune_config_from_args(build_parser().parse_args(["finetune", "--config", str(config)]))
 
 
 def test_parallel_config_checks_and_msrun_command():

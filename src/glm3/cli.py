@@ -250,7 +250,7 @@ def finetune_config_from_args(args):
     missing = [k for k in ("model", "data", "output") if not values.get(k)]
     if missing:
         raise ValueError(f"finetune needs {', '.join('--' + m for m in missing)} (or a --config that sets them)")
-    return FinetuneConfig(**values)
+    return FinetuneConfig.from_dict(values)
 
 
 def cmd_finetune(args) -> int:

@@ -102,16 +102,16 @@ class RMSNorm(nn.Cell):
         return kernels.rms_norm(x, self.weight, self.eps, self.fused)
 
 
-class _Lookup(nn.Cell):
+class _ScatterAddGradLookup(nn.Cell):
     """table[ids], with the backward written as one scatter-add into a zero table.
 
     MindSpore's own Gather gradient (an UnsortedSegmentSum) is several times slower on CPU; with a
     65k-row vocabulary that was the largest single cost of a training step.
     """
 
-    def __init__(self):
+    def __init__(self, gather):
         super().__init__()
-        self.gather = ops.Gather()  # a primitive, so the parallel config can shard() it
+        self.gather = gather
 
     def construct(self, table, ids):
         return self.gather(table, ids, 0)
@@ -123,14 +123,18 @@ class _Lookup(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    def __init__(self, vocab, hidden, dtype, compute_dtype, init):
+    def __init__(self, vocab, hidden, dtype, compute_dtype, init, backend="plain"):
         super().__init__()
         self.embedding_table = _param((vocab, hidden), dtype, init, "embedding_table")
         self.compute_dtype = compute_dtype
-        self.lookup = _Lookup()
+        self.gather = ops.Gather()  # a primitive, so the parallel config can shard() it
+        # On Ascend MindSpore's own gradient stays (it is fast there and known to its auto-parallel).
+        self.lookup = _ScatterAddGradLookup(self.gather) if backend != "ascend" else None
 
     def construct(self, input_ids):
-        return self.lookup(self.embedding_table, input_ids).astype(self.compute_dtype)
+        if self.lookup is not None:
+            return self.lookup(self.embedding_table, input_ids).astype(self.compute_dtype)
+        return self.gather(self.embedding_table, input_ids, 0).astype(self.compute_dtype)
 
 
 class SelfAttention(nn.Cell):
@@ -238,7 +242,7 @@ class ChatGLMModel(nn.Cell):
     def __init__(self, config: GLM3Config, dtype, compute_dtype, init, backend):
         super().__init__()
         self.config = config
-        self.embedding = Embedding(config.padded_vocab_size, config.hidden_size, dtype, compute_dtype, init)
+        self.embedding = Embedding(config.padded_vocab_size, config.hidden_size, dtype, compute_dtype, init, backend)
         self.encoder = GLMTransformer(config, dtype, compute_dtype, init, backend)
         self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, False, dtype, compute_dtype, init,
                                    backend)

@@ -163,7 +163,7 @@ def apply_shard_strategies(model: GLM3ForCausalLM, parallel: ParallelConfig) -> 
             continue
         cell.matmul.shard(strategy)
         applied[name] = strategy
-    model.transformer.embedding.lookup.gather.shard(((mp, 1), (dp, 1)))  # vocab-parallel embedding table
+    model.transformer.embedding.gather.shard(((mp, 1), (dp, 1)))  # vocab-parallel embedding table
     applied["transformer.embedding"] = ((mp, 1), (dp, 1))
     layers = model.transformer.encoder.layers
     per_stage = len(layers) // parallel.pipeline_stage

@@ -94,9 +94,13 @@ class FinetuneConfig:
                 except ValueError:
                     raise ValueError(f"finetune.{field.name} must be a number, got {value!r}") from None
         if isinstance(self.lora, dict):
-            self.lora = LoraConfig(**self.lora)
+            self.lora = _from_dict(LoraConfig, self.lora, "finetune.lora")
         if isinstance(self.parallel, dict):
-            self.parallel = ParallelConfig(**self.parallel)
+            self.parallel = _from_dict(ParallelConfig, self.parallel, "finetune.parallel")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FinetuneConfig":
+        return _from_dict(cls, values, "finetune")
 
     def validate(self) -> None:
         positive = ("batch_size", "grad_accumulation", "seq_length", "max_source_length", "max_target_length")
@@ -118,10 +122,6 @@ class FinetuneConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_json(cls, text: str) -> "FinetuneConfig":
-        return cls(**json.loads(text))
-
     def fingerprint(self) -> str:
         """What a checkpoint must agree on to be resumed (not output paths, progress or stop points)."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
@@ -130,6 +130,14 @@ class FinetuneConfig:
         keep["model"] = os.path.abspath(keep["model"])
         keep["data"] = os.path.abspath(keep["data"])
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _from_dict(cls, values: dict, where: str):
+    """cls(**values), with unknown keys reported as a ValueError naming them (not a TypeError)."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {where} setting(s) {unknown}")
+    return cls(**values)
 
 
 @dataclasses.dataclass
