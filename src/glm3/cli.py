@@ -362,11 +362,17 @@ def cmd_split(args) -> int:
 
 def cmd_strategy(args) -> int:
     from glm3.config import GLM3Config
-    from glm3.strategy import write_tensor_parallel_strategy
+    from glm3.strategy import write_pipeline_strategies, write_tensor_parallel_strategy
 
     config = GLM3Config.from_hf(args.model)
-    write_tensor_parallel_strategy(args.out, config, args.model_parallel, args.data_parallel)
-    print(f"wrote the {args.data_parallel}x{args.model_parallel} (dp x mp) tensor-parallel strategy to {args.out}")
+    layout = f"{args.data_parallel}x{args.model_parallel} (dp x mp)"
+    if args.pipeline_stage > 1:
+        files = write_pipeline_strategies(args.out, config, args.pipeline_stage, args.model_parallel,
+                                          args.data_parallel)
+        print(f"wrote {len(files)} pipeline-stage strategy files, {layout} each, to {args.out}")
+    else:
+        write_tensor_parallel_strategy(args.out, config, args.model_parallel, args.data_parallel)
+        print(f"wrote the {layout} tensor-parallel strategy to {args.out}")
     return 0
 
 
@@ -563,11 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("strategy", help="write the tensor-parallel strategy file of a dp x mp layout of a model")
+    p = sub.add_parser("strategy", help="write the strategy file(s) of a dp x mp (x pipeline) layout of a model")
     p.add_argument("--model", required=True, help="model directory (its config.json)")
     p.add_argument("--model-parallel", type=int, required=True)
     p.add_argument("--data-parallel", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--pipeline-stage", type=int, default=1, help="> 1: one file per stage in the --out directory")
+    p.add_argument("--out", required=True, help="strategy file (or directory, with --pipeline-stage > 1)")
     p.set_defaults(func=cmd_strategy)
 
     p = sub.add_parser("export", help="export a model to MindIR: a prefill and a one-token decode graph",

@@ -47,6 +47,13 @@ def write_strategy_file(path: str | os.PathLike, layout: dict[str, list[int]], d
     for name, tensor_map in layout.items():
         if any(k >= len(dev_matrix) for k in tensor_map):
             raise StrategyError(f"{name}: tensor map {tensor_map} names an axis outside dev_matrix {dev_matrix}")
+        # The operator strategy of the parameter (split factor per dimension); it also carries the stage,
+        # which MindSpore's merge_pipeline_strategys reads.
+        op = strategy.parallel_strategy_item.add()
+        op.node_name = name
+        op.parallel_strategys.stage = stage
+        op.parallel_strategys.parallel_strategy.add().dim.extend(
+            [dev_matrix[len(dev_matrix) - 1 - k] if k >= 0 else 1 for k in tensor_map])
         item = strategy.parallel_layout_item.add()
         item.param_name = name
         layouts = item.parallel_layouts
@@ -61,20 +68,48 @@ def write_strategy_file(path: str | os.PathLike, layout: dict[str, list[int]], d
     return os.fspath(path)
 
 
+def _checked_layout(config: GLM3Config, model_parallel: int, data_parallel: int) -> dict[str, list[int]]:
+    """The tensor-parallel layout, after checking that every split dimension divides by model_parallel."""
+    from glm3.checkpoint import expected_shapes
+
+    if model_parallel < 1 or data_parallel < 1:
+        raise StrategyError("model_parallel and data_parallel must be >= 1")
+    layout, shapes = tensor_parallel_layout(config), expected_shapes(config)
+    for name, tensor_map in layout.items():
+        for dim, axis in enumerate(tensor_map):
+            if axis == 0 and shapes[name][dim] % model_parallel:
+                raise StrategyError(f"{name} dimension {dim} ({shapes[name][dim]}) does not split into "
+                                    f"{model_parallel}")
+    return layout
+
+
 def write_tensor_parallel_strategy(path: str | os.PathLike, config: GLM3Config, model_parallel: int,
                                    data_parallel: int = 1) -> str:
     """The strategy file a dp x mp run of this model writes (dev_matrix [dp, mp])."""
-    if model_parallel < 1 or data_parallel < 1:
-        raise StrategyError("model_parallel and data_parallel must be >= 1")
-    from glm3.checkpoint import expected_shapes
-
-    layout, shapes = tensor_parallel_layout(config), expected_shapes(config)
-    for name, tensor_map in layout.items():
-        shape = shapes[name]
-        for dim, axis in enumerate(tensor_map):
-            if axis == 0 and shape[dim] % model_parallel:
-                raise StrategyError(f"{name} dimension {dim} ({shape[dim]}) does not split into {model_parallel}")
+    layout = _checked_layout(config, model_parallel, data_parallel)
     return write_strategy_file(path, layout, [data_parallel, model_parallel])
+
+
+def stage_of(name: str, num_layers: int, stages: int) -> int:
+    """The pipeline stage holding a parameter, as parallel.apply_shard_strategies assigns them: layers split
+    evenly in order, the embedding on the first stage, the final norm and output layer on the last."""
+    if ".layers." in name:
+        return int(name.split(".layers.", 1)[1].split(".", 1)[0]) // (num_layers // stages)
+    return 0 if "embedding" in name else stages - 1
+
+
+def write_pipeline_strategies(directory: str | os.PathLike, config: GLM3Config, pipeline_stages: int,
+                              model_parallel: int = 1, data_parallel: int = 1) -> list[str]:
+    """One strategy file per pipeline stage (`stage_N.ckpt`), each in the tensor-parallel layout."""
+    if pipeline_stages < 1 or config.num_layers % pipeline_stages:
+        raise StrategyError(f"{config.num_layers} layers do not split evenly into {pipeline_stages} stages")
+    layout = _checked_layout(config, model_parallel, data_parallel)
+    paths = []
+    for stage in range(pipeline_stages):
+        part = {k: v for k, v in layout.items() if stage_of(k, config.num_layers, pipeline_stages) == stage}
+        paths.append(write_strategy_file(os.path.join(os.fspath(directory), f"stage_{stage}.ckpt"), part,
+                                         [data_parallel, model_parallel], stage=stage))
+    return paths
 
 
 def read_strategy_file(path: str | os.PathLike) -> dict[str, dict]:
