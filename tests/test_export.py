@@ -96,3 +96,17 @@ def test_cli_export_and_interactive_infer(tiny_dir, tmp_path):
     batch = subprocess.run([*glm3_cli, "infer", "--model", str(tmp_path / "exp"), "--prompt", "a", "--prompt", "b",
                             "--json", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=600)
     assert batch.returncode == 0 and len(batch.stdout.splitlines()) == 2
+
+
+def test_fused_paged_attention_export_emits_the_lite_operator(tiny_dir, tmp_path):
+    plain = export_model(tiny_dir, tmp_path / "plain", batch_size=1, prompt_length=16, seq_length=64, paged=True,
+                         num_blocks=8)
+    fused = export_model(tiny_dir, tmp_path / "fused", batch_size=1, prompt_length=16, seq_length=64, paged=True,
+                         num_blocks=8, fused_paged_attention=True)
+    assert b"PagedAttention" in (tmp_path / "fused" / "decode.mindir").read_bytes()
+    assert b"PagedAttention" not in (tmp_path / "plain" / "decode.mindir").read_bytes()
+    assert ExportConfig.load(fused).fused_paged_attention and not ExportConfig.load(plain).fused_paged_attention
+    with pytest.raises(ExportError, match="only MindSpore Lite"):
+        MindIRRunner(fused)
+    with pytest.raises(ExportError, match="needs a paged export"):
+        export_model(tiny_dir, tmp_path / "x", fused_paged_attention=True)

@@ -383,7 +383,8 @@ def cmd_export(args) -> int:
     batch = None if args.dynamic_batch else args.batch_size
     dst = export_model(args.model, args.dst, batch_size=batch, prompt_length=args.prompt_length,
                        seq_length=args.seq_length, paged=args.paged, block_size=args.block_size,
-                       num_blocks=args.num_blocks, overwrite=args.overwrite)
+                       num_blocks=args.num_blocks, fused_paged_attention=args.fused_paged_attention,
+                       overwrite=args.overwrite)
     print(f"exported prefill and decode graphs ({'dynamic' if batch is None else batch} batch, prompt "
           f"{args.prompt_length}, cache {args.seq_length or 'model seq_length'}) to {dst}")
     return 0
@@ -590,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paged", action="store_true", help="a paged (block-table) KV cache instead of a static one")
     p.add_argument("--block-size", type=int, default=16, help="paged: tokens per cache block")
     p.add_argument("--num-blocks", type=int, default=224, help="paged: cache blocks shared by the batch")
+    p.add_argument("--fused-paged-attention", action="store_true",
+                   help="paged: use MindSpore's PagedAttention operator (float16; runs in MindSpore Lite on "
+                   "Ascend, not in MindSpore)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -45,6 +45,7 @@ class ExportConfig:
     pad_token_id: int
     stop_token_ids: list[int]
     paged: bool = False
+    fused_paged_attention: bool = False
     block_size: int = 16
     num_blocks: int = 224
     kv_cache: str = "graph inputs/outputs: prefill returns 2*num_layers tensors [batch, kv_groups, seq_length, " \
@@ -66,8 +67,13 @@ class ExportConfig:
 
 def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_size: int | None = 1,
                  prompt_length: int = 64, seq_length: int | None = None, paged: bool = False,
-                 block_size: int = 16, num_blocks: int = 224, overwrite: bool = False) -> str:
-    """Export `model_dir` to `dst` (see the module docstring). seq_length defaults to the model's."""
+                 block_size: int = 16, num_blocks: int = 224, fused_paged_attention: bool = False,
+                 overwrite: bool = False) -> str:
+    """Export `model_dir` to `dst` (see the module docstring). seq_length defaults to the model's.
+
+    fused_paged_attention: the decode graph uses MindSpore's PagedAttention operator (float16), for MindSpore
+    Lite on Ascend; MindSpore itself cannot run that graph, so it is for deployment, not for `glm3 infer` here.
+    """
     from glm3.kv_cache import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
     from glm3.loading import load_model
 
@@ -81,7 +87,12 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
                           f"seq_length ({config.seq_length})")
     spec = ExportConfig(batch_size, prompt_length, seq_length, config.num_layers, config.num_kv_groups,
                         config.kv_channels, config.padded_vocab_size, config.pad_token_id,
-                        sorted({config.eos_token_id, *model.stop_token_ids}), paged, block_size, num_blocks)
+                        sorted({config.eos_token_id, *model.stop_token_ids}), paged, fused_paged_attention,
+                        block_size, num_blocks)
+    if fused_paged_attention and not paged:
+        raise ExportError("fused_paged_attention needs a paged export")
+    for layer in model.transformer.encoder.layers:
+        layer.self_attention.fused_paged = fused_paged_attention
     if paged and (block_size < 1 or num_blocks < 2):
         raise ExportError(f"a paged cache needs block_size >= 1 and num_blocks >= 2, got {block_size}, {num_blocks}")
     b = batch_size  # None becomes a dynamic dimension

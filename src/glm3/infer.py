@@ -64,6 +64,9 @@ class MindIRRunner:
             if not os.path.isfile(os.path.join(directory, name)):
                 raise ExportError(f"{directory} has no {name}")
         self.prefill, self.backend = _load_graph(os.path.join(directory, PREFILL))
+        if self.config.fused_paged_attention and self.backend != "mindspore_lite":
+            raise ExportError(f"{directory} uses the fused PagedAttention operator, which only MindSpore Lite "
+                              "(on Ascend) runs; export without --fused-paged-attention to run it here")
         self.decode, _ = _load_graph(os.path.join(directory, DECODE))
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

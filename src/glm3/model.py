@@ -146,6 +146,7 @@ class SelfAttention(nn.Cell):
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.fused = backend == "ascend"
+        self.fused_paged = self.fused  # export_model may switch it on alone, to emit PagedAttention for Lite
         self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.add_qkv_bias, dtype,
                                       compute_dtype, init, backend)
         self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, dtype, compute_dtype, init,
@@ -164,7 +165,8 @@ class SelfAttention(nn.Cell):
             slots, block_tables, context_lens = paged
             cache_k = kernels.write_cache(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
             cache_v = kernels.write_cache(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
-            out = kernels.paged_attention(q, cache_k, cache_v, block_tables, context_lens, self.scale)
+            out = kernels.paged_attention(q, cache_k, cache_v, block_tables, context_lens, self.scale,
+                                          self.fused_paged)
             out = out.transpose(0, 2, 1, 3).reshape(b, s, self.q_size)
             return self.dense(out), cache_k, cache_v
         k = k.transpose(0, 2, 1, 3)

@@ -2,10 +2,10 @@
 
 key_cache / value_cache: [num_blocks, block_size, groups, head_dim]; block_tables: int32 [batch, max_blocks];
 context_lens: int32 [batch] (tokens in the cache for each sequence, the current one included).
-This version, plain MindSpore ops for any device, gathers each sequence's blocks into a contiguous
+The plain version, MindSpore ops for any device, gathers each sequence's blocks into a contiguous
 [batch, groups, max_blocks*block_size, d] view and runs the masked grouped-query attention of
-glm3.kernels.attention on it. (MindSpore's fused Ascend operators, PagedAttention and ReshapeAndCache, are not
-wired in yet.)
+glm3.kernels.attention on it. The fused version is MindSpore's PagedAttention operator (float16, same cache
+layout), which MindSpore itself cannot execute: it exists to be exported to MindIR for MindSpore Lite on Ascend.
 """
 from __future__ import annotations
 
@@ -31,8 +31,14 @@ def gather_blocks(cache, block_tables):
     return picked.reshape(b, max_blocks * block_size, groups, d).transpose(0, 2, 1, 3)
 
 
-def paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale: float):
+def paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale: float, fused: bool = False):
     """q: [batch, heads, 1, d] -> [batch, heads, 1, d], attending to the first context_lens[b] cached tokens."""
+    if fused:
+        b, heads, _, d = q.shape
+        op = ops.PagedAttention(heads, scale, key_cache.shape[2])
+        out = op(q.reshape(b, heads, d).astype(ms.float16), key_cache.astype(ms.float16),
+                 value_cache.astype(ms.float16), block_tables, context_lens)
+        return out.reshape(b, heads, 1, d).astype(q.dtype)
     k = gather_blocks(key_cache, block_tables).astype(q.dtype)
     v = gather_blocks(value_cache, block_tables).astype(q.dtype)
     span = k.shape[2]
