@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ import numpy as np
 from glm3.checkpoint import MS_CKPT, CheckpointError, expected_shapes, is_training_state
 from glm3.config import GLM3Config
 from glm3.io import atomic_directory
+from glm3.tensor_files import MsCkptWriter, iter_ms_ckpt
 from glm3.tokenizer import copy_tokenizer_files
 from glm3.train.checkpoint import STATE_FILE, list_checkpoints
 
@@ -79,52 +81,65 @@ def rank_checkpoints(run: str | os.PathLike, step: int | None = None) -> tuple[l
     return [os.path.join(found[step], STATE_FILE) for found in steps], step
 
 
-def model_tensors(state: dict, config: GLM3Config, where: str) -> dict[str, np.ndarray]:
-    """The model weights of a checkpoint dict (optimizer state dropped), checked against the config."""
-    expected = expected_shapes(config)
-    tensors = {}
-    for name, value in state.items():
-        if is_training_state(name):
-            continue
-        if name not in expected:
-            raise CheckpointError(f"{where}: unexpected tensor {name} for this config")
-        array = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
-        if tuple(array.shape) != tuple(expected[name]):
-            raise CheckpointError(f"{where}: {name} has shape {tuple(array.shape)}, expected {expected[name]}")
-        if array.dtype.kind != "f":
-            raise CheckpointError(f"{where}: {name} has dtype {array.dtype}, expected a floating type")
-        tensors[name] = array
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-    return tensors
+def _tensor_names(path: str) -> list[str]:
+    """Names in a .ckpt, without reading any tensor data."""
+    names: list[str] = []
+
+    def record(name: str) -> bool:
+        names.append(name)
+        return False  # skip the data
+
+    for _ in iter_ms_ckpt(path, want=record):
+        pass
+    return names
 
 
-def write_model_dir(tensors: dict[str, np.ndarray], config: GLM3Config, dst: str | os.PathLike,
-                    tokenizer_dir: str | os.PathLike | None, overwrite: bool = False) -> str:
-    """config.json + mindspore_model.ckpt (+ tokenizer files), atomically."""
-    dst = os.fspath(dst)
-    dtypes = {a.dtype for a in tensors.values()}
-    torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(next(iter(dtypes)), "float32")
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
-        config.replace(torch_dtype=torch_dtype if len(dtypes) == 1 else "float32").save(tmp)
-        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in tensors.items()], os.path.join(tmp, MS_CKPT))
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
-    return dst
-
-
-def _all_equal(paths: list[str]) -> None:
-    reference = ms.load_checkpoint(paths[0])
-    for rank, path in enumerate(paths[1:], 1):
-        other = ms.load_checkpoint(path)
-        if set(other) != set(reference):
-            raise MergeError(f"rank {rank} holds different tensors than rank 0 ({path})")
-        for name, value in reference.items():
-            if not np.array_equal(value.asnumpy(), other[name].asnumpy()):
+def _model_stream(paths: list[str], where: str):
+    """(name, array) of the model weights in rank 0's checkpoint, one tensor at a time, optimizer state
+    skipped. With several ranks, every rank's tensor is compared with rank 0's as it streams by, so ranks
+    must agree bit for bit (a data-parallel run) and memory stays at one tensor per rank."""
+    streams = [iter_ms_ckpt(p, want=lambda name: not is_training_state(name)) for p in paths]
+    for items in itertools.zip_longest(*streams):
+        if any(item is None for item in items):
+            raise MergeError(f"{where}: the ranks hold different numbers of tensors")
+        name, array = items[0]
+        for rank, (other_name, other) in enumerate(items[1:], 1):
+            if other_name != name:
+                raise MergeError(f"{where}: rank {rank} holds {other_name} where rank 0 holds {name}")
+            if not np.array_equal(other, array):
                 raise MergeError(f"rank {rank} disagrees with rank 0 on {name}: not a data-parallel run (or its "
                                  "ranks diverged); pass the strategy files to merge a sharded run")
-        del other
+        yield name, array
+
+
+def write_model_dir(tensors, config: GLM3Config, dst: str | os.PathLike, tokenizer_dir: str | os.PathLike | None,
+                    where: str, overwrite: bool = False) -> int:
+    """Write (name, array) pairs as a model directory (config.json + mindspore_model.ckpt [+ tokenizer]),
+    tensor by tensor, checking each against the config (name, shape, floating dtype). Returns the count."""
+    expected = expected_shapes(config)
+    seen, dtypes = set(), set()
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        writer = MsCkptWriter(os.path.join(tmp, MS_CKPT))
+        try:
+            for name, array in tensors:
+                if name not in expected:
+                    raise CheckpointError(f"{where}: unexpected tensor {name} for this config")
+                if tuple(array.shape) != tuple(expected[name]):
+                    raise CheckpointError(f"{where}: {name} has shape {tuple(array.shape)}, expected {expected[name]}")
+                if array.dtype not in (np.float32, np.float16):
+                    raise CheckpointError(f"{where}: {name} has dtype {array.dtype}, expected float32 or float16")
+                writer.add(name, array, str(array.dtype))
+                seen.add(name)
+                dtypes.add(str(array.dtype))
+        finally:
+            writer.close()
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise CheckpointError(f"{where}: missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        config.replace(torch_dtype=dtypes.pop() if len(dtypes) == 1 else "float32").save(tmp)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return len(seen)
 
 
 def _strategy_file(strategy: str, scratch: str) -> str:
@@ -160,10 +175,9 @@ def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.Pat
     `base` is the model the run started from: its config and tokenizer are used, and for a LoRA run its
     weights (the run's checkpoints then hold only the adapters, which are folded in).
     """
-    from glm3.lora import read_adapter_config
-
     config = GLM3Config.from_hf(base)
     paths, step = rank_checkpoints(run, step)
+    where = os.fspath(run)
     with tempfile.TemporaryDirectory(prefix="glm3-merge-") as scratch:
         if strategy:
             src = os.path.join(scratch, "src")
@@ -176,23 +190,17 @@ def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.Pat
                 ms.transform_checkpoints(src, os.path.join(scratch, "out"), "merged", strategy_file, None)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise MergeError(f"MindSpore could not merge {len(paths)} rank(s) with {strategy}: {exc}") from None
-            state = ms.load_checkpoint(glob.glob(os.path.join(scratch, "out", "rank_0", "*.ckpt"))[0])
-            method = "strategy"
+            sources, method = glob.glob(os.path.join(scratch, "out", "rank_0", "*.ckpt")), "strategy"
         else:
-            _all_equal(paths)
-            state = ms.load_checkpoint(paths[0])
-            method = "data-parallel" if len(paths) > 1 else "single"
-    adapter_names = [k for k in state if k.endswith((".lora_a", ".lora_b")) and not is_training_state(k)]
-    if adapter_names:
-        adapter = os.path.join(os.fspath(run), "adapter")
-        if not os.path.isdir(adapter):
-            raise MergeError(f"{run} is a LoRA run but has no adapter/ directory with its adapter_config.json")
-        read_adapter_config(adapter)
-        return _merge_lora_state(base, adapter, {k: state[k] for k in adapter_names}, dst, overwrite, len(paths),
-                                 step)
-    tensors = model_tensors(state, config, os.fspath(run))
-    write_model_dir(tensors, config, dst, base, overwrite)
-    return MergeSummary(os.fspath(dst), len(paths), step, method, len(tensors))
+            sources, method = paths, "data-parallel" if len(paths) > 1 else "single"
+        if any(n.endswith((".lora_a", ".lora_b")) and not is_training_state(n) for n in _tensor_names(sources[0])):
+            adapter = os.path.join(where, "adapter")
+            if not os.path.isdir(adapter):
+                raise MergeError(f"{run} is a LoRA run but has no adapter/ directory with its adapter_config.json")
+            state = dict(_model_stream(sources, where))
+            return _merge_lora_state(base, adapter, state, dst, overwrite, len(paths), step)
+        count = write_model_dir(_model_stream(sources, where), config, dst, base, where, overwrite)
+    return MergeSummary(os.fspath(dst), len(paths), step, method, count)
 
 
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.PathLike,
@@ -211,7 +219,7 @@ def _merge_lora_state(base, adapter, state, dst, overwrite, ranks, step) -> Merg
         if set(params) != set(state):
             raise MergeError(f"the checkpoint's adapter tensors do not match {adapter}'s config")
         for name, value in state.items():
-            params[name].set_data(value)
+            params[name].set_data(ms.Tensor(value))
     merge_lora(model)
     save_model(model, dst, tokenizer_dir=base, overwrite=overwrite)
     return MergeSummary(os.fspath(dst), ranks, step, "lora", len(list(model.get_parameters())))
