@@ -133,15 +133,16 @@ class StaticCacheSteps:
 
 
 class PagedCacheSteps:
-    """Drives a paged-cache prefill/decode pair. Each row is a sequence with its own blocks; block 0's first
-    slot is kept as scratch for padding positions. Blocks are freed when the generation ends."""
+    """Drives a paged-cache prefill/decode pair. Each row is a sequence with its own blocks; the first block
+    handed out is scratch space where padding positions write. Every start() begins with all blocks free;
+    running out of blocks raises block_manager.OutOfBlocks."""
 
     def __init__(self, prefill, decode, num_layers: int, kv_groups: int, head_dim: int, num_blocks: int,
                  block_size: int, max_blocks: int):
         self.prefill, self.decode = prefill, decode
         self.shape = (num_blocks, block_size, kv_groups, head_dim)
         self.num_layers, self.max_blocks = num_layers, max_blocks
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks: BlockManager | None = None
 
     def start(self, ids: np.ndarray, mask: np.ndarray):
         batch, width = ids.shape

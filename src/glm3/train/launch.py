@@ -43,18 +43,17 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         return finetune(config)
 
     # Workers run in the output directory (MindSpore writes compile files into the working directory).
-    config = dataclasses.replace(config, **{k: os.path.abspath(getattr(config, k))
-                                            for k in ("model", "data", "output", "tokenizer", "cache_dir")
-                                            if getattr(config, k)})
+    paths = ["model", "data", "output", "tokenizer", "cache_dir"]
+    if config.resume not in ("auto", "never"):
+        paths.append("resume")
+    config = dataclasses.replace(config, **{k: os.path.abspath(getattr(config, k)) for k in paths if getattr(config, k)})
     os.makedirs(config.output, exist_ok=True)
     prepare_data(config)  # once, here, so the workers find the cache instead of racing to build it
     config_path = os.path.join(config.output, CONFIG_FILE)
     atomic_write_text(config_path, config.to_json() + "\n")
     log_dir = os.path.join(config.output, "msrun_log")
     cmd = msrun_command(config.parallel, ["finetune", "--config", config_path], log_dir)
-    env = launch_environment()
-    env["GLM3_DEVICE"] = config.device
-    proc = subprocess.run(cmd, cwd=config.output, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.run(cmd, cwd=config.output, env=launch_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
     if proc.returncode != 0:
         logs = "\n".join(f"--- {p}\n{_tail(p)}" for p in sorted(glob.glob(os.path.join(log_dir, "worker_*.log"))))
