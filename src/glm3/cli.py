@@ -417,13 +417,8 @@ def cmd_infer(args) -> int:
             print(answer([line.rstrip("\n")])[0], flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: download and convert "
-                                     "checkpoints; chat, generate, score; fine-tune (full, LoRA, msrun), build rank "
-                                     "tables, merge and split distributed checkpoints; export to MindIR and run it; "
-                                     "evaluate on C-Eval and ADGEN.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-
+def _add_use_commands(sub) -> None:
+    """chat, generate, score: use a model directory."""
     p = sub.add_parser("chat", help="interactive streaming chat (reads stdin when it is not a terminal)",
                        description="Chat with a model. Type 'clear' to start over, 'exit' to quit. A line "
                        "'/observation TEXT' sends a tool result. When stdin is not a terminal, each line is a query.")
@@ -447,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz with input_ids and logits [batch, seq, vocab]")
     p.set_defaults(func=cmd_score)
 
+
+def _add_checkpoint_commands(sub) -> None:
+    """download, convert, train-tokenizer: get and convert checkpoints."""
     p = sub.add_parser("download", help="download ChatGLM3 from the HuggingFace Hub, or write a synthetic stand-in",
                        description="Hub: fetch config, tokenizer and one weight format of REPO at REVISION (resolved "
                        "to a commit, recorded in DST/source.json), verify every weight file's sha256 against the "
@@ -497,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=1500)
     p.set_defaults(func=cmd_train_tokenizer)
 
+
+def _add_training_commands(sub) -> None:
+    """finetune, rank-table: train, on one host or a cluster."""
     p = sub.add_parser("finetune", help="fine-tune a model on ADGEN data (full or LoRA; msrun for several workers)",
                        description="Tokenizes the data once into a MindRecord cache, trains with AdamW (warmup + "
                        "cosine/linear decay, gradient accumulation, global-norm clipping), logs every step to "
@@ -548,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSON file")
     p.set_defaults(func=cmd_rank_table)
 
+
+def _add_distributed_checkpoint_commands(sub) -> None:
+    """merge, split, strategy: per-rank checkpoints and strategy files."""
     p = sub.add_parser("merge", help="merge a run's per-rank checkpoints (or a LoRA adapter) into a model directory",
                        description="--run RUN: the newest step all ranks have (or --step). Without --strategy the "
                        "ranks must be identical (data parallel) and rank 0 is taken; with --strategy FILE|DIR "
@@ -578,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="strategy file (or directory, with --pipeline-stage > 1)")
     p.set_defaults(func=cmd_strategy)
 
+
+def _add_deploy_commands(sub) -> None:
+    """export, infer: MindIR graphs and running them."""
     p = sub.add_parser("export", help="export a model to MindIR: a prefill and a one-token decode graph",
                        description="The KV cache is a graph input/output (see glm3.export). Prompts are left-padded "
                        "to --prompt-length; the cache holds --seq-length positions.")
@@ -607,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, sample_default=False)
     p.set_defaults(func=cmd_infer)
 
+
+def _add_eval_commands(sub) -> None:
+    """eval ceval, eval adgen."""
     p = sub.add_parser("eval", help="evaluate a model: `glm3 eval ceval` (C-Eval accuracy), `glm3 eval adgen` "
                        "(BLEU-4, ROUGE on characters)")
     eval_sub = p.add_subparsers(dest="benchmark", required=True, metavar="<benchmark>")
@@ -641,6 +651,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="JSON-lines file of predictions and references")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval_adgen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: download and convert "
+                                     "checkpoints; chat, generate, score; fine-tune (full, LoRA, msrun), build rank "
+                                     "tables, merge and split distributed checkpoints; export to MindIR and run it; "
+                                     "evaluate on C-Eval and ADGEN.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    _add_use_commands(sub)
+    _add_checkpoint_commands(sub)
+    _add_training_commands(sub)
+    _add_distributed_checkpoint_commands(sub)
+    _add_deploy_commands(sub)
+    _add_eval_commands(sub)
     return parser
 
 
