@@ -290,10 +290,29 @@ def cmd_rank_table(args) -> int:
     return 0
 
 
+def _load_with_adapter(args):
+    """The model (with --adapter applied, if given) and its tokenizer."""
+    model, tok = _load(args)
+    if args.adapter:
+        from glm3.lora import load_adapter
+
+        load_adapter(model, args.adapter)
+    return model, tok
+
+
+def _report_metrics(metrics: dict, out: str | None) -> int:
+    from glm3.io import atomic_write_text
+
+    text = json.dumps(metrics, indent=2, ensure_ascii=False)
+    if out:
+        atomic_write_text(out, text + "\n")
+    print(text)
+    return 0
+
+
 def cmd_eval_ceval(args) -> int:
     from glm3.eval.ceval import eager_logits, evaluate_ceval
     from glm3.export import EXPORT_CONFIG
-    from glm3.io import atomic_write_text
 
     if os.path.isfile(os.path.join(args.model, EXPORT_CONFIG)):  # an exported model: score with its prefill graph
         from glm3.infer import MindIRRunner
@@ -302,40 +321,23 @@ def cmd_eval_ceval(args) -> int:
         _setup_mindspore("graph")
         source, tok = MindIRRunner(args.model).last_logits, load_tokenizer(args.model)
     else:
-        model, tok = _load(args)
-        if args.adapter:
-            from glm3.lora import load_adapter
-
-            load_adapter(model, args.adapter)
+        model, tok = _load_with_adapter(args)
         source = eager_logits(model)
     subjects = args.subjects.split(",") if args.subjects else None
     metrics = evaluate_ceval(source, tok, args.data, split=args.split, shots=args.shots,
                              subjects=subjects, batch_size=args.batch_size, predictions_path=args.predictions,
                              progress=not args.quiet)
-    text = json.dumps(metrics, indent=2, ensure_ascii=False)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    print(text)
-    return 0
+    return _report_metrics(metrics, args.out)
 
 
 def cmd_eval_adgen(args) -> int:
     from glm3.eval import evaluate_adgen
-    from glm3.io import atomic_write_text
 
-    model, tok = _load(args)
-    if args.adapter:
-        from glm3.lora import load_adapter
-
-        load_adapter(model, args.adapter)
+    model, tok = _load_with_adapter(args)
     metrics = evaluate_adgen(model, tok, args.data, max_source_length=args.max_source_length,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
                              style=args.preprocess, predictions_path=args.predictions, progress=not args.quiet)
-    text = json.dumps(metrics, indent=2)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    print(text)
-    return 0
+    return _report_metrics(metrics, args.out)
 
 
 def cmd_merge(args) -> int:
@@ -615,6 +617,17 @@ def _add_deploy_commands(sub) -> None:
     p.set_defaults(func=cmd_infer)
 
 
+def _add_eval_args(p: argparse.ArgumentParser, data_help: str, predictions_help: str) -> None:
+    """What every `glm3 eval` benchmark takes: the model (plus an optional adapter), data and outputs."""
+    _add_model_args(p)
+    p.add_argument("--adapter", help="LoRA adapter directory to apply to the model")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="metrics JSON file")
+    p.add_argument("--predictions", help=predictions_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_eval_commands(sub) -> None:
     """eval ceval, eval adgen."""
     p = sub.add_parser("eval", help="evaluate a model: `glm3 eval ceval` (C-Eval accuracy), `glm3 eval adgen` "
@@ -626,30 +639,19 @@ def _add_eval_commands(sub) -> None:
                             "answer letter with the largest logit. The test split gives predictions only. --model "
                             "is a model directory or an export directory (glm3 export: scored with its MindIR "
                             "prefill graph).")
-    _add_model_args(p)
-    p.add_argument("--adapter", help="LoRA adapter directory to apply to the model")
-    p.add_argument("--data", required=True, help="C-Eval root (with dev/, val/, test/)")
+    _add_eval_args(p, "C-Eval root (with dev/, val/, test/)",
+                   "predictions JSON ({subject: {id: letter}}, the submission format)")
     p.add_argument("--split", default="val", choices=["dev", "val", "test"])
     p.add_argument("--shots", type=int, default=0, help="solved dev questions in each prompt (0..5)")
     p.add_argument("--subjects", help="comma-separated subjects (default: every subject in the split)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", help="metrics JSON file")
-    p.add_argument("--predictions", help="predictions JSON ({subject: {id: letter}}, the submission format)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval_ceval)
 
     p = eval_sub.add_parser("adgen", help="generate for ADGEN records and score BLEU-4 and ROUGE-1/2/L")
-    _add_model_args(p)
-    p.add_argument("--adapter", help="LoRA adapter directory to apply to the model")
-    p.add_argument("--data", required=True, help="ADGEN eval file")
+    _add_eval_args(p, "ADGEN eval file", "JSON-lines file of predictions and references")
     p.add_argument("--max-source-length", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="score only the first N records")
     p.add_argument("--preprocess", default="mindformers_v3", choices=["mindformers_v3", "chat"])
-    p.add_argument("--out", help="metrics JSON file")
-    p.add_argument("--predictions", help="JSON-lines file of predictions and references")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval_adgen)
 
 
@@ -672,11 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from glm3.download import DownloadError
-    from glm3.train.launch import LaunchError
 
     try:
         return args.func(args)
-    except (DownloadError, LaunchError, OSError, ValueError) as exc:  # CheckpointError, ConfigError, TokenizerError: ValueError
+    # Input errors (CheckpointError, ConfigError, ...) are ValueErrors; a failed msrun launch is an OSError.
+    except (DownloadError, OSError, ValueError) as exc:
         print(f"glm3 {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

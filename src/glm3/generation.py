@@ -62,6 +62,12 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np.
     return ids.astype(np.int32), mask
 
 
+def left_pad(ids: np.ndarray, mask: np.ndarray, width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad a batch (and its mask) to `width` columns."""
+    shift = width - ids.shape[1]
+    return np.pad(ids, ((0, 0), (shift, 0)), constant_values=pad), np.pad(mask, ((0, 0), (shift, 0)))
+
+
 def process_logits(logits: np.ndarray, history: np.ndarray, history_mask: np.ndarray, *, temperature: float,
                    top_k: int, top_p: float, repetition_penalty: float) -> np.ndarray:
     """Apply repetition penalty, temperature, top-k and top-p to float32 logits [batch, V] (a copy)."""
@@ -152,11 +158,7 @@ def decode_loop(steps, ids: np.ndarray, mask: np.ndarray, prompt_slots: int, max
     stop_array = np.array(sorted(stops), dtype=np.int64)
     # One generator per row: a row's sample depends on the seed and its index, not on the rest of the batch.
     rngs = [np.random.default_rng(None if seed is None else [seed, row]) for row in range(batch)]
-    shift = prompt_slots - prompt_len
-    padded_ids = np.pad(ids, ((0, 0), (shift, 0)), constant_values=pad)
-    padded_mask = np.pad(mask, ((0, 0), (shift, 0)))
-
-    logits = steps.start(padded_ids, padded_mask)
+    logits = steps.start(*left_pad(ids, mask, prompt_slots, pad))
     history = np.concatenate([ids.astype(np.int64), np.zeros((batch, max_new_tokens), np.int64)], axis=1)
     history_mask = np.concatenate([mask, np.zeros((batch, max_new_tokens), np.int32)], axis=1)
     finished = np.zeros(batch, dtype=bool)

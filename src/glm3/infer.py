@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from glm3.export import DECODE, PREFILL, ExportConfig, ExportError
-from glm3.generation import _validate, as_batch, decode_loop
+from glm3.generation import _validate, as_batch, decode_loop, left_pad
 
 PROMPT_MARKER = "Please enter your predict data:"
 
@@ -69,10 +69,10 @@ class MindIRRunner:
                               "(on Ascend) runs; export without --fused-paged-attention to run it here")
         self.decode, _ = _load_graph(os.path.join(directory, DECODE))
 
-    def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """[len(prompts), vocab] logits at each prompt's last position, from the prefill graph alone."""
+    def _batches(self, prompts: Sequence[Sequence[int]]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(number of real rows, ids, mask) per export-sized batch of checked prompts; a static batch is
+        filled up with copies of its first prompt."""
         c = self.config
-        out = []
         step = c.batch_size or len(prompts)
         for start in range(0, len(prompts), step):
             chunk = [list(p) for p in prompts[start:start + step]]
@@ -82,52 +82,38 @@ class MindIRRunner:
             ids, mask = as_batch(chunk, None, c.pad_token_id)
             if ids.shape[1] > c.prompt_length:
                 raise ExportError(f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length}")
-            shift = c.prompt_length - ids.shape[1]
-            ids = np.pad(ids, ((0, 0), (shift, 0)), constant_values=c.pad_token_id)
-            mask = np.pad(mask, ((0, 0), (shift, 0)))
-            logits = self.cache_steps().start(ids, mask)
-            out.append(logits.asnumpy()[:real])
+            if (ids < 0).any() or (ids >= c.vocab_size).any():
+                raise ExportError(f"token ids must be in [0, {c.vocab_size})")
+            yield real, ids, mask
+
+    def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """[len(prompts), vocab] logits at each prompt's last position, from the prefill graph alone."""
+        out = []
+        for real, ids, mask in self._batches(prompts):
+            ids, mask = left_pad(ids, mask, self.config.prompt_length, self.config.pad_token_id)
+            out.append(self.cache_steps().start(ids, mask).asnumpy()[:real])
         return np.concatenate(out)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int | None = None) -> list[list[int]]:
         """New tokens of each prompt (stop token included, padding removed), in batches of the export's size."""
-        out: list[list[int]] = []
-        step = self.config.batch_size or len(prompts)
-        for start in range(0, len(prompts), step):
-            out += self._generate_batch(list(prompts[start:start + step]), max_new_tokens, do_sample, temperature,
-                                        top_k, top_p, repetition_penalty, seed)
-        return out
-
-    def _generate_batch(self, prompts, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                        seed) -> list[list[int]]:
         c = self.config
         _validate(do_sample, temperature, top_k, top_p, repetition_penalty)
-        real = len(prompts)
-        if c.batch_size is not None:  # a static batch: fill it with copies of the first prompt
-            prompts = prompts + [prompts[0]] * (c.batch_size - real)
-        ids, mask = as_batch(prompts, None, c.pad_token_id)
-        if ids.shape[1] > c.prompt_length:
-            raise ExportError(f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length}")
         if c.prompt_length + max_new_tokens > c.seq_length:
             raise ExportError(f"prompt_length {c.prompt_length} + max_new_tokens {max_new_tokens} exceeds the "
                               f"exported cache of {c.seq_length}")
-        if (ids < 0).any() or (ids >= c.vocab_size).any():
-            raise ExportError(f"token ids must be in [0, {c.vocab_size})")
-        steps = list(self._steps(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                 repetition_penalty, seed))
-        tokens = np.stack(steps, axis=1)[:real]
         stops = set(c.stop_token_ids)
-        result = []
-        for row in tokens:
-            kept = []
-            for t in row.tolist():
-                kept.append(t)
-                if t in stops:
-                    break
-            result.append(kept)
-        return result
+        out: list[list[int]] = []
+        for real, ids, mask in self._batches(prompts):
+            steps = decode_loop(self.cache_steps(), ids, mask, c.prompt_length, max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, stop_ids=c.stop_token_ids,
+                                pad=c.pad_token_id, seed=seed)
+            for row in np.stack(list(steps), axis=1)[:real].tolist():
+                cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+                out.append(row[:cut])
+        return out
 
     def cache_steps(self):
         from glm3.kv_cache import PagedCacheSteps, StaticCacheSteps
@@ -137,11 +123,3 @@ class MindIRRunner:
             return PagedCacheSteps(self.prefill, self.decode, c.num_layers, c.kv_groups, c.head_dim, c.num_blocks,
                                    c.block_size, c.max_blocks)
         return StaticCacheSteps(self.prefill, self.decode, c.seq_length)
-
-    def _steps(self, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-               seed) -> Iterator[np.ndarray]:
-        c = self.config
-        yield from decode_loop(self.cache_steps(), ids, mask, c.prompt_length, max_new_tokens,
-                               do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                               repetition_penalty=repetition_penalty, stop_ids=c.stop_token_ids,
-                               pad=c.pad_token_id, seed=seed)

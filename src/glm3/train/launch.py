@@ -20,8 +20,8 @@ from glm3.train.trainer import METRICS_FILE, FinetuneConfig, FinetuneResult, fin
 CONFIG_FILE = "finetune_config.json"
 
 
-class LaunchError(RuntimeError):
-    pass
+class LaunchError(ChildProcessError):
+    """msrun or a worker failed (an OSError, so the CLI reports it without importing this module)."""
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -46,15 +46,16 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     paths = ["model", "data", "output", "tokenizer", "cache_dir"]
     if config.resume not in ("auto", "never"):
         paths.append("resume")
-    config = dataclasses.replace(config, **{k: os.path.abspath(getattr(config, k)) for k in paths if getattr(config, k)})
+    config = dataclasses.replace(config, **{k: os.path.abspath(getattr(config, k))
+                                            for k in paths if getattr(config, k)})
     os.makedirs(config.output, exist_ok=True)
     prepare_data(config)  # once, here, so the workers find the cache instead of racing to build it
     config_path = os.path.join(config.output, CONFIG_FILE)
     atomic_write_text(config_path, config.to_json() + "\n")
     log_dir = os.path.join(config.output, "msrun_log")
     cmd = msrun_command(config.parallel, ["finetune", "--config", config_path], log_dir)
-    proc = subprocess.run(cmd, cwd=config.output, env=launch_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+    proc = subprocess.run(cmd, cwd=config.output, env=launch_environment(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         logs = "\n".join(f"--- {p}\n{_tail(p)}" for p in sorted(glob.glob(os.path.join(log_dir, "worker_*.log"))))
         raise LaunchError(f"msrun exited with {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{logs}")

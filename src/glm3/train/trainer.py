@@ -381,7 +381,8 @@ def _summary(config, model, data, history, steps, ranks, per_epoch, tokens_per_s
     losses, timed = history["losses"], history["timed_steps"]
     return {
         "steps": steps, "ranks": ranks, "mode": "lora" if config.lora else "full",
-        "micro_batch_size": config.batch_size, "global_batch_size": config.batch_size * config.grad_accumulation * ranks,
+        "micro_batch_size": config.batch_size,
+        "global_batch_size": config.batch_size * config.grad_accumulation * ranks,
         "examples": data.num_examples, "seq_length": data.seq_length,
         "epochs": round(steps * config.grad_accumulation / per_epoch, 4),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
