@@ -65,6 +65,11 @@ def hf_weights(directory):
     return weights
 
 
+def ckpt_arrays(path):
+    """{name: numpy array} of a MindSpore .ckpt, read with MindSpore itself."""
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+
+
 def hf_config(directory):
     with open(os.path.join(directory, "config.json")) as f:
         return json.load(f)

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import time
 
-import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import SAMPLE
+from conftest import SAMPLE, ckpt_arrays
 from glm3.parallel import ParallelConfig, ParallelConfigError, apply_shard_strategies, msrun_command
 
 GLM3 = [sys.executable, "-m", "glm3.cli"]
@@ -37,17 +36,14 @@ def finetune(*args, **kwargs):
                           **kwargs)
 
 
-def arrays(path):
-    return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items()}
-
 
 def test_two_msrun_workers_train_identical_weights_on_their_own_shards(tiny_dir, tmp_path):
     out = tmp_path / "dp"
     result = finetune("--model", tiny_dir, "--data", SAMPLE, "--output", str(out), "--steps", "4", "--workers", "2",
                       "--master-port", str(free_port()), *SHAPE)
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = arrays(str(out / "checkpoint" / "rank_0" / "step_00000004" / "state.ckpt"))
-    rank1 = arrays(str(out / "checkpoint" / "rank_1" / "step_00000004" / "state.ckpt"))
+    rank0 = ckpt_arrays(str(out / "checkpoint" / "rank_0" / "step_00000004" / "state.ckpt"))
+    rank1 = ckpt_arrays(str(out / "checkpoint" / "rank_1" / "step_00000004" / "state.ckpt"))
     assert rank0.keys() == rank1.keys() and any(k.startswith("moment1.") for k in rank0)
     for name in rank0:
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)  # bit-identical
@@ -61,7 +57,7 @@ def test_two_msrun_workers_train_identical_weights_on_their_own_shards(tiny_dir,
     single = finetune("--model", tiny_dir, "--data", SAMPLE, "--output", str(tmp_path / "one"), "--steps", "4",
                       *SHAPE)
     assert single.returncode == 0, single.stderr[-3000:]
-    one = arrays(str(tmp_path / "one" / "checkpoint" / "rank_0" / "step_00000004" / "state.ckpt"))
+    one = ckpt_arrays(str(tmp_path / "one" / "checkpoint" / "rank_0" / "step_00000004" / "state.ckpt"))
     assert any(not np.array_equal(one[k], rank0[k]) for k in one)
 
 
@@ -88,8 +84,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_like_an_uninterrupted
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = finetune("--output", str(tmp_path / "straight"), *args)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    a = arrays(str(out / "model" / "mindspore_model.ckpt"))
-    b = arrays(str(tmp_path / "straight" / "model" / "mindspore_model.ckpt"))
+    a = ckpt_arrays(str(out / "model" / "mindspore_model.ckpt"))
+    b = ckpt_arrays(str(tmp_path / "straight" / "model" / "mindspore_model.ckpt"))
     for name in b:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     rows = [list(csv.reader(open(p / "train_log.tsv"), delimiter="\t")) for p in (out, tmp_path / "straight")]

@@ -11,14 +11,11 @@ import pytest
 from mindspore import Tensor
 
 import glm3
-from conftest import SAMPLE
+from conftest import SAMPLE, ckpt_arrays
 from glm3.merge import MergeError, merge_adapter, merge_run, split_model
 from glm3.strategy import read_strategy_file, write_strategy_file, write_tensor_parallel_strategy
 from glm3.train import FinetuneConfig, finetune
 
-
-def arrays(path):
-    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
 
 
 def original(model_dir):
@@ -34,7 +31,7 @@ def test_tensor_parallel_split_then_merge_is_bit_exact(tiny_dir, tmp_path):
     files = split_model(tiny_dir, strategy, tmp_path / "split")
     assert [os.path.relpath(f, tmp_path / "split") for f in files] == ["rank_0/model.ckpt", "rank_1/model.ckpt"]
     full = original(tiny_dir)
-    shards = [arrays(f) for f in files]
+    shards = [ckpt_arrays(f) for f in files]
     p = "transformer.encoder.layers.1."
     half_qkv, half_ffn = full[p + "self_attention.query_key_value.weight"].shape[0] // 2, config.ffn_hidden_size
     for rank, shard in enumerate(shards):  # the Megatron layout, checked by slicing the full tensors here
@@ -92,7 +89,7 @@ def test_strategy_mismatches_are_clear_errors(tiny_dir, tmp_path):
     # A shard of the wrong shape.
     bad = tmp_path / "bad"
     shutil.copytree(tmp_path / "split", bad)
-    shard = arrays(bad / "rank_1" / "model.ckpt")
+    shard = ckpt_arrays(bad / "rank_1" / "model.ckpt")
     shard["transformer.encoder.layers.0.self_attention.dense.weight"] = np.zeros((64, 30), np.float32)
     ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in shard.items()], str(bad / "rank_1" / "model.ckpt"))
     with pytest.raises((MergeError, glm3.CheckpointError)):
@@ -113,14 +110,14 @@ def test_data_parallel_ranks_merge_by_verified_selection(tiny_dir, tmp_path):
     shutil.copytree(tmp_path / "run" / "checkpoint" / "rank_0", tmp_path / "run" / "checkpoint" / "rank_1")
     summary = merge_run(tmp_path / "run", tmp_path / "merged", tiny_dir)
     assert (summary.method, summary.ranks, summary.step) == ("data-parallel", 2, 3)
-    trained = arrays(os.path.join(result.weights, "mindspore_model.ckpt"))
-    merged = arrays(tmp_path / "merged" / "mindspore_model.ckpt")
+    trained = ckpt_arrays(os.path.join(result.weights, "mindspore_model.ckpt"))
+    merged = ckpt_arrays(tmp_path / "merged" / "mindspore_model.ckpt")
     assert merged.keys() == trained.keys()  # optimizer state left behind
     for name in trained:
         np.testing.assert_array_equal(merged[name], trained[name], err_msg=name)
 
     state_path = tmp_path / "run" / "checkpoint" / "rank_1" / "step_00000003" / "state.ckpt"
-    state = arrays(state_path)
+    state = ckpt_arrays(state_path)
     state["transformer.output_layer.weight"][0, 0] += 1.0
     ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in state.items()], str(state_path))
     with pytest.raises(MergeError, match="rank 1 disagrees with rank 0 on transformer.output_layer.weight"):
@@ -167,8 +164,6 @@ def test_cli_strategy_split_merge(tiny_dir, tmp_path):
 
 
 def test_pipeline_stage_strategies_split_then_merge_is_bit_exact(tiny_dir, tmp_path):
-    import mindspore as ms_
-
     from glm3.strategy import write_pipeline_strategies
 
     config = glm3.GLM3Config.from_hf(tiny_dir)
@@ -176,11 +171,11 @@ def test_pipeline_stage_strategies_split_then_merge_is_bit_exact(tiny_dir, tmp_p
     assert [os.path.basename(f) for f in files] == ["stage_0.ckpt", "stage_1.ckpt"]
     assert "transformer.embedding.embedding_table" in read_strategy_file(files[0])
     assert "transformer.output_layer.weight" in read_strategy_file(files[1])
-    ms_.merge_pipeline_strategys(str(tmp_path / "stages"), str(tmp_path / "all_stages.ckpt"))
+    ms.merge_pipeline_strategys(str(tmp_path / "stages"), str(tmp_path / "all_stages.ckpt"))
     shards = split_model(tiny_dir, str(tmp_path / "all_stages.ckpt"), tmp_path / "split")
     assert len(shards) == 4  # 2 stages x 2 model-parallel ranks
     # Stage 0's ranks hold the embedding and layer 0, stage 1's the rest.
-    assert any("embedding" in k for k in arrays(shards[0])) and not any("embedding" in k for k in arrays(shards[3]))
+    assert any("embedding" in k for k in ckpt_arrays(shards[0])) and not any("embedding" in k for k in ckpt_arrays(shards[3]))
     summary = merge_run(tmp_path / "split", tmp_path / "merged", tiny_dir, strategy=str(tmp_path / "stages"))
     assert summary.ranks == 4
     merged, full = original(tmp_path / "merged"), original(tiny_dir)

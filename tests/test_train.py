@@ -9,7 +9,7 @@ import pytest
 from mindspore import Tensor
 
 import glm3
-from conftest import ADGEN_DEV, SAMPLE
+from conftest import ADGEN_DEV, SAMPLE, ckpt_arrays
 from glm3.lora import LoraConfig, LoraError, apply_lora, load_adapter, merge_lora, save_adapter
 from glm3.train import FinetuneConfig, ResumeError, TrainingInterrupted, finetune, lr_schedule
 from glm3.train.step import CausalLMLoss
@@ -26,9 +26,6 @@ def read_log(output):
     with open(os.path.join(output, "train_log.tsv"), encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
-
-def load_weights(path):
-    return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items()}
 
 
 def test_lr_schedules():
@@ -88,8 +85,8 @@ def test_accumulation_equals_the_larger_batch(tiny_dir, tmp_path):
     for a, b in zip(read_log(tmp_path / "big"), read_log(tmp_path / "acc")):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
         assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-4)
-    wa = load_weights(os.path.join(big.weights, "mindspore_model.ckpt"))
-    wb = load_weights(os.path.join(acc.weights, "mindspore_model.ckpt"))
+    wa = ckpt_arrays(os.path.join(big.weights, "mindspore_model.ckpt"))
+    wb = ckpt_arrays(os.path.join(acc.weights, "mindspore_model.ckpt"))
     for name in wa:
         np.testing.assert_allclose(wa[name], wb[name], atol=1e-4, err_msg=name)
 
@@ -102,8 +99,8 @@ def test_gradient_clipping_caps_the_update(tiny_dir, tmp_path):
     base = glm3.load_model(tiny_dir)
     name = "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"
     w0 = {p.name: p.asnumpy() for p in base.get_parameters()}[name]
-    step_a = np.abs(load_weights(str(tmp_path / "a" / "model" / "mindspore_model.ckpt"))[name] - w0).max()
-    step_b = np.abs(load_weights(str(tmp_path / "b" / "model" / "mindspore_model.ckpt"))[name] - w0).max()
+    step_a = np.abs(ckpt_arrays(str(tmp_path / "a" / "model" / "mindspore_model.ckpt"))[name] - w0).max()
+    step_b = np.abs(ckpt_arrays(str(tmp_path / "b" / "model" / "mindspore_model.ckpt"))[name] - w0).max()
     # The first Adam step is about lr * g / (|g| + eps): clipping g to a tiny norm makes eps dominate.
     assert step_b < 0.2 * step_a
     assert float(read_log(tmp_path / "b")[0]["grad_norm"]) == pytest.approx(float(read_log(tmp_path / "a")[0]
@@ -164,8 +161,8 @@ def test_resume_gives_the_same_losses_and_weights(tiny_dir, tmp_path):
     straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
     assert [(r["step"], r["epoch"], r["loss"], r["lr"], r["grad_norm"]) for r in straight] == \
         [(r["step"], r["epoch"], r["loss"], r["lr"], r["grad_norm"]) for r in resumed]
-    a = load_weights(str(tmp_path / "straight" / "adapter" / "adapter_model.ckpt"))
-    b = load_weights(str(tmp_path / "resumed" / "adapter" / "adapter_model.ckpt"))
+    a = ckpt_arrays(str(tmp_path / "straight" / "adapter" / "adapter_model.ckpt"))
+    b = ckpt_arrays(str(tmp_path / "resumed" / "adapter" / "adapter_model.ckpt"))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     # A checkpoint of different settings is refused, not silently mixed in.
@@ -183,7 +180,7 @@ def test_float16_compute_uses_loss_scaling_and_skips_overflowing_steps(tiny_dir,
     row = read_log(tmp_path / "overflow")[0]
     assert float(row["loss_scale"]) == pytest.approx(1.5e38, rel=1e-6)
     before = {p.name: p.asnumpy() for p in glm3.load_model(tiny_dir).get_parameters()}
-    after = load_weights(str(tmp_path / "overflow" / "model" / "mindspore_model.ckpt"))
+    after = ckpt_arrays(str(tmp_path / "overflow" / "model" / "mindspore_model.ckpt"))
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
 
