@@ -3,11 +3,12 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_HF := models/demo-tiny-hf
-DEMO := models/demo-tiny
 export GLOG_v ?= 3
+export DVC_NO_ANALYTICS := 1
+# The venv's bin first: DVC stages run `python -m stages.<name>`, msrun starts `python` workers.
+IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: setup run test bench clean
+.PHONY: setup run prefect test bench clean
 
 setup: $(STAMP)
 
@@ -15,26 +16,33 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e . 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import glm3, mindspore, torch, sentencepiece, safetensors, huggingface_hub"
+	$(BIN)/python -c "import glm3, mindspore, torch, sentencepiece, safetensors, huggingface_hub, dvc, prefect"
 	touch $(STAMP)
 
-# Embedded default (until the DVC pipeline lands): a random-weight tiny ChatGLM3 in HuggingFace layout
-# with a tokenizer trained from the shipped corpus, converted to MindSpore, chatted with, offline.
+# The main job: the DVC pipeline (dvc.yaml) on the embedded default of params.yaml, offline; a second run
+# is a no-op. Then where its results are.
 run: setup
-	$(BIN)/glm3 download --synthetic tiny --dst $(DEMO_HF) --overwrite --quiet
-	$(BIN)/glm3 convert --src $(DEMO_HF) --dst $(DEMO) --overwrite --quiet
-	printf '你好\n请介绍一下你自己。\n' | $(BIN)/glm3 chat --model $(DEMO) --seed 0 --max-new-tokens 24
-	$(BIN)/glm3 generate --model $(DEMO) --prompt "这款连衣裙" --prompt "Hello" --max-new-tokens 16 --json
-	$(BIN)/glm3 finetune --model $(DEMO) --data data/adgen_sample.json --output models/demo-finetune --resume never \
-		--steps 30 --lr 2e-3 --batch-size 4 --max-source-length 32 --max-target-length 32 --seq-length 65 --quiet
+	$(IN_VENV) dvc repro
+	$(IN_VENV) dvc metrics show
+	$(IN_VENV) dvc plots show >/dev/null
+	@echo
+	@echo "metrics:        metrics/finetune.json, metrics/ceval.json, metrics/adgen.json (dvc metrics show)"
+	@echo "loss plot:      dvc_plots/index.html (from metrics/train_log.tsv; C-Eval per category too)"
+	@echo "exported model: models/export (prefill.mindir, decode.mindir; try: .venv/bin/glm3 infer --model models/export --prompt 你好)"
+	@echo "fine-tuned:     models/finetune (run, checkpoints, train_log.tsv), models/merged (merged model)"
+
+# A local Prefect server serving glm3/pipeline and glm3/finetune (Ctrl-C stops it).
+prefect: setup
+	$(IN_VENV) glm3 prefect up
 
 test: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests
+	$(IN_VENV) python -m pytest -q tests
 
 bench: setup
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/convert_6b.py
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/train.py
+	$(IN_VENV) python benchmarks/train.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) $(DEMO_HF) models/demo-finetune .pytest_cache
+	rm -rf $(VENV) .pytest_cache dvc_plots .prefect models/hf models/ms models/rank_table models/finetune \
+		models/merged models/export models/ceval models/adgen_eval models/.work models/prefect

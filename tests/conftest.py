@@ -1,5 +1,9 @@
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import mindspore as ms
 import pytest
@@ -18,6 +22,39 @@ ms.set_context(mode=ms.GRAPH_MODE)
 ODD_CONFIG = {"num_layers": 2, "hidden_size": 48, "ffn_hidden_size": 72, "num_attention_heads": 8,
               "kv_channels": 8, "multi_query_group_num": 4, "padded_vocab_size": 1536, "seq_length": 256,
               "torch_dtype": "float32"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for real subprocesses: this venv's bin first (glm3, dvc, prefect, msrun), quiet MindSpore."""
+    e = dict(os.environ, GLOG_v="3", **extra)
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e["PATH"]
+    return e
+
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "glm3 tests", "GIT_AUTHOR_EMAIL": "tests@glm3.invalid",
+                "GIT_COMMITTER_NAME": "glm3 tests", "GIT_COMMITTER_EMAIL": "tests@glm3.invalid"}
+
+
+def project_clone(dst) -> str:
+    """A fresh git repository holding the project's tracked and new (not ignored) files as they are now,
+    committed: what a clean clone of this working tree would be, without models/, caches or the venv."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = os.path.join(REPO, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.join(dst, os.path.dirname(rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dst, rel))
+    env = subprocess_env(**GIT_IDENTITY)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "clone"]):
+        subprocess.run(cmd, cwd=dst, env=env, check=True)
+    return os.fspath(dst)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,24 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, ckpt_arrays
+from conftest import SAMPLE, ckpt_arrays, free_port
+from conftest import subprocess_env as env
 from glm3.parallel import ParallelConfig, ParallelConfigError, apply_shard_strategies, msrun_command
 
 GLM3 = [sys.executable, "-m", "glm3.cli"]
 SHAPE = ["--max-source-length", "32", "--max-target-length", "32", "--seq-length", "65", "--batch-size", "2",
          "--lr", "1e-3", "--quiet"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env():
-    e = dict(os.environ, GLOG_v="3")
-    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e["PATH"]
-    return e
 
 
 def finetune(*args, **kwargs):

@@ -8,10 +8,9 @@ import sys
 
 
 def _setup_mindspore(mode: str) -> None:
-    import mindspore as ms
+    from glm3.loading import setup_mindspore
 
-    ms.set_device(os.environ.get("GLM3_DEVICE", "CPU"))  # "Ascend" on an Ascend host
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    setup_mindspore(mode)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -655,11 +654,57 @@ def _add_eval_commands(sub) -> None:
     p.set_defaults(func=cmd_eval_adgen)
 
 
+def cmd_stage(args) -> int:
+    import yaml
+
+    from glm3.pipeline.run import run_stage
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"-S takes key=value (e.g. finetune.lr=1e-3), got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return run_stage(args.name, args.project, overrides)
+
+
+def cmd_prefect_up(args) -> int:
+    from glm3.pipeline.prefect_server import prefect_up
+
+    return prefect_up(args.project, args.port)
+
+
+def _add_pipeline_commands(sub) -> None:
+    """stage, prefect up: the DVC/Prefect pipeline of a project directory."""
+    from glm3.pipeline.layout import ORDER
+
+    p = sub.add_parser("stage", help="run one pipeline stage as `dvc repro` would (params.yaml, models/, metrics/)",
+                       description="Runs glm3.pipeline.stages.NAME in the project's DVC layout; `dvc repro` runs the "
+                       "same through `python -m stages.NAME`. -S overrides params.yaml for this run only.")
+    p.add_argument("name", choices=ORDER, help="the stage")
+    p.add_argument("--project", default=".", help="project directory with params.yaml (default: .)")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. "
+                   "finetune.lr=1e-3 (the value is read as YAML)")
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("prefect", help="`glm3 prefect up`: a local Prefect server serving the glm3 deployments")
+    prefect_sub = p.add_subparsers(dest="action", required=True, metavar="<action>")
+    p = prefect_sub.add_parser("up", help="start a local Prefect server (SQLite, 127.0.0.1) and serve "
+                               "glm3/pipeline and glm3/finetune until Ctrl-C",
+                               description="Prints the API URL (http://127.0.0.1:PORT/api) on a line of its own; "
+                               "then `PREFECT_API_URL=<url> prefect deployment run glm3/finetune --param lr=1e-3` "
+                               "runs a fine-tune. Prefect's state is kept in PREFECT_HOME (default "
+                               "<project>/.prefect).")
+    p.add_argument("--project", default=".", help="project directory with flows/ and params.yaml (default: .)")
+    p.add_argument("--port", type=int, default=4200, help="API/UI port on 127.0.0.1 (default 4200)")
+    p.set_defaults(func=cmd_prefect_up)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm3", description="ChatGLM3 on MindSpore: download and convert "
                                      "checkpoints; chat, generate, score; fine-tune (full, LoRA, msrun), build rank "
                                      "tables, merge and split distributed checkpoints; export to MindIR and run it; "
-                                     "evaluate on C-Eval and ADGEN.")
+                                     "evaluate on C-Eval and ADGEN; run pipeline stages and the Prefect server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
     _add_use_commands(sub)
@@ -668,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_checkpoint_commands(sub)
     _add_deploy_commands(sub)
     _add_eval_commands(sub)
+    _add_pipeline_commands(sub)
     return parser
 
 

@@ -81,7 +81,8 @@ class MindIRRunner:
                 chunk += [chunk[0]] * (c.batch_size - real)
             ids, mask = as_batch(chunk, None, c.pad_token_id)
             if ids.shape[1] > c.prompt_length:
-                raise ExportError(f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length}")
+                raise ExportError(f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length} "
+                                  "(export again with a larger prompt length)")
             if (ids < 0).any() or (ids >= c.vocab_size).any():
                 raise ExportError(f"token ids must be in [0, {c.vocab_size})")
             yield real, ids, mask

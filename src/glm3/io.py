@@ -91,8 +91,7 @@ def remove_stale_temporaries(parent: str, base: str) -> list[str]:
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary directory beside `path`, renamed onto `path` only if the block succeeds.
 
-    With overwrite=True an existing `path` is replaced (it is moved aside first and removed after the
-    rename, so a crash in between leaves either the old or the new directory, never a mix). Temporary
+    With overwrite=True an existing `path` is replaced (see publish_directory). Temporary
     directories carry the writer's pid; ones left by a killed writer are removed on the next attempt.
     """
     path = os.path.abspath(os.fspath(path))
@@ -106,17 +105,28 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     _public_mode(tmp, directory=True)
     try:
         yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename the finished directory `src` onto `dst` (same filesystem), replacing an existing `dst`.
+
+    The old `dst` is moved aside first and removed after the rename, so a crash in between leaves either
+    the old or the new directory, never a mix.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    old = None
+    if os.path.exists(dst):
+        old = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".old", dir=parent)
+        os.rmdir(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_destination(dst: str | os.PathLike, needed_bytes: int, overwrite: bool = False,

@@ -23,6 +23,12 @@ def _as_param_data(array: np.ndarray, dtype) -> Tensor:
     return Tensor(np.ascontiguousarray(array.astype(np.float32, copy=False))).astype(dtype)
 
 
+def setup_mindspore(mode: str = "graph") -> None:
+    """Device from GLM3_DEVICE ("CPU" unless set, e.g. "Ascend") and graph or PyNative mode."""
+    ms.set_device(os.environ.get("GLM3_DEVICE", "CPU"))
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+
+
 def load_model(path: str | os.PathLike, dtype: str = "float32", compute_dtype: str = "float32",
                kernels_backend: str = "auto") -> GLM3ForCausalLM:
     """Load a ChatGLM3 model directory: config.json plus weights in any supported layout.

@@ -1,0 +1,116 @@
+"""Where each pipeline stage reads and writes.
+
+The DVC layout is fixed (dvc.yaml declares the same paths). A Prefect run gets a keyed layout: every stage
+it runs writes to `models/prefect/<stage>-<key>`, the key hashing the stage's params, its
+upstream keys, its data files and the library code, so runs with different params never overwrite each
+other and a directory that exists is exactly the result of those inputs (Prefect's task cache relies on it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from glm3.pipeline.params import project_path
+
+# stage -> (params sections it reads, upstream stages whose outputs it reads, params keys that are data paths)
+STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "download": (("download",), (), ()),
+    "convert": (("convert",), ("download",), ()),
+    "rank_table": (("parallel",), (), ()),
+    "finetune": (("finetune", "parallel"), ("convert", "rank_table"), ("finetune.data",)),
+    "merge": (("merge", "parallel"), ("finetune", "convert"), ()),
+    "export": (("export",), ("merge",), ()),
+    "evaluate": (("evaluate",), ("export",), ("evaluate.data",)),
+    "adgen_eval": (("adgen_eval",), ("merge",), ("adgen_eval.data",)),
+}
+ORDER = tuple(STAGES)
+
+DVC_OUTPUTS = {"download": "models/hf", "convert": "models/ms", "rank_table": "models/rank_table",
+               "finetune": "models/finetune", "merge": "models/merged", "export": "models/export",
+               "evaluate": "models/ceval", "adgen_eval": "models/adgen_eval"}
+WORK_DIR = "models/.work"  # resumable state of unfinished stages; never a DVC output
+METRICS_DIR = "metrics"  # small files committed to git (dvc metrics/plots read them)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: str  # the project directory: params' relative paths resolve against it
+    outputs: dict[str, str]  # stage -> its output directory (absolute)
+    metrics_dir: str | None = None  # None: each stage's metrics go into its output directory
+
+    @classmethod
+    def dvc(cls, root: str | os.PathLike = ".") -> "Layout":
+        root = os.path.abspath(root)
+        return cls(root, {s: os.path.join(root, p) for s, p in DVC_OUTPUTS.items()}, os.path.join(root, METRICS_DIR))
+
+    @classmethod
+    def keyed(cls, root: str | os.PathLike, params: dict, stages: tuple[str, ...] | list[str]) -> "Layout":
+        """`stages` get keyed directories; what they read from other stages comes from the DVC layout."""
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(ORDER)}")
+        base = cls.dvc(root)
+        code = code_fingerprint()
+        keys: dict[str, str] = {}
+        outputs = dict(base.outputs)
+        for stage in ORDER:
+            sections, upstream, data_keys = STAGES[stage]
+            if stage in stages:
+                material = {"stage": stage, "code": code, "params": {s: params[s] for s in sections},
+                            "upstream": {u: keys[u] for u in upstream},
+                            "data": {k: tree_fingerprint(project_path(base.root, _lookup(params, k)))
+                                     for k in data_keys}}
+                keys[stage] = _digest(material)
+                outputs[stage] = os.path.join(base.root, "models", "prefect", f"{stage}-{keys[stage]}")
+            elif any(stage in STAGES[s][1] for s in stages):  # an input made outside this run
+                keys[stage] = tree_fingerprint(base.outputs[stage])
+        return cls(base.root, outputs)
+
+    @property
+    def work(self) -> str:
+        return os.path.join(self.root, WORK_DIR)
+
+    def metrics(self, stage: str, filename: str) -> str:
+        return os.path.join(self.metrics_dir or self.outputs[stage], filename)
+
+
+def _lookup(params: dict, dotted: str):
+    section, key = dotted.split(".")
+    return params[section][key]
+
+
+def _digest(material) -> str:
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def tree_fingerprint(path: str) -> str:
+    """A cheap identity of a file or directory tree: relative names, sizes and modification times."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; run the stage that makes it first (dvc repro)")
+    entries = []
+    if os.path.isfile(path):
+        st = os.stat(path)
+        entries.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            st = os.stat(full)
+            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return _digest(entries)
+
+
+def code_fingerprint() -> str:
+    """Hash of the glm3 library's Python sources: a code change invalidates keyed results, as in DVC."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(package):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(f for f in filenames if f.endswith((".py", ".cc"))):
+            full = os.path.join(dirpath, name)
+            h.update(os.path.relpath(full, package).encode())
+            with open(full, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:12]

@@ -1,0 +1,160 @@
+"""The DVC pipeline for real: `dvc repro` in a fresh clone, offline, then no-op, params changes, an
+interrupted stage, experiments, metrics, plots, push and pull."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from conftest import GIT_IDENTITY, project_clone, subprocess_env
+from glm3.pipeline.layout import DVC_OUTPUTS, ORDER
+
+ENV = subprocess_env(DVC_NO_ANALYTICS="1", **GIT_IDENTITY)
+
+
+def dvc(*args, cwd, timeout=900, check=True):
+    proc = subprocess.run(["dvc", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def set_param(project, section, key, value):
+    path = os.path.join(project, "params.yaml")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    params = yaml.safe_load(text)
+    assert key in params[section]
+    # Edit the one line (keeps the comments, as a user's edit would).
+    new, count = re.subn(rf"(?m)^(  {key}:)\s*[^#\n]*", rf"\g<1> {value}  ", text)
+    assert count == 1
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+    assert yaml.safe_load(new)[section][key] == yaml.safe_load(str(value))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh clone after one timed `dvc repro` of the embedded default."""
+    root = project_clone(tmp_path_factory.mktemp("dvc") / "glm3-pipeline")
+    start = time.monotonic()
+    out = dvc("repro", cwd=root).stdout
+    seconds = time.monotonic() - start
+    return root, out, seconds
+
+
+def test_fresh_clone_reproduces_every_stage_offline(project):
+    root, out, seconds = project
+    assert ran(out) == list(ORDER)
+    assert seconds <= 600, f"fresh dvc repro took {seconds:.0f} s"
+    for stage, path in DVC_OUTPUTS.items():
+        assert os.path.isdir(os.path.join(root, path)), stage
+    assert os.path.isfile(os.path.join(root, "models", "export", "prefill.mindir"))
+    with open(os.path.join(root, "metrics", "finetune.json"), encoding="utf-8") as f:
+        finetune = json.load(f)
+    assert finetune["steps"] == 30 and finetune["final_loss"] < finetune["first_loss"]
+    with open(os.path.join(root, "metrics", "ceval.json"), encoding="utf-8") as f:
+        ceval = json.load(f)
+    assert ceval["questions"] == 16 and 0 <= ceval["average"] <= 100
+    assert dvc("status", "--json", cwd=root).stdout.strip() == "{}"
+
+
+def test_second_repro_is_a_quick_no_op(project):
+    root = project[0]
+    start = time.monotonic()
+    out = dvc("repro", cwd=root).stdout
+    seconds = time.monotonic() - start
+    assert ran(out) == [] and "up to date" in out
+    assert seconds <= 15, f"no-op dvc repro took {seconds:.1f} s"
+
+
+def test_metrics_and_plots_show_the_run(project):
+    root = project[0]
+    metrics = json.loads(dvc("metrics", "show", "--json", cwd=root).stdout)
+    data = next(iter(metrics.values()))["data"]
+    assert data["metrics/finetune.json"]["data"]["steps"] == 30
+    assert set(data["metrics/ceval.json"]["data"]["categories"]) == {"STEM", "Social Science", "Humanities", "Other"}
+    assert "bleu-4" in data["metrics/adgen.json"]["data"]
+    plots = json.loads(dvc("plots", "show", "--json", cwd=root).stdout)["data"]
+    loss = plots["metrics/train_log.tsv"][0]["content"]
+    assert loss["title"]["text"] == "training loss" and loss["encoding"]["x"]["field"] == "step"
+    assert loss["layer"][0]["encoding"]["y"]["field"] == "loss"
+    points = loss["data"]["values"]
+    assert [int(p["step"]) for p in points] == list(range(1, 31))
+    with open(os.path.join(root, "metrics", "train_log.tsv"), encoding="utf-8") as f:
+        logged = [line.split("\t")[2] for line in f.read().splitlines()[1:]]
+    assert [p["loss"] for p in points] == logged
+    bars = plots["metrics/ceval_categories.json"][0]["content"]
+    assert bars["mark"]["type"] == "bar" and bars["encoding"]["y"]["field"] == "category"
+    assert sorted(b["category"] for b in bars["data"]["values"]) == ["Humanities", "Other", "STEM", "Social Science"]
+    dvc("plots", "show", cwd=root)
+    assert os.path.isfile(os.path.join(root, "dvc_plots", "index.html"))
+
+
+def test_lr_change_reruns_finetune_onward_and_an_interrupted_finetune_leaves_nothing(project):
+    root = project[0]
+    set_param(root, "finetune", "lr", "3.0e-3")
+    status = json.loads(dvc("status", "--json", cwd=root).stdout)
+    assert set(status) == {"finetune"}  # only finetune's own params changed; the rest follows from its outputs
+
+    # Kill `dvc repro` while finetune trains (after its first checkpoint, step 10 of 30).
+    work = os.path.join(root, "models", ".work")
+    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = [d for d in os.listdir(work) if d.startswith("finetune-")] if os.path.isdir(work) else []
+        if any(os.path.isdir(os.path.join(work, r, "checkpoint", "rank_0", "step_00000010")) for r in runs):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "finetune finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for path in ("models/finetune", "metrics/finetune.json", "metrics/train_log.tsv"):
+        assert not os.path.exists(os.path.join(root, path)), path  # removed by DVC, never half rewritten
+    leftovers = [e for e in os.listdir(os.path.join(root, "models")) if e.startswith(".finetune")]
+    assert leftovers == []
+    assert "finetune" in json.loads(dvc("status", "--json", cwd=root).stdout)
+
+    out = dvc("repro", cwd=root)
+    assert ran(out.stdout) == ["finetune", "merge", "export", "evaluate", "adgen_eval"]
+    assert "resuming the interrupted run from step" in out.stderr
+    with open(os.path.join(root, "dvc.lock"), encoding="utf-8") as f:
+        assert yaml.safe_load(f)["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["lr"] == 3.0e-3
+    assert dvc("status", "--json", cwd=root).stdout.strip() == "{}"
+    assert not [d for d in os.listdir(work) if d.startswith("finetune-")]  # published, work dir gone
+
+
+def test_experiment_run_with_a_set_param(project):
+    root = project[0]
+    out = dvc("exp", "run", "-S", "finetune.lr=1.5e-3", "-n", "lr-1.5e-3", cwd=root)
+    assert ran(out.stdout) == ["finetune", "merge", "export", "evaluate", "adgen_eval"]
+    shown = json.loads(dvc("exp", "show", "--json", cwd=root).stdout)
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    names = {e.get("name") for e in experiments}
+    assert "lr-1.5e-3" in names
+    exp = next(e for e in experiments if e.get("name") == "lr-1.5e-3")["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["finetune"]["lr"] == 1.5e-3
+    assert exp["metrics"]["metrics/finetune.json"]["data"]["steps"] == 30
+
+
+def test_push_then_pull_restores_the_outputs_from_the_local_remote(project):
+    root = project[0]
+    dvc("push", cwd=root)
+    assert os.listdir(os.path.join(root, ".dvc-storage"))
+    for path in DVC_OUTPUTS.values():
+        shutil.rmtree(os.path.join(root, path))
+    shutil.rmtree(os.path.join(root, ".dvc", "cache"))
+    dvc("pull", cwd=root)
+    assert dvc("status", "--json", cwd=root).stdout.strip() == "{}"
+    assert os.path.isfile(os.path.join(root, "models", "export", "decode.mindir"))

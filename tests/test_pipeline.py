@@ -1,0 +1,197 @@
+"""The pipeline library: params, dvc.yaml against the stage table, the rank_table stage, keyed layouts for
+Prefect, the finetune config a stage builds, and `glm3 stage` errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, subprocess_env
+from glm3.pipeline import Layout, ParamsError, load_params
+from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from
+from glm3.pipeline.layout import DVC_OUTPUTS, ORDER, STAGES
+from glm3.pipeline.params import apply_overrides
+from glm3.pipeline.stages import PLAN_FILE, RANK_TABLE_FILE, _parallel_config, finetune_config, rank_table
+from glm3.rank_table import load_rank_table
+
+PARAMS = os.path.join(REPO, "params.yaml")
+
+
+def test_params_load_and_dotted_overrides():
+    params = load_params(PARAMS, {"finetune.lr": 1e-3, "finetune.lora.enabled": True, "export.paged": None})
+    assert params["finetune"]["lr"] == 1e-3 and params["finetune"]["lora"]["enabled"] is True
+    assert params["export"]["paged"] is False  # None leaves params.yaml's value
+    assert load_params(PARAMS)["finetune"]["lora"]["enabled"] is False  # the file itself is untouched
+    with pytest.raises(ParamsError, match=r"unknown parameter 'finetune.lrr'.*\blr\b"):
+        apply_overrides(params, {"finetune.lrr": 1})
+    with pytest.raises(ParamsError, match="no section 'finetunes'"):
+        apply_overrides(params, {"finetunes.lr": 1})
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("download: {}\nconvert: [\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("download: {}\nconvert: {}\n")
+    with pytest.raises(ParamsError, match="lacks the section.*parallel, finetune"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_dvc_yaml_declares_what_the_stage_table_says():
+    with open(os.path.join(REPO, "dvc.yaml"), encoding="utf-8") as f:
+        dvc = yaml.safe_load(f)["stages"]
+    assert list(dvc) == list(ORDER)
+    for name, (sections, upstream, data_keys) in STAGES.items():
+        stage = dvc[name]
+        assert stage["cmd"] == f"python -m stages.{name}"
+        assert os.path.isfile(os.path.join(REPO, "stages", f"{name}.py"))
+        assert stage["params"] == list(sections), name
+        assert stage["outs"] == [DVC_OUTPUTS[name]], name
+        deps = stage["deps"]
+        assert f"stages/{name}.py" in deps and "src/glm3/pipeline/stages.py" in deps
+        assert all(DVC_OUTPUTS[u] in deps for u in upstream), name
+        assert all("${" + key + "}" in deps for key in data_keys), name
+        for dep in deps:
+            assert dep.startswith("${") or os.path.exists(os.path.join(REPO, dep)), dep
+    assert list(dvc["finetune"]["metrics"][0]) == ["metrics/finetune.json"]
+    loss = dvc["finetune"]["plots"][0]["metrics/train_log.tsv"]
+    assert (loss["x"], loss["y"], loss["cache"]) == ("step", "loss", False)
+
+
+SERVERS = [{"ip": "192.168.1.10", "devices": "[0,2)", "device_ips": ["10.0.0.1", "10.0.0.2"]},
+           {"ip": "192.168.1.11", "devices": "[0,2)", "hccn_conf": "HCCN"}]
+
+
+def _params_with(servers, **parallel):
+    params = load_params(PARAMS)
+    params["parallel"].update(servers=servers, **parallel)
+    return params
+
+
+def test_rank_table_stage_builds_the_hccl_table_and_the_launch_plan(tmp_path):
+    hccn = tmp_path / "hccn.conf"
+    hccn.write_text("address_0=10.0.1.1\nnetmask_0=255.255.255.0\naddress_1=10.0.1.2\nnetmask_1=255.255.255.0\n")
+    servers = [SERVERS[0], dict(SERVERS[1], hccn_conf=str(hccn))]
+    params = _params_with(servers, device="Ascend", data_parallel=2, model_parallel=2, node_rank=1)
+    layout = Layout.dvc(tmp_path)
+    assert rank_table(params, layout) == {"world_size": 4, "nodes": 2}
+
+    out = layout.outputs["rank_table"]
+    table = load_rank_table(os.path.join(out, RANK_TABLE_FILE))
+    assert [s["server_id"] for s in table["server_list"]] == ["192.168.1.10", "192.168.1.11"]
+    assert [d["device_ip"] for s in table["server_list"] for d in s["device"]] == \
+        ["10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2"]
+    assert [d["rank_id"] for s in table["server_list"] for d in s["device"]] == ["0", "1", "2", "3"]
+    with open(os.path.join(out, PLAN_FILE), encoding="utf-8") as f:
+        plan = json.load(f)
+    assert plan["nodes"] == [{"ip": "192.168.1.10", "local_workers": 2, "node_rank": 0},
+                             {"ip": "192.168.1.11", "local_workers": 2, "node_rank": 1}]
+
+    # What finetune launches on this host (node 1): msrun over all 4 ranks, 2 here, master on node 0.
+    parallel = _parallel_config(params, out)
+    assert (parallel.worker_num, parallel.local_worker_num, parallel.node_rank) == (4, 2, 1)
+    assert parallel.master_addr == "192.168.1.10"
+    assert parallel.rank_table_file == os.path.join(out, RANK_TABLE_FILE)
+
+
+def test_rank_table_stage_refuses_a_mismatch_and_leaves_the_previous_output(tmp_path):
+    layout = Layout.dvc(tmp_path)
+    rank_table(load_params(PARAMS), layout)  # the default: one local process, no rank table
+    with open(os.path.join(layout.outputs["rank_table"], PLAN_FILE), encoding="utf-8") as f:
+        before = f.read()
+    assert json.loads(before)["rank_table"] is None
+
+    params = _params_with(SERVERS[:1], device="Ascend", data_parallel=8)
+    with pytest.raises(ParamsError, match="servers have 2 devices but .* is 8"):
+        rank_table(params, layout)
+    with pytest.raises(ParamsError, match=r"servers\[0\] needs ip"):
+        rank_table(_params_with([{"address": "x"}], device="Ascend"), layout)
+    with open(os.path.join(layout.outputs["rank_table"], PLAN_FILE), encoding="utf-8") as f:
+        assert f.read() == before
+    assert sorted(os.listdir(os.path.dirname(layout.outputs["rank_table"]))) == ["rank_table"]  # no temporaries
+
+
+@pytest.fixture()
+def project(tmp_path):
+    """A project directory with params, data, and stand-ins for the outputs DVC would have made."""
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    shutil.copytree(os.path.join(REPO, "data"), tmp_path / "data")
+    for stage in ("convert", "rank_table"):
+        os.makedirs(tmp_path / DVC_OUTPUTS[stage])
+        (tmp_path / DVC_OUTPUTS[stage] / "file").write_text(stage)
+    return tmp_path
+
+
+def test_keyed_layout_changes_exactly_the_affected_stages(project):
+    params = load_params(project / "params.yaml")
+    stages = RUNS["finetune"]
+    base = Layout.keyed(project, params, stages)
+    assert base.outputs["convert"] == str(project / "models" / "ms")  # read from the DVC layout
+    assert all(base.outputs[s].startswith(str(project / "models" / "prefect" / f"{s}-")) for s in stages)
+    assert Layout.keyed(project, params, stages) == base  # deterministic
+
+    def changed(**overrides):
+        other = Layout.keyed(project, apply_overrides(params, overrides), stages)
+        return {s for s in stages if other.outputs[s] != base.outputs[s]}
+
+    assert changed(**{"finetune.lr": 1e-3}) == {"finetune", "merge", "export", "evaluate", "adgen_eval"}
+    assert changed(**{"evaluate.shots": 2}) == {"evaluate"}
+    assert changed(**{"export.paged": True}) == {"export", "evaluate"}
+    assert changed(**{"parallel.master_port": 9000}) == {"rank_table", "finetune", "merge", "export", "evaluate",
+                                                         "adgen_eval"}
+
+    with open(project / "data" / "adgen_sample.json", "a", encoding="utf-8") as f:
+        f.write("\n")  # the training data changed
+    assert {s for s in stages if Layout.keyed(project, params, stages).outputs[s] != base.outputs[s]} == \
+        {"finetune", "merge", "export", "evaluate", "adgen_eval"}
+    (project / DVC_OUTPUTS["convert"] / "file").write_text("another model")
+    assert Layout.keyed(project, params, stages).outputs["rank_table"] == base.outputs["rank_table"]
+    assert Layout.keyed(project, params, stages).outputs["finetune"] != base.outputs["finetune"]
+
+    shutil.rmtree(project / DVC_OUTPUTS["convert"])
+    with pytest.raises(FileNotFoundError, match="models/ms does not exist.*dvc repro"):
+        Layout.keyed(project, params, stages)
+    with pytest.raises(ValueError, match="unknown stage"):
+        Layout.keyed(project, params, ["train"])
+
+
+def test_finetune_stage_config_from_params(project):
+    layout = Layout.dvc(project)
+    rank_table(load_params(project / "params.yaml"), layout)
+    params = load_params(project / "params.yaml", {"finetune.lr": 5e-4})
+    config = finetune_config(params, layout)
+    assert (config.model, config.data) == (layout.outputs["convert"], str(project / "data" / "adgen_sample.json"))
+    assert config.lr == 5e-4 and config.lora is None and config.resume == "auto"
+    assert config.output == os.path.join(layout.work, f"finetune-{config.fingerprint()}")
+    assert config.cache_dir == os.path.join(layout.work, "data_cache")  # shared by runs with other settings
+    lora = finetune_config(apply_overrides(params, {"finetune.lora.enabled": True, "finetune.lora.rank": 4}), layout)
+    assert lora.lora.rank == 4 and lora.lora.targets == ("query_key_value",)
+    assert lora.output != config.output
+
+
+def test_flow_overrides_and_metrics_artifact(project):
+    assert overrides_from({"export.paged": True}, lr=1e-3, steps=None, lora=True) == \
+        {"export.paged": True, "finetune.lr": 1e-3, "finetune.lora.enabled": True}
+    layout = Layout.dvc(project)
+    text = metrics_markdown("finetune", {"finetune": {"steps": 6, "final_loss": 5.123456, "mode": "full"},
+                                         "evaluate": {"average": 25.0, "categories": {"STEM": 50.0, "Other": 0.0}}},
+                            layout)
+    assert "| finetune | `models/finetune` | steps=6, final_loss=5.123, mode=full |" in text
+    assert "| STEM | 50.0 |" in text and "| Other | 0.0 |" in text
+
+
+def test_glm3_stage_reports_bad_parameters(tmp_path):
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    run = [sys.executable, "-m", "glm3.cli", "stage"]
+    proc = subprocess.run([*run, "rank_table", "--project", str(tmp_path), "-S", "parallel.data_paralel=2"],
+                          capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 2 and "unknown parameter 'parallel.data_paralel'" in proc.stderr
+    proc = subprocess.run([*run, "download", "--project", str(tmp_path), "-S", "download.source=ftp"],
+                          capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 2 and "download.source must be 'synthetic' or 'hub'" in proc.stderr
+    assert not os.path.exists(tmp_path / "models")
