@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/convert_6b.py
 	$(IN_VENV) python benchmarks/train.py
+	$(IN_VENV) python benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache dvc_plots .prefect models/hf models/ms models/rank_table models/finetune \

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from glm3.pipeline import Layout, load_params, stages
+from glm3.pipeline.params import PARAMS_FILE
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from, stage_cache_key
 
 CACHED = {"cache_key_fn": stage_cache_key, "persist_result": True}
@@ -73,7 +74,7 @@ def glm3(run: str = "pipeline", lr: float | None = None, steps: int | None = Non
     if run not in RUNS:
         raise ValueError(f"run must be one of {', '.join(RUNS)}, got {run!r}")
     root = os.path.abspath(project or os.getcwd())
-    params = load_params(os.path.join(root, "params.yaml"),
+    params = load_params(os.path.join(root, PARAMS_FILE),
                          overrides_from(overrides, lr=lr, steps=steps, batch_size=batch_size,
                                         seq_length=seq_length, lora=lora))
     layout = Layout.keyed(root, params, RUNS[run])

@@ -47,14 +47,27 @@ def set_param(project, section, key, value):
 def project(tmp_path_factory):
     """A fresh clone after one timed `dvc repro` of the embedded default."""
     root = project_clone(tmp_path_factory.mktemp("dvc") / "glm3-pipeline")
+    before = json.loads(dvc("status", "--json", cwd=root).stdout)
     start = time.monotonic()
     out = dvc("repro", cwd=root).stdout
     seconds = time.monotonic() - start
-    return root, out, seconds
+    return root, out, seconds, before
+
+
+def test_committed_lock_describes_the_committed_code_and_params(project):
+    """A fresh clone lacks only the cached outputs: every dependency and parameter matches dvc.lock."""
+    before = project[3]
+    assert set(before) == set(ORDER)
+    outputs = set(DVC_OUTPUTS.values())
+    stale = {stage: change for stage, changes in before.items() for change in changes
+             if not isinstance(change, dict) or set(change) - {"changed outs", "changed deps"}
+             or any(state != "deleted" or path not in outputs
+                    for kind in change.values() for path, state in kind.items())}
+    assert not stale, f"dvc.lock is stale (run `make run` and commit dvc.lock and metrics/): {stale}"
 
 
 def test_fresh_clone_reproduces_every_stage_offline(project):
-    root, out, seconds = project
+    root, out, seconds, _ = project
     assert ran(out) == list(ORDER)
     assert seconds <= 600, f"fresh dvc repro took {seconds:.0f} s"
     for stage, path in DVC_OUTPUTS.items():

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO, subprocess_env
+from glm3.io import exclusive_lock
 from glm3.pipeline import Layout, ParamsError, load_params
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from
 from glm3.pipeline.layout import DVC_OUTPUTS, ORDER, STAGES
@@ -56,8 +57,8 @@ def test_dvc_yaml_declares_what_the_stage_table_says():
         assert f"stages/{name}.py" in deps and "src/glm3/pipeline/stages.py" in deps
         assert all(DVC_OUTPUTS[u] in deps for u in upstream), name
         assert all("${" + key + "}" in deps for key in data_keys), name
-        for dep in deps:
-            assert dep.startswith("${") or os.path.exists(os.path.join(REPO, dep)), dep
+        for dep in deps:  # code and data in the repository, another stage's output, or a params.yaml path
+            assert os.path.exists(os.path.join(REPO, dep)) or dep in DVC_OUTPUTS.values() or dep.startswith("${"), dep
     assert list(dvc["finetune"]["metrics"][0]) == ["metrics/finetune.json"]
     loss = dvc["finetune"]["plots"][0]["metrics/train_log.tsv"]
     assert (loss["x"], loss["y"], loss["cache"]) == ("step", "loss", False)
@@ -183,6 +184,19 @@ def test_flow_overrides_and_metrics_artifact(project):
                             layout)
     assert "| finetune | `models/finetune` | steps=6, final_loss=5.123, mode=full |" in text
     assert "| STEM | 50.0 |" in text and "| Other | 0.0 |" in text
+
+
+def test_a_work_directory_is_locked_while_a_stage_trains_in_it(tmp_path):
+    lock = tmp_path / "work" / "finetune-abc.lock"
+    with exclusive_lock(lock, "the work directory"):
+        with pytest.raises(FileExistsError, match="the work directory is in use by another process"):
+            with exclusive_lock(lock, "the work directory"):
+                pass
+        holder = subprocess.run([sys.executable, "-c", "import sys; from glm3.io import exclusive_lock\n"
+                                 f"with exclusive_lock({str(lock)!r}, 'it'): pass"], capture_output=True, text=True)
+        assert holder.returncode == 1 and "FileExistsError: it is in use" in holder.stderr
+    with exclusive_lock(lock, "the work directory"):  # released when its holder is done
+        pass
 
 
 def test_glm3_stage_reports_bad_parameters(tmp_path):

@@ -88,6 +88,23 @@ def remove_stale_temporaries(parent: str, base: str) -> list[str]:
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if needed) or fail at once if another process does.
+
+    The kernel drops the lock when its holder exits, however it exits; no stale lock files to clean up.
+    """
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{what} is in use by another process (lock {path})") from None
+        yield
+
+
+@contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary directory beside `path`, renamed onto `path` only if the block succeeds.
 
@@ -119,6 +136,7 @@ def publish_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """
     dst = os.path.abspath(os.fspath(dst))
     parent, base = os.path.dirname(dst), os.path.basename(dst)
+    os.makedirs(parent, exist_ok=True)
     old = None
     if os.path.exists(dst):
         old = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".old", dir=parent)

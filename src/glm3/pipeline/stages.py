@@ -10,7 +10,7 @@ import json
 import logging
 import os
 
-from glm3.io import atomic_directory, atomic_write_text, publish_directory
+from glm3.io import atomic_directory, atomic_write_text, exclusive_lock, publish_directory
 from glm3.pipeline.layout import Layout
 from glm3.pipeline.params import ParamsError, project_path
 
@@ -136,23 +136,30 @@ def finetune(params: dict, layout: Layout) -> dict:
     """Train in models/.work/finetune-<fingerprint> (an interrupted stage resumes there), then publish the run."""
     from glm3.train.checkpoint import list_checkpoints, rank_dir
     from glm3.train.launch import run_finetune
-    from glm3.train.trainer import LOG_FILE
+    from glm3.train.trainer import LOG_COLUMNS, LOG_FILE
 
     config = finetune_config(params, layout)
     out = layout.outputs["finetune"]
     log.info("finetune: %s on %s (lr %g, %s), work dir %s", config.model, config.data, config.lr,
              "LoRA" if config.lora else "full", config.output)
-    done = list_checkpoints(rank_dir(config.output, 0))
-    if done:
-        log.info("finetune: resuming the interrupted run from step %d (%s)", done[-1][0], done[-1][1])
-    result = run_finetune(config)
-    publish_directory(config.output, out)
+    lock = config.output + ".lock"  # DVC and Prefect runs with the same settings share the work directory
+    with exclusive_lock(lock, f"the work directory {config.output}"):
+        done = list_checkpoints(rank_dir(config.output, 0))
+        if done:
+            log.info("finetune: resuming the interrupted run from step %d (%s)", done[-1][0], done[-1][1])
+        result = run_finetune(config)
+        publish_directory(config.output, out)
+        os.unlink(lock)
     metrics = {k: result.metrics.get(k) for k in ("steps", "epochs", "mode", "global_batch_size", "first_loss",
                                                   "final_loss", "min_loss", "tokens_per_second",
                                                   "trainable_parameters")}
     _write_json(layout.metrics("finetune", "finetune.json"), metrics)
-    with open(os.path.join(out, LOG_FILE), "rb") as f:  # the loss curve for `dvc plots`
-        atomic_write_text(layout.metrics("finetune", "train_log.tsv"), f.read().decode("utf-8"))
+    log_path = os.path.join(out, LOG_FILE)  # the loss curve for `dvc plots` (node 0 of a multi-node run logs it)
+    curve = "\t".join(LOG_COLUMNS) + "\n"
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            curve = f.read()
+    atomic_write_text(layout.metrics("finetune", "train_log.tsv"), curve)
     return metrics
 
 
