@@ -22,9 +22,9 @@ PARAMS = os.path.join(REPO, "params.yaml")
 
 
 def test_params_load_and_dotted_overrides():
-    params = load_params(PARAMS, {"finetune.lr": 1e-3, "finetune.lora.enabled": True, "export.paged": None})
+    params = load_params(PARAMS, {"finetune.lr": 1e-3, "finetune.lora.enabled": True, "export.batch_size": None})
     assert params["finetune"]["lr"] == 1e-3 and params["finetune"]["lora"]["enabled"] is True
-    assert params["export"]["paged"] is False  # None leaves params.yaml's value
+    assert params["export"]["batch_size"] is None  # null is a value too (a dynamic batch)
     assert load_params(PARAMS)["finetune"]["lora"]["enabled"] is False  # the file itself is untouched
     with pytest.raises(ParamsError, match=r"unknown parameter 'finetune.lrr'.*\blr\b"):
         apply_overrides(params, {"finetune.lrr": 1})
@@ -54,7 +54,8 @@ def test_dvc_yaml_declares_what_the_stage_table_says():
         assert stage["params"] == list(sections), name
         assert stage["outs"] == [DVC_OUTPUTS[name]], name
         deps = stage["deps"]
-        assert f"stages/{name}.py" in deps and "src/glm3/pipeline/stages.py" in deps
+        assert f"stages/{name}.py" in deps
+        assert all(f"src/glm3/pipeline/{m}.py" in deps for m in ("stages", "layout", "params")), name
         assert all(DVC_OUTPUTS[u] in deps for u in upstream), name
         assert all("${" + key + "}" in deps for key in data_keys), name
         for dep in deps:  # code and data in the repository, another stage's output, or a params.yaml path
@@ -112,6 +113,8 @@ def test_rank_table_stage_refuses_a_mismatch_and_leaves_the_previous_output(tmp_
         rank_table(params, layout)
     with pytest.raises(ParamsError, match=r"servers\[0\] needs ip"):
         rank_table(_params_with([{"address": "x"}], device="Ascend"), layout)
+    with pytest.raises(ValueError, match="model/pipeline parallelism .* need Ascend or GPU"):
+        rank_table(_params_with([], model_parallel=2), layout)
     with open(os.path.join(layout.outputs["rank_table"], PLAN_FILE), encoding="utf-8") as f:
         assert f.read() == before
     assert sorted(os.listdir(os.path.dirname(layout.outputs["rank_table"]))) == ["rank_table"]  # no temporaries

@@ -114,9 +114,18 @@ def test_same_parameters_again_are_cached_and_new_ones_run(served):
 
 def test_pipeline_deployment_runs_every_stage(served):
     root, url, env = served
-    flow_run = run_deployment(env, "glm3/pipeline", "steps=3")
+    flow_run = run_deployment(env, "glm3/pipeline", "steps=3", "lora=true")
     states = task_states(url, flow_run)
     assert states.pop("rank_table") == "Cached"  # same parallel params and code as the fine-tune runs
     assert states == {s: "Completed" for s in ("download", "convert", "finetune", "merge", "export", "evaluate",
                                                "adgen_eval")}
     assert len(glob.glob(os.path.join(root, "models", "prefect", "convert-*"))) == 1
+    artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["glm3-metrics"]}}})
+    markdown = next(a["data"] for a in artifacts if a["flow_run_id"] == flow_run)
+    outputs = dict(re.findall(r"^\| (\w+) \| `([^`]+)` \|", markdown, re.M))  # stage -> its output directory
+    assert list(outputs) == ["download", "convert", "rank_table", "finetune", "merge", "export", "evaluate",
+                             "adgen_eval"]
+    assert "mode=lora" in markdown
+    assert os.path.isfile(os.path.join(root, outputs["finetune"], "adapter", "adapter_config.json"))
+    assert os.path.isfile(os.path.join(root, outputs["merge"], "config.json"))  # the adapter folded in
+    assert os.path.isfile(os.path.join(root, outputs["export"], "decode.mindir"))

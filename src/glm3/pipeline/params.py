@@ -15,7 +15,7 @@ class ParamsError(ValueError):
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> dict:
-    """The params of `path` with `overrides` ({"finetune.lr": 1e-3, ...}; None values are ignored) applied."""
+    """The params of `path` with `overrides` ({"finetune.lr": 1e-3, "export.batch_size": None, ...}) applied."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -36,8 +36,6 @@ def apply_overrides(params: dict, overrides: dict) -> dict:
     """A copy of `params` with each dotted key set; a key must name an existing setting (typos fail loudly)."""
     params = copy.deepcopy(params)
     for dotted, value in overrides.items():
-        if value is None:
-            continue
         *parents, leaf = dotted.split(".")
         node = params
         for part in parents:

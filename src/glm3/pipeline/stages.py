@@ -16,7 +16,7 @@ from glm3.pipeline.params import ParamsError, project_path
 
 log = logging.getLogger("glm3.pipeline")
 
-PLAN_FILE = "plan.json"  # rank_table's output: the resolved parallel layout and per-node launch
+PLAN_FILE = "plan.json"  # rank_table's output: the resolved parallel layout and its nodes
 RANK_TABLE_FILE = "hccl.json"
 
 
@@ -62,12 +62,14 @@ def _parallel_fields(p: dict) -> dict:
 
 
 def rank_table(params: dict, layout: Layout) -> dict:
-    """The parallel plan: world size, one msrun launch per server and, for Ascend servers, the HCCL rank table."""
+    """The parallel plan (world size; each server's workers and node_rank) and, for Ascend servers, the HCCL
+    rank table."""
     from glm3 import rank_table as rt
     from glm3.parallel import ParallelConfig
 
     p = params["parallel"]
     parallel = ParallelConfig(**_parallel_fields(p))
+    parallel.validate(p["device"])  # e.g. model parallelism on CPU fails here, before any training
     servers = p.get("servers") or []
     plan = {"device": p["device"], "world_size": parallel.world_size, "data_parallel": parallel.data_parallel,
             "model_parallel": parallel.model_parallel, "pipeline_stage": parallel.pipeline_stage,
