@@ -3,8 +3,10 @@ Prefect, the finetune config a stage builds, and `glm3 stage` errors."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -200,6 +202,33 @@ def test_a_work_directory_is_locked_while_a_stage_trains_in_it(tmp_path):
         assert holder.returncode == 1 and "FileExistsError: it is in use" in holder.stderr
     with exclusive_lock(lock, "the work directory"):  # released when its holder is done
         pass
+
+
+def test_an_interrupted_finetune_stage_publishes_nothing_and_resumes(project):
+    """SIGTERM (as from Ctrl-C on `dvc repro`): a checkpoint, exit 130, no output; the re-run resumes."""
+    shutil.rmtree(project / "models")
+    stage = [sys.executable, "-m", "glm3.cli", "stage"]
+    for name in ("download", "convert", "rank_table"):
+        subprocess.run([*stage, name, "--project", str(project)], env=subprocess_env(), check=True,
+                       capture_output=True, timeout=300)
+    cmd = [*stage, "finetune", "--project", str(project), "-S", "finetune.steps=200"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work = project / "models" / ".work"
+    while proc.poll() is None and not list(work.glob("finetune-*/checkpoint/rank_0/step_*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved" in err and "run the stage again to resume" in err
+    assert not (project / "models" / "finetune").exists() and not (project / "metrics").exists()
+
+    rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming the interrupted run from step" in rerun.stderr
+    with open(project / "metrics" / "finetune.json", encoding="utf-8") as f:
+        assert json.load(f)["steps"] == 200
+    assert (project / "models" / "finetune" / "model" / "config.json").is_file()
+    assert not list(work.glob("finetune-*"))  # published: the work directory and its lock are gone
 
 
 def test_glm3_stage_reports_bad_parameters(tmp_path):

@@ -136,6 +136,7 @@ def finetune_config(params: dict, layout: Layout):
 
 def finetune(params: dict, layout: Layout) -> dict:
     """Train in models/.work/finetune-<fingerprint> (an interrupted stage resumes there), then publish the run."""
+    from glm3.train import TrainingInterrupted
     from glm3.train.checkpoint import list_checkpoints, rank_dir
     from glm3.train.launch import run_finetune
     from glm3.train.trainer import LOG_COLUMNS, LOG_FILE
@@ -149,7 +150,11 @@ def finetune(params: dict, layout: Layout) -> dict:
         done = list_checkpoints(rank_dir(config.output, 0))
         if done:
             log.info("finetune: resuming the interrupted run from step %d (%s)", done[-1][0], done[-1][1])
-        result = run_finetune(config)
+        try:
+            result = run_finetune(config)
+        except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: a checkpoint was saved, the next run resumes
+            log.warning("finetune: %s; run the stage again to resume", exc)
+            raise KeyboardInterrupt from exc
         publish_directory(config.output, out)
         os.unlink(lock)
     metrics = {k: result.metrics.get(k) for k in ("steps", "epochs", "mode", "global_batch_size", "first_loss",
