@@ -87,6 +87,15 @@ def remove_stale_temporaries(parent: str, base: str) -> list[str]:
     return removed
 
 
+def tail_lines(path: str | os.PathLike, lines: int) -> str:
+    """The last `lines` lines of a text file (a log), or "" if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created if needed) or fail at once if another process does.

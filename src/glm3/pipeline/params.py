@@ -4,8 +4,6 @@ from __future__ import annotations
 import copy
 import os
 
-import yaml
-
 PARAMS_FILE = "params.yaml"
 SECTIONS = ("download", "convert", "parallel", "finetune", "merge", "export", "evaluate", "adgen_eval")
 
@@ -16,6 +14,8 @@ class ParamsError(ValueError):
 
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> dict:
     """The params of `path` with `overrides` ({"finetune.lr": 1e-3, "export.batch_size": None, ...}) applied."""
+    import yaml  # here, not at module level: `glm3 <command>` imports this package to build its parser
+
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:

@@ -14,6 +14,8 @@ import time
 import urllib.error
 import urllib.request
 
+from glm3.io import tail_lines
+
 HOST = "127.0.0.1"
 FLOW_ENTRYPOINT = "flows/pipeline.py:glm3"
 
@@ -42,7 +44,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, log_path: str, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise PrefectServerError(f"the Prefect server exited with {proc.returncode}:\n{_tail(log_path)}")
+            raise PrefectServerError(f"the Prefect server exited with {proc.returncode}:\n{tail_lines(log_path, 30)}")
         try:
             with urllib.request.urlopen(f"{api_url(port)}/health", timeout=2) as response:
                 if response.status == 200:
@@ -51,15 +53,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, log_path: str, timeout: floa
             pass
         time.sleep(0.5)
     raise PrefectServerError(f"the Prefect server did not answer on {api_url(port)} within {timeout:.0f} s:\n"
-                             f"{_tail(log_path)}")
-
-
-def _tail(path: str, lines: int = 30) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
+                             f"{tail_lines(log_path, 30)}")
 
 
 def _port_free(port: int) -> bool:

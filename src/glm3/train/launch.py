@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 
-from glm3.io import atomic_write_text
+from glm3.io import atomic_write_text, tail_lines
 from glm3.parallel import launch_environment, launched_by_msrun, msrun_command
 from glm3.train.checkpoint import list_checkpoints, rank_dir
 from glm3.train.trainer import METRICS_FILE, FinetuneConfig, FinetuneResult, finetune, prepare_data
@@ -22,14 +22,6 @@ CONFIG_FILE = "finetune_config.json"
 
 class LaunchError(ChildProcessError):
     """msrun or a worker failed (an OSError, so the CLI reports it without importing this module)."""
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
@@ -57,7 +49,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     proc = subprocess.run(cmd, cwd=config.output, env=launch_environment(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{_tail(p)}" for p in sorted(glob.glob(os.path.join(log_dir, "worker_*.log"))))
+        logs = "\n".join(f"--- {p}\n{tail_lines(p, 15)}"
+                          for p in sorted(glob.glob(os.path.join(log_dir, "worker_*.log"))))
         raise LaunchError(f"msrun exited with {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{logs}")
     metrics_path = os.path.join(config.output, METRICS_FILE)
     if config.parallel.node_rank != 0:
