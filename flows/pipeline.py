@@ -13,7 +13,8 @@ import os
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from glm3.pipeline import Layout, load_params, stages
+from glm3.pipeline import Layout, load_params
+from glm3.pipeline.stages import stage_function
 from glm3.pipeline.params import PARAMS_FILE
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from, stage_cache_key
 
@@ -22,42 +23,42 @@ CACHED = {"cache_key_fn": stage_cache_key, "persist_result": True}
 
 @task(name="download", retries=3, retry_delay_seconds=[10, 60, 300], **CACHED)
 def download(params: dict, layout: Layout) -> dict:
-    return stages.download(params, layout)
+    return stage_function("download")(params, layout)
 
 
 @task(name="convert", **CACHED)
 def convert(params: dict, layout: Layout) -> dict:
-    return stages.convert(params, layout)
+    return stage_function("convert")(params, layout)
 
 
 @task(name="rank_table", **CACHED)
 def rank_table(params: dict, layout: Layout) -> dict:
-    return stages.rank_table(params, layout)
+    return stage_function("rank_table")(params, layout)
 
 
 @task(name="finetune", **CACHED)
 def finetune(params: dict, layout: Layout) -> dict:
-    return stages.finetune(params, layout)
+    return stage_function("finetune")(params, layout)
 
 
 @task(name="merge", **CACHED)
 def merge(params: dict, layout: Layout) -> dict:
-    return stages.merge(params, layout)
+    return stage_function("merge")(params, layout)
 
 
 @task(name="export", **CACHED)
 def export(params: dict, layout: Layout) -> dict:
-    return stages.export(params, layout)
+    return stage_function("export")(params, layout)
 
 
 @task(name="evaluate", **CACHED)
 def evaluate(params: dict, layout: Layout) -> dict:
-    return stages.evaluate(params, layout)
+    return stage_function("evaluate")(params, layout)
 
 
 @task(name="adgen_eval", **CACHED)
 def adgen_eval(params: dict, layout: Layout) -> dict:
-    return stages.adgen_eval(params, layout)
+    return stage_function("adgen_eval")(params, layout)
 
 
 TASKS = {t.name: t for t in (download, convert, rank_table, finetune, merge, export, evaluate, adgen_eval)}

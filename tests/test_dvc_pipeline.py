@@ -115,6 +115,30 @@ def test_metrics_and_plots_show_the_run(project):
     assert os.path.isfile(os.path.join(root, "dvc_plots", "index.html"))
 
 
+def test_outputs_are_read_only_links_into_the_cache_not_copies(project):
+    root = project[0]
+    cache = os.path.join(root, ".dvc", "cache")
+    weights = glob.glob(os.path.join(root, "models", "ms", "mindspore_model*.ckpt"))
+    assert weights
+    for path in weights:
+        st = os.stat(path)
+        assert st.st_nlink >= 2, f"{path} is a copy, not a link into the DVC cache"
+        assert not st.st_mode & 0o222, f"{path} is writable: an in-place edit would corrupt the cache"
+    inodes = {os.stat(os.path.join(d, f)).st_ino for d, _, files in os.walk(cache) for f in files}
+    assert all(os.stat(p).st_ino in inodes for p in weights)
+
+
+def test_a_change_to_one_stages_code_reruns_that_stage_and_what_follows_only(project):
+    root = project[0]
+    with open(os.path.join(root, "src", "glm3", "export.py"), "a", encoding="utf-8") as f:
+        f.write("\n# an edit to the export code\n")
+    status = json.loads(dvc("status", "--json", cwd=root).stdout)
+    assert set(status) == {"export", "evaluate"}  # the two stages whose code includes glm3/export.py
+    out = dvc("repro", cwd=root).stdout
+    assert ran(out) == ["export", "evaluate"]  # never download, convert, finetune, merge or adgen_eval
+    assert dvc("status", "--json", cwd=root).stdout.strip() == "{}"
+
+
 def test_lr_change_reruns_finetune_onward_and_an_interrupted_finetune_leaves_nothing(project):
     root = project[0]
     set_param(root, "finetune", "lr", "3.0e-3")

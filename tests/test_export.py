@@ -1,5 +1,6 @@
 """MindIR export (prefill + decode graphs, KV cache as graph inputs/outputs) and the MindIR runner, against the
 eager model, token for token."""
+import os
 import subprocess
 import sys
 
@@ -110,3 +111,37 @@ def test_fused_paged_attention_export_emits_the_lite_operator(tiny_dir, tmp_path
         MindIRRunner(fused)
     with pytest.raises(ExportError, match="needs a paged export"):
         export_model(tiny_dir, tmp_path / "x", fused_paged_attention=True)
+
+
+def test_weights_are_stored_once_beside_weightless_graphs(tiny_dir, tmp_path, tokenizer):
+    from glm3.convert import convert_checkpoint
+
+    model = convert_checkpoint(tiny_dir, tmp_path / "ms", progress=False).dst  # our layout: linked, not copied
+    out = export_model(model, tmp_path / "exp", batch_size=1, prompt_length=32, seq_length=64)
+    config = ExportConfig.load(out)
+    assert config.weights == "inputs" and config.dtype == "float32" and len(config.weight_names) == 17
+    weights = tmp_path / "ms" / "mindspore_model.ckpt"
+    assert os.stat(tmp_path / "exp" / "mindspore_model.ckpt").st_ino == os.stat(weights).st_ino
+    for graph in ("prefill.mindir", "decode.mindir"):  # the graphs hold no weight data
+        assert os.path.getsize(tmp_path / "exp" / graph) < os.path.getsize(weights) / 4
+    row = prompt_rows(tokenizer)[:1]
+    assert MindIRRunner(out).generate(row, max_new_tokens=8) == \
+        MindIRRunner(export_model(model, tmp_path / "emb", batch_size=1, prompt_length=32, seq_length=64,
+                                  weights="embedded")).generate(row, max_new_tokens=8)
+
+
+def test_an_embedded_export_above_mindspores_single_file_size_uses_external_weight_data(tiny_dir, tmp_path,
+                                                                                         monkeypatch, tiny_model,
+                                                                                         tokenizer):
+    import mindspore.train.serialization as serialization
+
+    # MindSpore writes <graph>_graph.mindir + <graph>_variables/ above 1 GiB of weights; lower its threshold so
+    # the tiny model takes that path (the 6B float16 export is 12.5 GB).
+    monkeypatch.setattr(serialization, "TOTAL_SAVE", 1)
+    out = export_model(tiny_dir, tmp_path / "big", batch_size=None, prompt_length=32, seq_length=64,
+                       weights="embedded")
+    names = set(os.listdir(out))
+    assert {"prefill_graph.mindir", "decode_graph.mindir", "prefill_variables", "decode_variables"} <= names
+    rows = prompt_rows(tokenizer)
+    assert MindIRRunner(out).generate(rows, max_new_tokens=6) == \
+        [t[:6] for t in eager_tokens(tiny_model, tokenizer, rows)]

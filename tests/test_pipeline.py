@@ -17,7 +17,12 @@ from glm3.pipeline import Layout, ParamsError, load_params
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from
 from glm3.pipeline.layout import DVC_OUTPUTS, ORDER, STAGES
 from glm3.pipeline.params import apply_overrides
-from glm3.pipeline.stages import PLAN_FILE, RANK_TABLE_FILE, _parallel_config, finetune_config, rank_table
+from glm3.pipeline.plan import PLAN_FILE, RANK_TABLE_FILE, parallel_config
+from glm3.pipeline.code_deps import stage_code
+from glm3.pipeline.stages import stage_function
+
+rank_table = stage_function("rank_table")
+from glm3.pipeline.stages.finetune import finetune_config
 from glm3.rank_table import load_rank_table
 
 PARAMS = os.path.join(REPO, "params.yaml")
@@ -56,8 +61,10 @@ def test_dvc_yaml_declares_what_the_stage_table_says():
         assert stage["params"] == list(sections), name
         assert stage["outs"] == [DVC_OUTPUTS[name]], name
         deps = stage["deps"]
-        assert f"stages/{name}.py" in deps
-        assert all(f"src/glm3/pipeline/{m}.py" in deps for m in ("stages", "layout", "params")), name
+        # Exactly the stage's own code (what its imports reach), then its inputs: no more, no less.
+        code = [d for d in deps if d.startswith(("src/", "stages/"))]
+        assert code == stage_code(name, REPO), name
+        assert f"src/glm3/pipeline/stages/{name}.py" in code and "src/glm3/pipeline/layout.py" in code
         assert all(DVC_OUTPUTS[u] in deps for u in upstream), name
         assert all("${" + key + "}" in deps for key in data_keys), name
         for dep in deps:  # code and data in the repository, another stage's output, or a params.yaml path
@@ -97,7 +104,7 @@ def test_rank_table_stage_builds_the_hccl_table_and_the_launch_plan(tmp_path):
                              {"ip": "192.168.1.11", "local_workers": 2, "node_rank": 1}]
 
     # What finetune launches on this host (node 1): msrun over all 4 ranks, 2 here, master on node 0.
-    parallel = _parallel_config(params, out)
+    parallel = parallel_config(params, out)
     assert (parallel.worker_num, parallel.local_worker_num, parallel.node_rank) == (4, 2, 1)
     assert parallel.master_addr == "192.168.1.10"
     assert parallel.rank_table_file == os.path.join(out, RANK_TABLE_FILE)

@@ -15,8 +15,9 @@ def _setup_mindspore(mode: str) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (ours or HuggingFace layout)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="parameter storage dtype (compute is float32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weight storage dtype; auto (default): the checkpoint's own. Compute is float32 on CPU, "
+                   "half-precision weights converted per layer on the fly")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"], help="MindSpore execution mode")
     p.add_argument("--kernels", default="auto", choices=["auto", "plain", "cpu", "ascend"],
                    help="kernel backend (see glm3.kernels)")
@@ -208,7 +209,7 @@ def cmd_train_tokenizer(args) -> int:
 # Flags of `glm3 finetune` that map one-to-one onto FinetuneConfig fields.
 _FINETUNE_FLAGS = ("model", "data", "output", "tokenizer", "cache_dir", "seq_length", "max_source_length",
                    "max_target_length", "preprocess", "batch_size", "grad_accumulation", "steps", "epochs", "lr",
-                   "min_lr", "warmup_steps", "lr_schedule", "weight_decay", "max_grad_norm", "seed",
+                   "min_lr", "warmup_steps", "lr_schedule", "weight_decay", "max_grad_norm", "seed", "dtype",
                    "compute_dtype", "save_every", "keep_checkpoints", "resume", "device")
 
 
@@ -345,10 +346,11 @@ def cmd_merge(args) -> int:
     if bool(args.run) == bool(args.adapter):
         raise ValueError("merge needs exactly one of --run (per-rank checkpoints) and --adapter (a LoRA adapter)")
     if args.adapter:
-        summary = merge_adapter(args.base, args.adapter, args.dst, overwrite=args.overwrite)
+        summary = merge_adapter(args.base, args.adapter, args.dst, overwrite=args.overwrite, dtype=args.dtype,
+                                shard_size=args.shard_size)
     else:
         summary = merge_run(args.run, args.dst, args.base, strategy=args.strategy, step=args.step,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, dtype=args.dtype, shard_size=args.shard_size)
     print(summary.describe())
     return 0
 
@@ -385,7 +387,7 @@ def cmd_export(args) -> int:
     dst = export_model(args.model, args.dst, batch_size=batch, prompt_length=args.prompt_length,
                        seq_length=args.seq_length, paged=args.paged, block_size=args.block_size,
                        num_blocks=args.num_blocks, fused_paged_attention=args.fused_paged_attention,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, weights=args.weights, dtype=args.dtype)
     print(f"exported prefill and decode graphs ({'dynamic' if batch is None else batch} batch, prompt "
           f"{args.prompt_length}, cache {args.seq_length or 'model seq_length'}) to {dst}")
     return 0
@@ -519,7 +521,12 @@ def _add_training_commands(sub) -> None:
         p.add_argument(f"--{flag}", type=kind)
     p.add_argument("--preprocess", choices=["mindformers_v3", "chat"])
     p.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"])
-    p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="storage of the weights while training; auto (default): LoRA keeps the frozen base in the "
+                   "checkpoint's dtype, full fine-tuning trains float32 master weights; model/ is written in the "
+                   "checkpoint's dtype")
+    p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="matmul precision (default float32; float16/bfloat16 with loss scaling on Ascend)")
     p.add_argument("--resume", help="'auto' (default: newest checkpoint in OUTPUT), 'never', or a checkpoint dir")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed data lines")
     lora = p.add_mutually_exclusive_group()
@@ -565,6 +572,9 @@ def _add_distributed_checkpoint_commands(sub) -> None:
     p.add_argument("--adapter", help="LoRA adapter directory")
     p.add_argument("--strategy", help="strategy file, or directory of per-stage strategy files, of a sharded run")
     p.add_argument("--step", type=int, help="checkpoint step to merge (default: newest common step)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="storage dtype of the merged model; auto (default): the base's, whatever the run trained in")
+    p.add_argument("--shard-size", default="2GB", help="max bytes per weight file, e.g. 2GB; 0: one file")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_merge)
 
@@ -602,6 +612,12 @@ def _add_deploy_commands(sub) -> None:
     p.add_argument("--fused-paged-attention", action="store_true",
                    help="paged: use MindSpore's PagedAttention operator (float16; runs in MindSpore Lite on "
                    "Ascend, not in MindSpore)")
+    p.add_argument("--weights", default="inputs", choices=["inputs", "embedded"],
+                   help="inputs (default): the graphs take the weights as inputs and the weights are stored once "
+                   "beside them (hard-linked from MODEL when possible); embedded: MindSpore's self-contained "
+                   "graphs, each with its own copy (for MindSpore Lite)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weight dtype of the export; auto (default): the model's own")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -717,10 +733,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """The library's own log lines (memory estimates, what the trainer chose) on stderr, once."""
+    import logging
+
+    logger = logging.getLogger("glm3")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("glm3: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from glm3.download import DownloadError
 
+    _log_to_stderr()
     try:
         return args.func(args)
     # Input errors (CheckpointError, ConfigError, ...) are ValueErrors; a failed msrun launch is an OSError.

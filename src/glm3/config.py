@@ -34,10 +34,22 @@ _HF_RUNTIME_DEFAULTS: dict[str, Any] = {
 }
 
 _DTYPES = ("float16", "bfloat16", "float32")
+# What every `--dtype` option takes: "auto" is the checkpoint's own storage dtype (config.json torch_dtype).
+DTYPE_CHOICES = ("auto", *_DTYPES)
 
 
 class ConfigError(ValueError):
     """A configuration that does not describe a valid ChatGLM3 model."""
+
+
+def resolve_dtype(dtype: str, config: "GLM3Config") -> str:
+    """The storage dtype a setting names: "auto" is the checkpoint's own (config.json torch_dtype), so a
+    float16 or bfloat16 checkpoint stays in its dtype through every stage unless a setting says otherwise."""
+    if dtype == "auto":
+        return config.torch_dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    return dtype
 
 
 def rope_inv_freq(rotary_dim: int, base: float) -> np.ndarray:

@@ -12,37 +12,17 @@ beside it and renamed into place only when complete, so a failure or a kill leav
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 import sys
 import time
 
 from glm3.checkpoint import (HF_INV_FREQ, HF_ST_INDEX, MS_CKPT_INDEX, MS_EMBEDDING, MS_ST_INDEX, CheckpointError,
                              expected_shapes, hf_tensor_shapes, iter_checkpoint, ms_to_hf_name)
 from glm3.config import PRESETS, ConfigError, GLM3Config, rope_inv_freq
-from glm3.io import atomic_directory, atomic_write_text, check_destination
-from glm3.tensor_files import (STORAGE_DTYPES, MsCkptWriter, SafetensorsWriter, safetensors_header_bound,
-                               storage_nbytes)
+from glm3.io import atomic_directory, check_destination
+from glm3.shards import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size
+from glm3.tensor_files import STORAGE_DTYPES, safetensors_header_bound, storage_nbytes
 from glm3.tokenizer import copy_tokenizer_files
-
-DEFAULT_SHARD_SIZE = "2GB"
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
-
-
-def parse_size(size: str | int) -> int:
-    """Bytes of "2GB", "500MiB", "123" (0 means: no sharding)."""
-    if isinstance(size, int):
-        value = size
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
-        if not m:
-            raise ValueError(f"invalid size {size!r}: use e.g. 2GB, 500MiB or 0 for a single file")
-        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
-    if value < 0:
-        raise ValueError(f"size must be >= 0, got {size!r}")
-    return value
-
 
 @dataclasses.dataclass
 class ConvertSummary:
@@ -70,57 +50,6 @@ class ConvertSummary:
         if not self.tokenizer:
             text += "\nwarning: no tokenizer files found (pass --tokenizer DIR); the model cannot chat without them"
         return text
-
-
-class _ShardedOutput:
-    """Rolls tensors into numbered shard files of at most `shard_bytes` (a tensor is never split)."""
-
-    def __init__(self, directory: str, stem: str, fmt: str, shard_bytes: int, header_bound: int,
-                 metadata: dict | None):
-        self.directory, self.stem, self.fmt = directory, stem, fmt
-        self.ext = "ckpt" if fmt == "ckpt" else "safetensors"
-        self.shard_bytes, self.header_bound, self.metadata = shard_bytes, header_bound, metadata
-        self.writer = None
-        self.parts: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)
-        self.total = 0
-
-    def add(self, name: str, array, dtype: str) -> None:
-        nbytes = storage_nbytes(array.shape, dtype)
-        if self.writer is None or (self.shard_bytes and self.writer.nbytes
-                                   and self.writer.nbytes + nbytes > self.shard_bytes):
-            self._open()
-        self.writer.add(name, array, dtype)
-        self.parts[-1][1].append(name)
-        self.total += nbytes
-
-    def _open(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        path = os.path.join(self.directory, f".part{len(self.parts):05d}.{self.ext}")
-        self.writer = MsCkptWriter(path) if self.fmt == "ckpt" else \
-            SafetensorsWriter(path, self.header_bound, self.metadata)
-        self.parts.append((path, []))
-
-    def finish(self, index_name: str) -> list[str]:
-        """Close the last shard, give the shards their final names and write the index (if sharded)."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        n = len(self.parts)
-        names = [f"{self.stem}.{self.ext}"] if n == 1 else \
-            [f"{self.stem}-{i + 1:05d}-of-{n:05d}.{self.ext}" for i in range(n)]
-        weight_map = {}
-        for (tmp, tensors), final in zip(self.parts, names):
-            os.replace(tmp, os.path.join(self.directory, final))
-            weight_map.update({t: final for t in tensors})
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-            atomic_write_text(os.path.join(self.directory, index_name), json.dumps(index, indent=2) + "\n")
-        return names
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
 
 
 def resolve_config(spec: str | GLM3Config | None, directory: str) -> GLM3Config:
@@ -194,7 +123,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     skipped: list[str] = []
     start = time.perf_counter()
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        out = _ShardedOutput(tmp, stem, fmt, shard_bytes, header_bound, metadata)
+        out = ShardedWriter(tmp, stem, fmt, shard_bytes, header_bound, metadata)
         try:
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"convert to {to}",
                       disable=not progress, file=sys.stderr, mininterval=0.5) as bar:

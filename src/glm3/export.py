@@ -11,22 +11,39 @@ With `paged=True` the cache is a block cache instead (glm3.kv_cache): per layer 
 kv_groups, head_dim] keys and values shared by the batch; prefill also takes the prompt's slot mapping, and
 decode takes each row's slot, block table ([batch, ceil(seq_length / block_size)]) and context length.
 
-Output directory: prefill.mindir, decode.mindir, export_config.json, config.json and the tokenizer files.
+Weights (`weights=`):
+- "inputs" (default): the graphs take the weights as extra inputs, after their own, in the order
+  export_config.json lists (`weight_names`), and the weights are stored once beside them as the model's own
+  sharded checkpoint in its dtype (hard-linked from the source when it already is one). Both graphs share
+  that one copy at run time, and a 6B export needs no more memory than the 12.5 GB of float16 weights.
+- "embedded": MindSpore's self-contained MindIR, the weights inside each graph (what MindSpore Lite on
+  Ascend loads as is). Above 1 GiB MindSpore writes `<graph>_graph.mindir` plus `<graph>_variables/data_0`
+  (external weight data, the protobuf limit is 2 GB); each graph carries its own copy, so the weights are on
+  disk twice, and MindSpore's loader reads each data file whole before copying it into tensors (2.2x the
+  weights per graph, measured), so a 6B embedded export cannot be loaded on a 24 GiB host.
+
+Output directory: prefill/decode graphs, export_config.json, config.json, the tokenizer files and (weights
+"inputs") the weight shards.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 
 import mindspore as ms
 from mindspore import Tensor
 
-from glm3.io import atomic_directory
+from glm3.checkpoint import detect_layout, iter_checkpoint
+from glm3.config import GLM3Config, resolve_dtype
+from glm3.io import atomic_directory, public_permissions
+from glm3.shards import write_model_weights
 from glm3.tokenizer import copy_tokenizer_files
 
 EXPORT_CONFIG = "export_config.json"
-PREFILL, DECODE = "prefill.mindir", "decode.mindir"
+PREFILL, DECODE = "prefill", "decode"  # graph names: <name>.mindir, or <name>_graph.mindir + <name>_variables/
+WEIGHT_MODES = ("inputs", "embedded")
 
 
 class ExportError(ValueError):
@@ -48,6 +65,9 @@ class ExportConfig:
     fused_paged_attention: bool = False
     block_size: int = 16
     num_blocks: int = 224
+    weights: str = "embedded"  # exports written before weights could be inputs embed them
+    dtype: str = "float32"
+    weight_names: list[str] = dataclasses.field(default_factory=list)  # the graphs' weight inputs, in order
     kv_cache: str = "graph inputs/outputs: prefill returns 2*num_layers tensors [batch, kv_groups, seq_length, " \
                     "head_dim] (keys and values per layer); decode takes them and returns them updated"
 
@@ -56,8 +76,16 @@ class ExportConfig:
         path = os.path.join(os.fspath(directory), EXPORT_CONFIG)
         if not os.path.isfile(path):
             raise ExportError(f"{directory} is not an exported model (no {EXPORT_CONFIG})")
-        with open(path, encoding="utf-8") as f:
-            return cls(**json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+            known = {f.name for f in dataclasses.fields(cls)}
+            config = cls(**{k: v for k, v in values.items() if k in known})
+        except (OSError, ValueError, TypeError) as exc:
+            raise ExportError(f"{path} is not a valid export config: {exc}") from None
+        if config.weights not in WEIGHT_MODES:
+            raise ExportError(f"{path}: weights must be one of {WEIGHT_MODES}, got {config.weights!r}")
+        return config
 
 
     @property
@@ -65,56 +93,132 @@ class ExportConfig:
         return -(-self.seq_length // self.block_size)
 
 
+def graph_file(directory: str | os.PathLike, name: str) -> str:
+    """The MindIR file of graph `name` in an export: `<name>.mindir`, or `<name>_graph.mindir` when MindSpore
+    wrote the weights as external data."""
+    for candidate in (f"{name}.mindir", f"{name}_graph.mindir"):
+        path = os.path.join(os.fspath(directory), candidate)
+        if os.path.isfile(path):
+            return path
+    raise ExportError(f"{directory} has no {name}.mindir (or {name}_graph.mindir)")
+
+
+def _weights_as_inputs(names: list[str]):
+    """An export hook (ms.export's custom_func) that turns the graph's parameters into trailing graph inputs,
+    recording their names in order, so the MindIR file holds no weight data at all."""
+
+    def hook(model_proto) -> None:
+        graph = model_proto.graph
+        found = []
+        for param in graph.parameter:
+            value = graph.input.add()
+            value.name = param.name
+            tensor = value.tensor.add()
+            tensor.dims.extend(param.dims)
+            tensor.data_type = param.data_type
+            tensor.name = param.name
+            found.append(param.name.split(":", 1)[-1])
+        del graph.parameter[:]
+        if names and names != found:
+            raise ExportError("the prefill and decode graphs take their weights in different orders")
+        names[:] = found
+
+    return hook
+
+
+def _store_weights(model_dir: str, dst: str, config: GLM3Config, dtype: str) -> str:
+    """The weights of `model_dir` as sharded checkpoint files in `dst`, in `dtype`: hard links when the source
+    is already our layout in that dtype (after every tensor is checked against the config), else streamed
+    and converted tensor by tensor. Returns "linked" or "written"."""
+    kind, files, _ = detect_layout(model_dir)
+    ours = kind == "ms_ckpt" and all(os.path.basename(f).startswith("mindspore_model") for f in files)
+    if ours and config.torch_dtype == dtype:
+        for _ in iter_checkpoint(model_dir, config):  # validate names, shapes, dtypes and the index
+            pass
+        names = [os.path.basename(f) for f in files] + [n for n in os.listdir(model_dir) if n.endswith(".index.json")]
+        for name in names:
+            try:
+                os.link(os.path.join(model_dir, name), os.path.join(dst, name))
+            except OSError:  # another file system, or links not allowed: a copy
+                shutil.copy2(os.path.join(model_dir, name), os.path.join(dst, name))
+        return "linked"
+    tensors = ((name, array) for name, array, _ in iter_checkpoint(model_dir, config, skip_training_state=True))
+    write_model_weights(tensors, dst, config, dtype, where=model_dir)
+    return "written"
+
+
 def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_size: int | None = 1,
                  prompt_length: int = 64, seq_length: int | None = None, paged: bool = False,
                  block_size: int = 16, num_blocks: int = 224, fused_paged_attention: bool = False,
-                 overwrite: bool = False) -> str:
-    """Export `model_dir` to `dst` (see the module docstring). seq_length defaults to the model's.
+                 overwrite: bool = False, weights: str = "inputs", dtype: str = "auto") -> str:
+    """Export `model_dir` to `dst` (see the module docstring). seq_length defaults to the model's; dtype
+    "auto" keeps the checkpoint's own (a float16 model exports float16 weights).
 
     fused_paged_attention: the decode graph uses MindSpore's PagedAttention operator (float16), for MindSpore
     Lite on Ascend; MindSpore itself cannot run that graph, so it is for deployment, not for `glm3 infer` here.
     """
     from glm3.kv_cache import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
     from glm3.loading import load_model
+    from glm3.memory import check_memory, inference_estimate
+    from glm3.model import GLM3ForCausalLM
 
-    model = load_model(model_dir, kernels_backend="plain")
-    config = model.config
+    model_dir = os.fspath(model_dir)
+    if weights not in WEIGHT_MODES:
+        raise ExportError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    config = GLM3Config.from_hf(model_dir)
+    dtype = resolve_dtype(dtype, config)
     seq_length = seq_length or config.seq_length
     if batch_size is not None and batch_size < 1:
         raise ExportError(f"batch_size must be >= 1 (or None for a dynamic batch), got {batch_size}")
     if not 1 <= prompt_length < seq_length <= config.seq_length:
         raise ExportError(f"need 1 <= prompt_length ({prompt_length}) < seq_length ({seq_length}) <= the model's "
                           f"seq_length ({config.seq_length})")
+    if fused_paged_attention and not paged:
+        raise ExportError("fused_paged_attention needs a paged export")
+    if paged and (block_size < 1 or num_blocks < 2):
+        raise ExportError(f"a paged cache needs block_size >= 1 and num_blocks >= 2, got {block_size}, {num_blocks}")
+    if weights == "embedded":
+        check_memory(inference_estimate(config, dtype, what="an embedded export (the weights in memory)"))
+        model = load_model(model_dir, dtype=dtype, kernels_backend="plain")
+    else:  # the graphs need the weights' shapes and dtypes only: nothing is loaded
+        model = GLM3ForCausalLM(config, dtype=dtype, kernels_backend="plain", param_init="lazy")
+        if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
+            from glm3.tokenizer import ChatGLM3Tokenizer
+
+            model.stop_token_ids = ChatGLM3Tokenizer.from_pretrained(model_dir).stop_token_ids[1:]
     spec = ExportConfig(batch_size, prompt_length, seq_length, config.num_layers, config.num_kv_groups,
                         config.kv_channels, config.padded_vocab_size, config.pad_token_id,
                         sorted({config.eos_token_id, *model.stop_token_ids}), paged, fused_paged_attention,
-                        block_size, num_blocks)
-    if fused_paged_attention and not paged:
-        raise ExportError("fused_paged_attention needs a paged export")
+                        block_size, num_blocks, weights, dtype)
     for layer in model.transformer.encoder.layers:
         layer.self_attention.fused_paged = fused_paged_attention
-    if paged and (block_size < 1 or num_blocks < 2):
-        raise ExportError(f"a paged cache needs block_size >= 1 and num_blocks >= 2, got {block_size}, {num_blocks}")
+    options = {"file_format": "MINDIR"}
+    if weights == "inputs":
+        options["custom_func"] = _weights_as_inputs(spec.weight_names)
     b = batch_size  # None becomes a dynamic dimension
     ids, prompt = Tensor(shape=[b, 1], dtype=ms.int32), Tensor(shape=[b, prompt_length], dtype=ms.int32)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        prefill_file, decode_file = os.path.join(tmp, "prefill"), os.path.join(tmp, "decode")
+        prefill_file, decode_file = os.path.join(tmp, PREFILL), os.path.join(tmp, DECODE)
         if paged:
             cache = Tensor(shape=[num_blocks, block_size, spec.kv_groups, spec.head_dim], dtype=ms.float32)
             caches = ms.mutable((cache,) * (2 * spec.num_layers))
-            ms.export(PagedPrefillStep(model), prompt, prompt, prompt, caches, file_name=prefill_file,
-                      file_format="MINDIR")
+            ms.export(PagedPrefillStep(model), prompt, prompt, prompt, caches, file_name=prefill_file, **options)
             row = Tensor(shape=[b], dtype=ms.int32)
             ms.export(PagedDecodeStep(model), ids, ids, row, Tensor(shape=[b, spec.max_blocks], dtype=ms.int32), row,
-                      caches, file_name=decode_file, file_format="MINDIR")
+                      caches, file_name=decode_file, **options)
         else:
             cache = Tensor(shape=[b, spec.kv_groups, seq_length, spec.head_dim], dtype=ms.float32)
-            ms.export(PrefillStep(model, seq_length), prompt, prompt, file_name=prefill_file, file_format="MINDIR")
+            ms.export(PrefillStep(model, seq_length), prompt, prompt, file_name=prefill_file, **options)
             ms.export(DecodeStep(model, seq_length), ids, ids, Tensor(shape=[b, seq_length], dtype=ms.bool_),
                       Tensor(0, ms.int32), ms.mutable((cache,) * (2 * spec.num_layers)), file_name=decode_file,
-                      file_format="MINDIR")
+                      **options)
+        for dirpath, dirnames, names in os.walk(tmp):  # MindSpore writes its graphs readable by their owner only
+            for name in dirnames + names:
+                public_permissions(os.path.join(dirpath, name))
+        if weights == "inputs":
+            _store_weights(model_dir, tmp, config, dtype)
         with open(os.path.join(tmp, EXPORT_CONFIG), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(spec), f, indent=2)
-        config.save(tmp)
+        config.replace(torch_dtype=dtype).save(tmp)
         copy_tokenizer_files(model_dir, tmp)
     return os.fspath(dst)

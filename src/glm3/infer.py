@@ -1,17 +1,21 @@
 """Running an exported model: the prefill and decode MindIR graphs behind the same generation loop as the
 eager model (glm3.generation.decode_loop), so both give the same tokens.
 
+An export whose graphs take their weights as inputs (glm3.export, the default) has its weights loaded once,
+from the checkpoint beside the graphs (checked tensor by tensor), and fed to both graphs on every call.
+
 Graphs load with MindSpore Lite when it is importable, else with MindSpore's GraphCell (MindSpore Lite has no
 wheel for Python 3.11 on the registry, so the tests here run GraphCell).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from glm3.export import DECODE, PREFILL, ExportConfig, ExportError
+from glm3.export import DECODE, PREFILL, ExportConfig, ExportError, graph_file
 from glm3.generation import _validate, as_batch, decode_loop, left_pad
 
 PROMPT_MARKER = "Please enter your predict data:"
@@ -54,20 +58,58 @@ def _load_graph(path: str):
     return _LiteGraph(path, lite), "mindspore_lite"
 
 
+class _WithWeights:
+    """A graph whose weights are inputs, called with its own inputs only: the weights follow them."""
+
+    def __init__(self, graph, weights: tuple):
+        self.graph, self.weights = graph, weights
+
+    def __call__(self, *args):
+        return self.graph(*args, *self.weights)
+
+
+def load_export_weights(directory: str, config: ExportConfig) -> tuple:
+    """The export's weights as MindSpore tensors in its dtype, in the graphs' input order, read once (every
+    tensor checked against config.json: name, shape, floating dtype)."""
+    import mindspore as ms
+
+    from glm3.checkpoint import iter_checkpoint
+    from glm3.config import GLM3Config
+    from glm3.loading import as_param_data
+
+    model_config = GLM3Config.from_hf(directory)
+    dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[config.dtype]
+    tensors = {name: as_param_data(array, dtype) for name, array, _ in iter_checkpoint(directory, model_config)}
+    missing = [n for n in config.weight_names if n not in tensors]
+    if missing or len(tensors) != len(config.weight_names):
+        raise ExportError(f"{directory}: the weights beside the graphs do not match their inputs (missing "
+                          f"{missing[:3]}, {len(tensors)} tensors for {len(config.weight_names)} inputs)")
+    return tuple(tensors.pop(name) for name in config.weight_names)
+
+
 class MindIRRunner:
     """Generation from an export directory (see glm3.export). `backend` says what loaded the graphs."""
 
     def __init__(self, directory: str | os.PathLike):
         directory = os.fspath(directory)
         self.config = ExportConfig.load(directory)
-        for name in (PREFILL, DECODE):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise ExportError(f"{directory} has no {name}")
-        self.prefill, self.backend = _load_graph(os.path.join(directory, PREFILL))
-        if self.config.fused_paged_attention and self.backend != "mindspore_lite":
+        prefill_path, decode_path = graph_file(directory, PREFILL), graph_file(directory, DECODE)
+        if self.config.fused_paged_attention and importlib.util.find_spec("mindspore_lite") is None:
             raise ExportError(f"{directory} uses the fused PagedAttention operator, which only MindSpore Lite "
                               "(on Ascend) runs; export without --fused-paged-attention to run it here")
-        self.decode, _ = _load_graph(os.path.join(directory, DECODE))
+        weights = ()
+        if self.config.weights == "inputs":
+            from glm3.config import GLM3Config
+            from glm3.memory import check_memory, inference_estimate
+
+            batch = self.config.batch_size or 1
+            check_memory(inference_estimate(GLM3Config.from_hf(directory), self.config.dtype, batch,
+                                            self.config.seq_length, kernels=False, what="running the export"))
+            weights = load_export_weights(directory, self.config)
+        self.prefill, self.backend = _load_graph(prefill_path)
+        self.decode, _ = _load_graph(decode_path)
+        if weights:
+            self.prefill, self.decode = _WithWeights(self.prefill, weights), _WithWeights(self.decode, weights)
 
     def _batches(self, prompts: Sequence[Sequence[int]]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(number of real rows, ids, mask) per export-sized batch of checked prompts; a static batch is

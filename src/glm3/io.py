@@ -19,6 +19,13 @@ def _public_mode(path: str, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def public_permissions(path: str | os.PathLike) -> None:
+    """Give a file or directory the usual umask-based permissions (some writers, e.g. MindSpore's export,
+    make theirs 0400/0700)."""
+    path = os.fspath(path)
+    _public_mode(path, directory=os.path.isdir(path))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))

@@ -22,10 +22,11 @@ import tempfile
 import mindspore as ms
 import numpy as np
 
-from glm3.checkpoint import MS_CKPT, CheckpointError, expected_shapes, is_training_state
-from glm3.config import GLM3Config
+from glm3.checkpoint import is_training_state, iter_checkpoint
+from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_directory
-from glm3.tensor_files import MsCkptWriter, iter_ms_ckpt
+from glm3.shards import DEFAULT_SHARD_SIZE, write_model_weights
+from glm3.tensor_files import iter_ms_ckpt
 from glm3.tokenizer import copy_tokenizer_files
 from glm3.train.checkpoint import STATE_FILE, list_checkpoints
 
@@ -113,33 +114,25 @@ def _model_stream(paths: list[str], where: str):
 
 
 def write_model_dir(tensors, config: GLM3Config, dst: str | os.PathLike, tokenizer_dir: str | os.PathLike | None,
-                    where: str, overwrite: bool = False) -> int:
-    """Write (name, array) pairs as a model directory (config.json + mindspore_model.ckpt [+ tokenizer]),
-    tensor by tensor, checking each against the config (name, shape, floating dtype). Returns the count."""
-    expected = expected_shapes(config)
-    seen, dtypes = set(), set()
+                    where: str, overwrite: bool = False, dtype: str = "auto",
+                    shard_size: str | int = DEFAULT_SHARD_SIZE) -> int:
+    """Write (name, array) pairs as a model directory (config.json, sharded weights + index [+ tokenizer]),
+    tensor by tensor, each checked against the config. dtype "auto" is `config.torch_dtype`, the base's, so
+    a half-precision base gives a half-precision result. Returns the tensor count."""
+    dtype = resolve_dtype(dtype, config)
+    count = [0]
+
+    def counted():
+        for item in tensors:
+            count[0] += 1
+            yield item
+
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        writer = MsCkptWriter(os.path.join(tmp, MS_CKPT))
-        try:
-            for name, array in tensors:
-                if name not in expected:
-                    raise CheckpointError(f"{where}: unexpected tensor {name} for this config")
-                if tuple(array.shape) != tuple(expected[name]):
-                    raise CheckpointError(f"{where}: {name} has shape {tuple(array.shape)}, expected {expected[name]}")
-                if array.dtype not in (np.float32, np.float16):
-                    raise CheckpointError(f"{where}: {name} has dtype {array.dtype}, expected float32 or float16")
-                writer.add(name, array, str(array.dtype))
-                seen.add(name)
-                dtypes.add(str(array.dtype))
-        finally:
-            writer.close()
-        missing = sorted(set(expected) - seen)
-        if missing:
-            raise CheckpointError(f"{where}: missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-        config.replace(torch_dtype=dtypes.pop() if len(dtypes) == 1 else "float32").save(tmp)
+        write_model_weights(counted(), tmp, config, dtype, shard_size, where=where)
+        config.replace(torch_dtype=dtype).save(tmp)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
-    return len(seen)
+    return count[0]
 
 
 def _strategy_file(strategy: str, scratch: str) -> str:
@@ -169,11 +162,13 @@ def _check_rank_count(strategy_file: str, ranks: int) -> None:
 
 
 def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.PathLike,
-              strategy: str | None = None, step: int | None = None, overwrite: bool = False) -> MergeSummary:
+              strategy: str | None = None, step: int | None = None, overwrite: bool = False, dtype: str = "auto",
+              shard_size: str | int = DEFAULT_SHARD_SIZE) -> MergeSummary:
     """Merge a training run's per-rank checkpoints into a model directory.
 
     `base` is the model the run started from: its config and tokenizer are used, and for a LoRA run its
-    weights (the run's checkpoints then hold only the adapters, which are folded in).
+    weights (the run's checkpoints then hold only the adapters, which are folded in). The result is stored as
+    `dtype` ("auto": the base's dtype, whatever precision the run trained in), in shards of `shard_size`.
     """
     config = GLM3Config.from_hf(base)
     paths, step = rank_checkpoints(run, step)
@@ -197,34 +192,35 @@ def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.Pat
             adapter = os.path.join(where, "adapter")
             if not os.path.isdir(adapter):
                 raise MergeError(f"{run} is a LoRA run but has no adapter/ directory with its adapter_config.json")
-            state = dict(_model_stream(sources, where))
-            return _merge_lora_state(base, adapter, state, dst, overwrite, len(paths), step)
-        count = write_model_dir(_model_stream(sources, where), config, dst, base, where, overwrite)
+            state = dict(_model_stream(sources, where))  # the adapters only: a few MB
+            summary = _fold(base, adapter, state, dst, overwrite, dtype, shard_size)
+            return dataclasses.replace(summary, ranks=len(paths), step=step)
+        count = write_model_dir(_model_stream(sources, where), config, dst, base, where, overwrite, dtype, shard_size)
     return MergeSummary(os.fspath(dst), len(paths), step, method, count)
 
 
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.PathLike,
-                  overwrite: bool = False) -> MergeSummary:
-    """Fold a saved LoRA adapter into its base model and write a plain model directory."""
-    return _merge_lora_state(base, adapter, None, dst, overwrite, 1, None)
+                  overwrite: bool = False, dtype: str = "auto",
+                  shard_size: str | int = DEFAULT_SHARD_SIZE) -> MergeSummary:
+    """Fold a saved LoRA adapter into its base model and write a plain model directory (see merge_run)."""
+    return _fold(base, adapter, None, dst, overwrite, dtype, shard_size)
 
 
-def _merge_lora_state(base, adapter, state, dst, overwrite, ranks, step) -> MergeSummary:
-    from glm3.loading import load_model, save_model
-    from glm3.lora import adapter_parameters, load_adapter, merge_lora
+def _fold(base, adapter, state, dst, overwrite, dtype, shard_size) -> MergeSummary:
+    """Stream the base model's tensors with the adapter folded in (W + B·A·alpha/rank in float32, stored back
+    as `dtype`): memory is one base tensor at a time, never the model. `state` holds the adapter tensors of a
+    run's checkpoint; None reads them from the adapter directory."""
+    from glm3.lora import adapter_weights, check_adapter_base, fold_adapter, read_adapter_config
 
-    model = load_adapter(load_model(base, kernels_backend="plain"), adapter)
-    if state is not None:  # a checkpoint's adapter values instead of the adapter directory's
-        params = {p.name: p for p in adapter_parameters(model)}
-        if set(params) != set(state):
-            raise MergeError(f"the checkpoint's adapter tensors do not match {adapter}'s config")
-        for name, value in state.items():
-            params[name].set_data(ms.Tensor(value))
-    merge_lora(model)
-    save_model(model, dst, tokenizer_dir=base, overwrite=overwrite)
-    return MergeSummary(os.fspath(dst), ranks, step, "lora", len(list(model.get_parameters())))
-
-
+    base = os.fspath(base)
+    config = GLM3Config.from_hf(base)
+    lora, base_config = read_adapter_config(adapter)
+    check_adapter_base(base_config, config, adapter)
+    tensors = state if state is not None else adapter_weights(adapter)
+    stream = ((name, array) for name, array, _ in iter_checkpoint(base, config, skip_training_state=True))
+    folded = fold_adapter(stream, config, lora, tensors, where=os.fspath(adapter))
+    count = write_model_dir(folded, config, dst, base, base, overwrite, dtype, shard_size)
+    return MergeSummary(os.fspath(dst), 1, None, "lora", count)
 def split_model(model_dir: str | os.PathLike, strategy_file: str, dst: str | os.PathLike,
                 overwrite: bool = False) -> list[str]:
     """Write `dst/rank_N/model.ckpt`, the shards of a model directory under a strategy file."""

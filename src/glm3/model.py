@@ -21,6 +21,7 @@ from glm3 import kernels
 from glm3.config import GLM3Config
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+CAST_BLOCK_BYTES = 512 << 20
 
 
 def to_ms_dtype(dtype) -> ms.Type:
@@ -40,11 +41,27 @@ def _param(shape, dtype, init, name):
     return Parameter(initializer(init, shape, dtype), name=name)
 
 
-class Linear(nn.Cell):
-    """y = x W^T (+ b), with W stored [out, in] as in PyTorch and cast to the compute dtype.
+def as_compute(weight, x, dtype):
+    """`weight` in the compute dtype for an op on `x`.
 
-    With the "cpu" kernel backend, float32 products with at most SMALL_M rows (decoding) go through our
-    streaming kernel; everything else (prefill, training) through MindSpore's MatMul.
+    A half-precision weight is cast inside the graph, tied to `x` by a depend edge. Without it MindSpore
+    treats Cast(Parameter) as a constant of the graph and keeps every cast result alive between calls: a
+    float32 copy of every half-precision weight (measured: 0.81 GB more for 0.40 GB of float16 weights; at
+    6B it is the difference between 12.5 GB and an OOM kill). Tied to the input, each cast is computed when
+    needed and its buffer is reused by the next one.
+    """
+    if weight.dtype == dtype:
+        return weight
+    return ops.depend(weight, x).astype(dtype)
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b), with W stored [out, in] as in PyTorch (any storage dtype), computed in compute_dtype.
+
+    With the "cpu" kernel backend and float32 compute, our kernels (glm3.kernels.linear) compute every
+    product with a half-precision W, reading it as stored, and products of up to SMALL_M rows (decoding)
+    with a float32 W; otherwise MindSpore's MatMul runs on W cast per call (see as_compute). A frozen W
+    (freeze(), LoRA's base) trains through FrozenWeightMatMul, whose backward computes dx only.
     """
 
     def __init__(self, in_features, out_features, bias, dtype, compute_dtype, init, backend="plain"):
@@ -54,14 +71,38 @@ class Linear(nn.Cell):
         self.bias = _param((out_features,), dtype, Zero(), "bias") if bias else None
         self.compute_dtype = compute_dtype
         self.matmul = ops.MatMul(transpose_b=True)
-        use_small_m = backend == "cpu" and dtype == ms.float32 and compute_dtype == ms.float32
-        self.small_m = kernels.small_m_op(kernels.small_m_kernel()) if use_small_m else None
+        self.library = kernels.kernel_library() if backend == "cpu" and compute_dtype == ms.float32 else None
+        self.xwt = kernels.xwt_op(self.library) if self.library else None
+        self.kernel_rows = 1 << 62 if dtype != ms.float32 else kernels.SMALL_M  # rows the kernel takes
+        # Without the kernels a half-precision W is cast per call; a big one (the output layer: 1.07 GB as
+        # float32 at 6B) in blocks of rows, each cast when the previous block's product is done.
+        blocks = -(-out_features * in_features * 4 // CAST_BLOCK_BYTES) if dtype != compute_dtype else 1
+        self.cast_block_rows = -(-out_features // blocks)
+        self.frozen_matmul = None  # set by freeze(): the weight gets no gradient
         self.lora_a = self.lora_b = self.lora_mask = None
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Train without a gradient for W (LoRA's base): W's backward keeps no float32 copy of it."""
+        self.weight.requires_grad = not frozen
+        if self.bias is not None:
+            self.bias.requires_grad = not frozen
+        frozen_float32 = frozen and self.compute_dtype == ms.float32
+        library = self.library if self.weight.dtype != ms.float32 else None
+        self.frozen_matmul = kernels.FrozenWeightMatMul(library) if frozen_float32 else None
+
+    def _blockwise_matmul(self, x2):
+        outs = ()
+        done = x2
+        for block in ops.split(ops.depend(self.weight, x2), self.cast_block_rows, 0):
+            done = self.matmul(x2, ops.depend(block, done).astype(self.compute_dtype))
+            outs = outs + (done,)
+        return ops.concat(outs, -1)
 
     def add_lora(self, rank: int, alpha: float) -> None:
         """Add a low-rank update: y = x W^T + drop(x) A^T B^T * alpha/rank, with B = 0 so it starts as a no-op.
 
-        A is [rank, in] (Kaiming-uniform, as in the LoRA paper's reference code), B is [out, rank].
+        A is [rank, in] (Kaiming-uniform, as in the LoRA paper's reference code), B is [out, rank], both
+        float32 whatever the base weight's dtype.
         Dropout, in training only, multiplies x by `lora_mask`, a Parameter the trainer refills from its
         own seeded generator before each step (so a resumed run draws the same masks; see glm3.lora).
         """
@@ -79,12 +120,16 @@ class Linear(nn.Cell):
     def construct(self, x):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).astype(self.compute_dtype)
-        if self.small_m is not None and x2.shape[0] <= kernels.SMALL_M:
-            y = self.small_m(x2, self.weight)
+        if self.training and self.frozen_matmul is not None:
+            y = self.frozen_matmul(x2, self.weight)
+        elif not self.training and self.xwt is not None and x2.shape[0] <= self.kernel_rows:
+            y = self.xwt(x2, self.weight)
+        elif not self.training and self.cast_block_rows < self.out_features:
+            y = self._blockwise_matmul(x2)
         else:
-            y = self.matmul(x2, self.weight.astype(self.compute_dtype))
+            y = self.matmul(x2, as_compute(self.weight, x2, self.compute_dtype))
         if self.bias is not None:
-            y = y + self.bias.astype(self.compute_dtype)
+            y = y + kernels.like(self.bias.astype(self.compute_dtype), y)
         if self.lora_a is not None:
             h = x2 * self.lora_mask.astype(x2.dtype) if self.lora_mask is not None and self.training else x2
             h = self.matmul(h, self.lora_a.astype(self.compute_dtype))
@@ -130,11 +175,22 @@ class Embedding(nn.Cell):
         self.gather = ops.Gather()  # a primitive, so the parallel config can shard() it
         # On Ascend MindSpore's own gradient stays (it is fast there and known to its auto-parallel).
         self.lookup = _ScatterAddGradLookup(self.gather) if backend != "ascend" else None
+        self.frozen = False
+        # MindSpore's CPU Gather has no bfloat16 kernel: a bfloat16 table is cast (per call) before the lookup.
+        self.cast_table = dtype == ms.bfloat16 and backend != "ascend"
+
+    def freeze(self, frozen: bool = True) -> None:
+        """No gradient for the table: the backward pass stops here instead of building a zero table."""
+        self.embedding_table.requires_grad = not frozen
+        self.frozen = frozen
 
     def construct(self, input_ids):
+        table = as_compute(self.embedding_table, input_ids, ms.float32) if self.cast_table else self.embedding_table
+        if self.frozen:
+            return ops.stop_gradient(self.gather(table, input_ids, 0)).astype(self.compute_dtype)
         if self.lookup is not None:
-            return self.lookup(self.embedding_table, input_ids).astype(self.compute_dtype)
-        return self.gather(self.embedding_table, input_ids, 0).astype(self.compute_dtype)
+            return self.lookup(table, input_ids).astype(self.compute_dtype)
+        return self.gather(table, input_ids, 0).astype(self.compute_dtype)
 
 
 class SelfAttention(nn.Cell):
@@ -158,7 +214,7 @@ class SelfAttention(nn.Cell):
         q = qkv[:, :, :self.q_size].reshape(b, s, self.heads, self.head_dim)
         k = qkv[:, :, self.q_size:self.q_size + self.kv_size].reshape(b, s, self.groups, self.head_dim)
         v = qkv[:, :, self.q_size + self.kv_size:].reshape(b, s, self.groups, self.head_dim)
-        q = kernels.apply_rotary(q, cos, sin, self.fused).transpose(0, 2, 1, 3)
+        q = kernels.apply_rotary(q, cos, sin, self.fused)  # [b, s, heads, d]: attention takes it as it is
         k = kernels.apply_rotary(k, cos, sin, self.fused)
         if paged is not None:
             # Paged decode (one token per row): store this step's key/value in its slot, attend over the blocks.
@@ -167,16 +223,15 @@ class SelfAttention(nn.Cell):
             cache_v = kernels.write_cache(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
             out = kernels.paged_attention(q, cache_k, cache_v, block_tables, context_lens, self.scale,
                                           self.fused_paged)
-            out = out.transpose(0, 2, 1, 3).reshape(b, s, self.q_size)
             return self.dense(out), cache_k, cache_v
         k = k.transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
         if cache_k is not None:
             # Decode: write this step's key/value into the static cache column chosen by write_mask.
-            k = ops.select(write_mask, k.astype(cache_k.dtype), cache_k)
-            v = ops.select(write_mask, v.astype(cache_v.dtype), cache_v)
+            write = kernels.like(write_mask, cache_k)
+            k = ops.select(write, kernels.like(k.astype(cache_k.dtype), cache_k), cache_k)
+            v = ops.select(write, kernels.like(v.astype(cache_v.dtype), cache_v), cache_v)
         out = kernels.attention(q, k.astype(q.dtype), v.astype(q.dtype), keep_mask, self.scale, self.fused)
-        out = out.transpose(0, 2, 1, 3).reshape(b, s, self.q_size)
         return self.dense(out), k, v
 
 
@@ -322,6 +377,20 @@ class GLM3ForCausalLM(nn.Cell):
         from glm3.generation import generate
 
         return generate(self, input_ids, **kwargs)
+
+    def freeze_base(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) every weight the model was built with, as LoRA trains only its adapters.
+
+        Frozen weights get no gradient and their backward keeps no full-precision copy of them (see
+        Linear.freeze), so a half-precision base costs its own storage while training the adapters.
+        """
+        for param in self.get_parameters():
+            if not param.name.endswith((".lora_a", ".lora_b", ".lora_mask")):
+                param.requires_grad = not frozen
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, (Linear, Embedding)):
+                cell.freeze(frozen)
+        self.structure_changed()
 
     def structure_changed(self) -> None:
         """Forget graphs compiled for this model: call after adding or removing cells or parameters (LoRA).

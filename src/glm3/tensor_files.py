@@ -149,9 +149,11 @@ _CRC_TRAILER = b"crc_num"
 _CKPT_SLICE = 512 * 1024 * 1024  # bytes per Value, like MindSpore's own writer
 
 
-def iter_ms_ckpt(path: str, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_ms_ckpt(path: str, want: Callable[[str], bool] | None = None,
+                 types: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Stream the tensors of a MindSpore .ckpt; tensors for which want(name) is False are skipped (never
-    held in memory; read only when a CRC trailer must be verified).
+    held in memory; read only when a CRC trailer must be verified). `types`, if given, receives every
+    tensor's stored type ("Float16", ...).
 
     Memory: one tensor at a time, read straight into its final array. A CRC trailer, when present, is
     verified after the last record.
@@ -199,6 +201,8 @@ def iter_ms_ckpt(path: str, want: Callable[[str], bool] | None = None) -> Iterat
                             content_len = r.varint()
                             if tag is None or ttype is None:
                                 raise TensorFileError(f"{path}: a record's data precedes its name or type")
+                            if types is not None:
+                                types[tag] = ttype
                             current, finished = _ckpt_slice(r, path, current, tag, dims, ttype, content_len, want)
                             if finished is not None:
                                 yield tag, finished
@@ -350,6 +354,24 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.float().numpy()  # float32 holds bfloat16 exactly
     return tensor.numpy()
+
+
+def ckpt_tensor_types(path: str) -> dict[str, str]:
+    """{tensor: stored type} of a MindSpore .ckpt, without reading any tensor data."""
+    types: dict[str, str] = {}
+    for _ in iter_ms_ckpt(path, want=lambda name: False, types=types):
+        pass
+    return types
+
+
+def safetensors_tensor_types(path: str) -> dict[str, str]:
+    """{tensor: dtype} ("F16", ...) from a .safetensors header."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        if size > 100 << 20:
+            raise TensorFileError(f"{path}: a safetensors header of {size} bytes is not plausible")
+        header = json.loads(f.read(size))
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
 
 
 def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:

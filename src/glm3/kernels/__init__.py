@@ -2,8 +2,10 @@
 
 The backend is chosen once, when a model is built (`GLM3ForCausalLM(config, kernels_backend=...)`):
 - "plain": MindSpore operators only (any device; what export and training use).
-- "cpu": plain, plus our streaming float32 kernel for decoding-size matmuls (csrc/linear_small_m.cc),
-  about twice MindSpore's MatMul speed on one-token steps, where decoding is bound by reading weights.
+- "cpu": plain, plus our linear-layer kernels (csrc/linear.cc), which read float32, float16 or bfloat16
+  weights as stored: decoding-size products at about twice MindSpore's MatMul speed with float32 weights
+  (decoding is bound by reading weights) and half the bytes again with half precision; and every product
+  with a half-precision weight, so no float32 copy of one is ever made (inference and LoRA training).
 - "ascend": MindSpore's fused RmsNorm, RotaryPositionEmbedding and FlashAttentionScore (Ascend only).
 - "auto": "ascend" on Ascend, else "cpu" when the kernel can be built, else "plain".
 """
@@ -12,7 +14,8 @@ from __future__ import annotations
 import mindspore as ms
 
 from glm3.kernels.attention import attention
-from glm3.kernels.linear import SMALL_M, small_m_kernel, small_m_op
+from glm3.kernels.broadcast import like
+from glm3.kernels.linear import SMALL_M, FrozenWeightMatMul, kernel_library, xw_op, xwt_op
 from glm3.kernels.paged_attention import paged_attention, write_cache
 from glm3.kernels.rms_norm import rms_norm
 from glm3.kernels.rope import apply_rotary, rope_tables
@@ -28,17 +31,17 @@ def resolve_backend(name: str = "auto") -> str:
     if name == "auto":
         if device == "Ascend":
             return "ascend"
-        return "cpu" if device == "CPU" and small_m_kernel() else "plain"
+        return "cpu" if device == "CPU" and kernel_library() else "plain"
     if name == "ascend" and device != "Ascend":
         raise RuntimeError(f"kernel backend 'ascend' needs an Ascend device; the device target is {device}")
     if name == "cpu":
         if device != "CPU":
             raise RuntimeError(f"kernel backend 'cpu' needs the CPU device target; it is {device}")
-        if small_m_kernel() is None:
-            raise RuntimeError("kernel backend 'cpu' needs the CPU decode kernel, which could not be built "
+        if kernel_library() is None:
+            raise RuntimeError("kernel backend 'cpu' needs the CPU kernels, which could not be built "
                                "(is a C++ compiler with OpenMP installed?)")
     return name
 
 
-__all__ = ["BACKENDS", "SMALL_M", "apply_rotary", "attention", "paged_attention", "resolve_backend", "rms_norm",
-           "rope_tables", "small_m_kernel", "small_m_op", "write_cache"]
+__all__ = ["BACKENDS", "SMALL_M", "FrozenWeightMatMul", "apply_rotary", "attention", "kernel_library",
+           "like", "paged_attention", "resolve_backend", "rms_norm", "rope_tables", "write_cache", "xw_op", "xwt_op"]

@@ -4,27 +4,40 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import ops
 
+from glm3.kernels.broadcast import like
+
+_BMM_NT = ops.BatchMatMul(transpose_b=True)
+
 
 def attention(q, k, v, keep_mask, scale: float, fused: bool = False):
-    """softmax(q k^T * scale, masked) v with key/value groups shared by consecutive query heads.
+    """softmax(q k^T * scale, masked) v, with key/value groups shared by consecutive query heads.
 
-    q: [batch, heads, q_len, d]; k, v: [batch, groups, kv_len, d]; heads % groups == 0 and query head h
-    uses group h // (heads / groups). keep_mask: bool [batch or 1, 1, q_len, kv_len], True where a query may
-    attend to a key. Returns [batch, heads, q_len, d] in q's dtype; softmax is computed in float32.
+    q: [batch, q_len, heads, d] (the projection's own layout); k, v: [batch, groups, kv_len, d] (the KV
+    cache's); heads % groups == 0 and query head h uses group h // (heads / groups). keep_mask: bool
+    [batch or 1, 1, q_len, kv_len], True where a query may attend to a key. Returns [batch, q_len, heads * d]
+    in q's dtype, heads in order; softmax is computed in float32.
+
+    The plain version runs one batched matmul per group on a slice of q, with no transpose of q or of the
+    result: on MindSpore's CPU backend every Transpose of an activation keeps a buffer of its size alive
+    for the graph's lifetime (see glm3.kernels.broadcast), and these are the biggest activations here.
     """
-    b, heads, q_len, d = q.shape
+    b, q_len, heads, d = q.shape
     groups, kv_len = k.shape[1], k.shape[2]
     if fused:
         drop = ops.logical_not(keep_mask).astype(ms.uint8)
-        return ops.flash_attention_score(q, k, v, heads, attn_mask=drop, scalar_value=scale,
-                                         input_layout="BNSD")
+        out = ops.flash_attention_score(q.transpose(0, 2, 1, 3), k, v, heads, attn_mask=drop, scalar_value=scale,
+                                        input_layout="BNSD")
+        return out.transpose(0, 2, 1, 3).reshape(b, q_len, heads * d)
     rep = heads // groups
-    # Queries of one group attend to the same keys: fold the group's heads into the query axis.
-    qg = q.reshape(b, groups, rep * q_len, d)
-    scores = ops.matmul(qg, k.swapaxes(-1, -2)).astype(ms.float32) * scale
-    scores = scores.reshape(b, groups, rep, q_len, kv_len)
-    keep = keep_mask.expand_dims(1)  # [batch or 1, 1, 1, q_len, kv_len]
-    scores = ops.masked_fill(scores, ops.logical_not(keep), ms.Tensor(-1e30, ms.float32))
-    probs = ops.softmax(scores, -1).astype(v.dtype).reshape(b, groups, rep * q_len, kv_len)
-    out = ops.matmul(probs, v)
-    return out.reshape(b, heads, q_len, d)
+    # Rows of a group's scores are (query position, head within the group); the mask repeats over heads.
+    drop = ops.logical_not(keep_mask.reshape(keep_mask.shape[0], q_len, 1, kv_len))
+    outs = ()
+    for g in range(groups):
+        qg = q[:, :, g * rep:(g + 1) * rep].reshape(b, q_len * rep, d)
+        scores = _BMM_NT(qg, k[:, g]).astype(ms.float32) * scale  # [b, q_len * rep, kv_len]
+        if g == 0:
+            drop = like(drop, scores.reshape(b, q_len, rep, kv_len)).reshape(b, q_len * rep, kv_len)
+        scores = ops.masked_fill(scores, drop, ms.Tensor(-1e30, ms.float32))
+        probs = ops.softmax(scores, -1).astype(v.dtype)
+        outs = outs + (ops.matmul(probs, v[:, g]).reshape(b, q_len, rep * d),)
+    return ops.concat(outs, -1) if groups > 1 else outs[0]

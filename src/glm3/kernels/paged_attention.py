@@ -32,13 +32,13 @@ def gather_blocks(cache, block_tables):
 
 
 def paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale: float, fused: bool = False):
-    """q: [batch, heads, 1, d] -> [batch, heads, 1, d], attending to the first context_lens[b] cached tokens."""
+    """q: [batch, 1, heads, d] -> [batch, 1, heads * d], attending to the first context_lens[b] cached tokens."""
     if fused:
-        b, heads, _, d = q.shape
+        b, _, heads, d = q.shape
         op = ops.PagedAttention(heads, scale, key_cache.shape[2])
         out = op(q.reshape(b, heads, d).astype(ms.float16), key_cache.astype(ms.float16),
                  value_cache.astype(ms.float16), block_tables, context_lens)
-        return out.reshape(b, heads, 1, d).astype(q.dtype)
+        return out.reshape(b, 1, heads * d).astype(q.dtype)
     k = gather_blocks(key_cache, block_tables).astype(q.dtype)
     v = gather_blocks(value_cache, block_tables).astype(q.dtype)
     span = k.shape[2]

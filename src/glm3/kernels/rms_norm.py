@@ -1,6 +1,8 @@
 """RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, computed in float32."""
-from mindspore import ops
 import mindspore as ms
+from mindspore import ops
+
+from glm3.kernels.broadcast import like
 
 
 def rms_norm(x, weight, eps: float, fused: bool = False):
@@ -9,5 +11,5 @@ def rms_norm(x, weight, eps: float, fused: bool = False):
         return ops.rms_norm(x, weight.astype(x.dtype), eps)[0]
     x32 = x.astype(ms.float32)
     variance = ops.mean(x32 * x32, -1, keep_dims=True)
-    normed = x32 * ops.rsqrt(variance + eps)
-    return (normed * weight.astype(ms.float32)).astype(x.dtype)
+    normed = x32 * like(ops.rsqrt(variance + eps), x32)
+    return (normed * like(weight.astype(ms.float32), normed)).astype(x.dtype)

@@ -5,6 +5,7 @@ import numpy as np
 from mindspore import ops
 
 from glm3.config import rope_inv_freq
+from glm3.kernels.broadcast import like
 
 
 def rope_tables(max_positions: int, rotary_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +38,7 @@ def apply_rotary(x, cos, sin, fused: bool = False):
     b, s, h, _ = x.shape
     pairs = x_rot.astype(cos.dtype).reshape(b, s, h, half, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = like(cos, x0), like(sin, x0)  # over the heads, explicitly (see glm3.kernels.broadcast)
     out0 = x0 * cos - x1 * sin
     out1 = x1 * cos + x0 * sin
     rotated = ops.stack((out0, out1), -1).reshape(b, s, h, rot).astype(x.dtype)

@@ -52,13 +52,13 @@ class Layout:
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(ORDER)}")
         base = cls.dvc(root)
-        code = code_fingerprint()
         keys: dict[str, str] = {}
         outputs = dict(base.outputs)
         for stage in ORDER:
             sections, upstream, data_keys = STAGES[stage]
             if stage in stages:
-                material = {"stage": stage, "code": code, "params": {s: params[s] for s in sections},
+                material = {"stage": stage, "code": code_fingerprint(stage, base.root),
+                            "params": {s: params[s] for s in sections},
                             "upstream": {u: keys[u] for u in upstream},
                             "data": {k: tree_fingerprint(project_path(base.root, _lookup(params, k)))
                                      for k in data_keys}}
@@ -102,15 +102,18 @@ def tree_fingerprint(path: str) -> str:
     return _digest(entries)
 
 
-def code_fingerprint() -> str:
-    """Hash of the glm3 library's Python sources: a code change invalidates keyed results, as in DVC."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def code_fingerprint(stage: str, root: str) -> str:
+    """Hash of the code stage `stage` runs (the files DVC lists as its deps): a code change invalidates that
+    stage's keyed results and its successors', as in DVC."""
+    from glm3.pipeline.code_deps import stage_code
+
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(package):
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for name in sorted(f for f in filenames if f.endswith((".py", ".cc"))):
-            full = os.path.join(dirpath, name)
-            h.update(os.path.relpath(full, package).encode())
+    for rel in stage_code(stage, root):
+        path = os.path.join(root, rel)
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, dirs, names in os.walk(path) for f in names if "__pycache__" not in d)
+        for full in files:
+            h.update(os.path.relpath(full, root).encode())
             with open(full, "rb") as f:
                 h.update(f.read())
     return h.hexdigest()[:12]

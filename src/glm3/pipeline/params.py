@@ -12,6 +12,10 @@ class ParamsError(ValueError):
     pass
 
 
+class StageInputError(ValueError):
+    """A stage's input cannot be had or used (e.g. the Hub refused a download): reported, not a traceback."""
+
+
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> dict:
     """The params of `path` with `overrides` ({"finetune.lr": 1e-3, "export.batch_size": None, ...}) applied."""
     import yaml  # here, not at module level: `glm3 <command>` imports this package to build its parser

@@ -15,7 +15,7 @@ import subprocess
 from glm3.io import atomic_write_text, tail_lines
 from glm3.parallel import launch_environment, launched_by_msrun, msrun_command
 from glm3.train.checkpoint import list_checkpoints, rank_dir
-from glm3.train.trainer import METRICS_FILE, FinetuneConfig, FinetuneResult, finetune, prepare_data
+from glm3.train.trainer import METRICS_FILE, FinetuneConfig, FinetuneResult, finetune, memory_estimate, prepare_data
 
 CONFIG_FILE = "finetune_config.json"
 
@@ -24,11 +24,25 @@ class LaunchError(ChildProcessError):
     """msrun or a worker failed (an OSError, so the CLI reports it without importing this module)."""
 
 
+def check_run_memory(config: FinetuneConfig) -> None:
+    """Fail now if this node cannot hold its workers (glm3.memory): one rank's estimate times the local ranks."""
+    from glm3.memory import check_memory
+
+    estimate = memory_estimate(config)
+    local = config.parallel.local_worker_num or config.parallel.world_size
+    if local > 1:
+        estimate.what = f"fine-tuning with {local} workers on this host"
+        estimate.parts = {name: value * local for name, value in estimate.parts.items()}
+    check_memory(estimate)
+
+
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as the config says: in-process for one worker (or inside msrun), else through msrun."""
     import mindspore as ms
 
     config.validate()
+    if not launched_by_msrun():  # the launcher checks for all of this node's workers, before any of them starts
+        check_run_memory(config)
     if not config.parallel.is_distributed or launched_by_msrun():
         ms.set_device(config.device)
         ms.set_context(mode=ms.GRAPH_MODE)

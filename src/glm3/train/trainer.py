@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -25,6 +26,7 @@ import numpy as np
 from mindspore import Tensor
 
 from glm3.data.mindrecord import TrainData, batches_per_epoch, build_train_cache, train_dataset
+from glm3.config import DTYPE_CHOICES, GLM3Config, resolve_dtype
 from glm3.io import atomic_write_text
 from glm3.lora import LoraConfig, LoraDropout, apply_lora, save_adapter
 from glm3.parallel import ParallelConfig, apply_shard_strategies, init_parallel
@@ -32,6 +34,8 @@ from glm3.train import checkpoint as ckpt
 from glm3.train.schedule import lr_schedule
 from glm3.train.step import (AdamW, ApplyAccumulated, DynamicLossScale, GradientBuffers, MeanAllReduce, TrainStep,
                              _Update)
+
+log = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.tsv"
 METRICS_FILE = "metrics.json"
@@ -72,6 +76,10 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     shuffle: bool = True
+    # Storage of the model's weights while training. "auto": a LoRA run keeps the frozen base in the
+    # checkpoint's own dtype (half precision stays half); full fine-tuning trains float32 master weights.
+    # The trained model/ is written in the checkpoint's dtype either way.
+    dtype: str = "auto"
     compute_dtype: str = "float32"  # float16/bfloat16 with loss scaling where the device supports it
     loss_scale: float = 2.0 ** 16  # initial dynamic loss scale (half-precision compute only)
     loss_scale_window: int = 1000
@@ -113,6 +121,8 @@ class FinetuneConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
             raise ValueError(f"resume must be 'auto', 'never' or a checkpoint directory; {self.resume!r} is none")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.device.upper() == "CPU" and self.compute_dtype == "bfloat16":
             raise ValueError("bfloat16 compute is not supported on CPU; use float32 (or float16, slowly)")
         if not os.path.isfile(self.data):
@@ -279,6 +289,38 @@ def _resume(config: FinetuneConfig, ckpt_dir: str, state: list, fingerprint: str
     return path, meta
 
 
+def training_dtype(config: FinetuneConfig) -> str:
+    """The storage dtype of the model's weights during training (see FinetuneConfig.dtype)."""
+    if config.dtype != "auto":
+        return config.dtype
+    return resolve_dtype("auto", GLM3Config.from_hf(config.model)) if config.lora is not None else "float32"
+
+
+def memory_estimate(config: FinetuneConfig):
+    """What one rank of this run needs (glm3.memory), from the model's config.json and the settings alone."""
+    from glm3.lora import adapter_shapes
+    from glm3.memory import finetune_estimate
+
+    model_config = GLM3Config.from_hf(config.model)
+    trainable = None
+    if config.lora is not None:
+        trainable = sum(a * b for a, b in adapter_shapes(model_config, config.lora).values())
+    return finetune_estimate(model_config, training_dtype(config), trainable, config.batch_size, config.seq_length,
+                             config.grad_accumulation)
+
+
+def _describe_setup(config: FinetuneConfig, model) -> str:
+    """One line on how the weights are held, for the log: what the trainer chose and why."""
+    dtype = training_dtype(config)
+    if config.lora is None:
+        return f"full fine-tuning: {dtype} weights, float32 gradients and Adam moments"
+    if dtype == "float32":
+        return "LoRA over a float32 base"
+    kernels = "the CPU kernels read it as stored" if model.kernels_backend == "cpu" else "cast per layer"
+    return (f"LoRA over a {dtype} base: the frozen base stays {dtype} ({kernels}) and its backward computes only "
+            "input gradients, so no float32 copy of it is made; adapters and their Adam state are float32")
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Train in this process (a single worker, or one rank under msrun). See the module docstring."""
     from tqdm import tqdm
@@ -292,7 +334,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     steps, per_epoch = total_steps(config, data, ranks)
     ms.set_seed(config.seed)
 
-    model = load_model(config.model, dtype="float32", compute_dtype=config.compute_dtype, kernels_backend="plain")
+    base_dtype = resolve_dtype("auto", GLM3Config.from_hf(config.model))
+    # On CPU our kernels carry a half-precision frozen base (no float32 copies); elsewhere MindSpore's ops.
+    model = load_model(config.model, dtype=training_dtype(config), compute_dtype=config.compute_dtype,
+                       kernels_backend="auto" if config.device.upper() == "CPU" else "plain")
+    if rank == 0:
+        log.info("finetune: %s", _describe_setup(config, model))
     if data.seq_length > model.config.seq_length:
         raise ValueError(f"examples are {data.seq_length} tokens but the model's seq_length is "
                          f"{model.config.seq_length}")
@@ -319,7 +366,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         return ckpt.save_checkpoint(ckpt_dir, step, graphs.state, state, config.keep_checkpoints)
 
     is_main = rank == 0
-    log = _Log(os.path.join(config.output, LOG_FILE) if is_main else None, start_step)
+    train_log = _Log(os.path.join(config.output, LOG_FILE) if is_main else None, start_step)
     tokens_per_step = config.batch_size * data.seq_length * ranks * config.grad_accumulation
     batches = _batches(config, data, rank, ranks, per_epoch, start_step * config.grad_accumulation)
     bar = tqdm(total=steps, initial=start_step, desc="finetune", unit="step",
@@ -347,7 +394,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 history["timed_steps"] += 1
             history["losses"].append(loss)
             scale = float(graphs.loss_scale.scale.asnumpy()) if graphs.loss_scale is not None else 1.0
-            log.write({"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(graphs.lrs[step]),
+            train_log.write({"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(graphs.lrs[step]),
                        "grad_norm": float(norm.asnumpy()), "tokens_per_s": tokens_per_step / seconds,
                        "loss_scale": scale})
             bar.update(1)
@@ -370,7 +417,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             weights = save_adapter(model, os.path.join(config.output, "adapter"), overwrite=True)
         else:
             weights = save_model(model, os.path.join(config.output, "model"),
-                                 tokenizer_dir=config.tokenizer or config.model, overwrite=True)
+                                 tokenizer_dir=config.tokenizer or config.model, overwrite=True, dtype=base_dtype)
     metrics = _summary(config, model, data, history, steps, ranks, per_epoch, tokens_per_step)
     if is_main:
         atomic_write_text(os.path.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,158 @@
+"""The rehearsal at the real size: the whole DVC pipeline on the ChatGLM3-6B shape (6.24 B parameters, float16),
+in a scratch clone of this repository's last commit, on this host. Prints one JSON object.
+
+    PATH=$PWD/.venv/bin:$PATH .venv/bin/python benchmarks/pipeline_6b.py [--workdir DIR] [--keep]
+
+It runs `dvc exp run` with the Makefile's REHEARSAL_6B overrides (what `make rehearsal-6b` runs: the 6B
+synthetic checkpoint, float16, LoRA, two steps, C-Eval on the shipped sample, two ADGEN records). The synthetic
+source is written once into GLM3_SYNTHETIC_CACHE (default ~/.cache/glm3/synthetic, outside the repo) and
+hard-linked into models/hf. Reported per stage, from each stage's own process (GLM3_STAGE_STATS): wall time,
+peak RSS from the kernel (VmHWM), bytes written and the dtypes of the tensors written; the LoRA step time; the
+batch-1 decode speed of the merged 6B model beside the memory-read bandwidth measured in the same run; and the
+disk the run uses, DVC cache included (hard links counted once). Targets: every stage <= 16 GiB peak RSS, no
+float32 weights written, the run's disk <= 4x the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2 ** 30
+STAGE_OUTPUTS = {"download": "models/hf", "convert": "models/ms", "rank_table": "models/rank_table",
+                 "finetune": "models/finetune", "merge": "models/merged", "export": "models/export",
+                 "evaluate": "models/ceval", "adgen_eval": "models/adgen_eval"}
+DECODE_SCRIPT = r"""
+import json, os, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from decode import read_bandwidth
+bandwidth = read_bandwidth()
+import mindspore as ms
+ms.set_device("CPU"); ms.set_context(mode=ms.GRAPH_MODE)
+import glm3
+model = glm3.load_model(sys.argv[1])
+ids = np.arange(3, 35, dtype=np.int32)[None]
+stamps = []
+model.generate(ids, max_new_tokens=4, eos_token_id=[])  # compile
+start = time.perf_counter()
+model.generate(ids, max_new_tokens=17, eos_token_id=[], streamer=lambda t: stamps.append(time.perf_counter()))
+step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+weights = sum(int(np.prod(p.shape)) * (4 if p.dtype == ms.float32 else 2) for p in model.get_parameters()
+              if p.name != "transformer.embedding.embedding_table")
+print(json.dumps({"dtype": str(model.dtype), "decode_step_s": step, "decode_tokens_per_s": 1 / step,
+                  "prefill_32_s": stamps[0] - start, "weight_bytes_per_token": weights, "memory_read": bandwidth,
+                  "weight_read_limit_tokens_per_s": bandwidth["limit_GBps"] * 1e9 / weights,
+                  "fraction_of_limit": (1 / step) / (bandwidth["limit_GBps"] * 1e9 / weights)}))
+"""
+
+
+def run(cmd, cwd, env, log):
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        start = time.monotonic()
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
+    return time.monotonic() - start
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes on disk under `path`, each inode once (hard links between workspace and DVC cache count once)."""
+    seen, total = set(), 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total
+
+
+def tensor_dtypes(path: str) -> list[str]:
+    """The storage types of every tensor in the .ckpt/.safetensors files under `path` (headers only)."""
+    from glm3.tensor_files import ckpt_tensor_types, safetensors_tensor_types
+
+    found = set()
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if name.endswith(".ckpt"):
+                found.update(ckpt_tensor_types(full).values())
+            elif name.endswith(".safetensors"):
+                found.update(safetensors_tensor_types(full).values())
+    return sorted(found)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", help="where the scratch clone goes (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch clone")
+    args = parser.parse_args()
+    env = dict(os.environ, GLOG_v="3", DVC_NO_ANALYTICS="1")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    work = args.workdir or tempfile.mkdtemp(prefix="glm3-6b-")
+    clone = os.path.join(work, "glm3-pipeline")
+    shutil.rmtree(clone, ignore_errors=True)
+    subprocess.run(["git", "clone", "-q", REPO, clone], check=True)
+    overrides = subprocess.run(["make", "-s", "rehearsal-6b-args"], cwd=clone, capture_output=True, text=True,
+                               check=True).stdout.split()
+    stats = os.path.join(work, "stage_stats.jsonl")
+    if os.path.exists(stats):
+        os.unlink(stats)
+    env["GLM3_STAGE_STATS"] = stats
+    log = os.path.join(work, "rehearsal.log")
+    wall = run(["dvc", "exp", "run", *overrides], clone, env, log)
+
+    sys.path.insert(0, os.path.join(REPO, "src"))
+    with open(stats, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    stages = {}
+    for r in records:
+        out = os.path.join(clone, STAGE_OUTPUTS[r["stage"]])
+        peak = max(r["peak_rss_bytes"], r["children_peak_rss_bytes"])
+        stages[r["stage"]] = {"seconds": r["seconds"], "peak_rss_gib": round(peak / GIB, 2),
+                              "bytes_written": sum(os.path.getsize(os.path.join(d, n))
+                                                   for d, _, names in os.walk(out) for n in names),
+                              "dtypes_written": tensor_dtypes(out)}
+    checkpoint = sum(os.path.getsize(os.path.join(clone, "models", "ms", n))
+                     for n in os.listdir(os.path.join(clone, "models", "ms")) if n.endswith(".ckpt"))
+    with open(os.path.join(clone, "metrics", "finetune.json"), encoding="utf-8") as f:
+        finetune = json.load(f)
+    with open(os.path.join(clone, "models", "finetune", "train_log.tsv"), encoding="utf-8") as f:
+        steps = [line.split("\t") for line in f.read().splitlines()[1:]]
+    decode = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, os.path.join(clone, "models", "merged"),
+                             os.path.dirname(os.path.abspath(__file__))], capture_output=True, text=True, env=env)
+    if decode.returncode != 0:
+        sys.exit(f"decode measurement failed:\n{decode.stderr[-3000:]}")
+    run_disk = disk_bytes(clone)
+    result = {
+        "benchmark": "pipeline_6b", "overrides": overrides, "cores": os.cpu_count(), "wall_seconds": round(wall, 1),
+        "checkpoint_bytes": checkpoint, "stages": stages,
+        "lora": {"steps": finetune["steps"], "trainable_parameters": finetune["trainable_parameters"],
+                 "step_seconds_after_first": (round(finetune["train_seconds"] / max(1, finetune["steps"] - 1), 2)),
+                 "tokens_per_second": finetune["tokens_per_second"], "losses": [float(s[2]) for s in steps]},
+        "decode_6b_batch1": json.loads(decode.stdout.strip().splitlines()[-1]),
+        "disk": {"run_bytes_incl_dvc_cache": run_disk, "vs_checkpoint": round(run_disk / checkpoint, 2)},
+    }
+    result["targets"] = {
+        "every_stage_peak_rss_le_16gib": all(s["peak_rss_gib"] <= 16 for s in stages.values()),
+        "no_float32_artifact": not any(t.lower().startswith(("float32", "f32")) for stage, s in stages.items()
+                                       if stage != "finetune" for t in s["dtypes_written"]),
+        "run_disk_le_4x_checkpoint": run_disk <= 4 * checkpoint,
+    }
+    print(json.dumps(result, indent=2))
+    if not args.keep and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

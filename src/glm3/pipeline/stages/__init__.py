@@ -1,0 +1,28 @@
+"""The pipeline's stages, one module each: `stage_function(name)(params, layout) -> summary dict`.
+
+DVC (`python -m stages.<name>`) and the Prefect flow call these same functions; only the Layout differs.
+Each stage writes its output directory atomically (complete or absent, whatever fails or is killed) and
+then its small metrics files; the summary it returns is what it wrote into metrics. One module per stage,
+so that each DVC stage depends on its own code only (dvc.yaml lists what each module imports).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from glm3.pipeline.layout import ORDER
+
+
+def stage_module(name: str) -> str:
+    """The module that implements stage `name`."""
+    if name not in ORDER:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
+    return f"glm3.pipeline.stages.{name}"
+
+
+def stage_function(name: str) -> Callable[[dict, object], dict]:
+    """The function that runs stage `name` (imported on first use: a stage pays only for its own imports)."""
+    return importlib.import_module(stage_module(name)).run
+
+
+__all__ = ["stage_function", "stage_module"]

@@ -1,0 +1,66 @@
+"""Stage `finetune`: train in models/.work/finetune-<fingerprint> (an interrupted stage resumes there), then
+publish the run and its loss curve."""
+from __future__ import annotations
+
+import logging
+import os
+
+from glm3.io import atomic_write_text, exclusive_lock, publish_directory
+from glm3.pipeline.layout import Layout
+from glm3.pipeline.outputs import write_json
+from glm3.pipeline.params import project_path
+from glm3.pipeline.plan import parallel_config
+
+log = logging.getLogger("glm3.pipeline")
+
+
+def finetune_config(params: dict, layout: Layout):
+    """The FinetuneConfig of params.finetune, training in a work directory keyed by the settings' fingerprint."""
+    from glm3.train import FinetuneConfig
+
+    values = dict(params["finetune"])
+    lora = dict(values.pop("lora", None) or {})
+    values["lora"] = lora if lora.pop("enabled", False) else None
+    values.update(model=layout.outputs["convert"], data=project_path(layout.root, values["data"]),
+                  output=layout.work, cache_dir=os.path.join(layout.work, "data_cache"), resume="auto",
+                  device=params["parallel"]["device"],
+                  parallel=parallel_config(params, layout.outputs["rank_table"]))
+    config = FinetuneConfig.from_dict(values)
+    config.output = os.path.join(layout.work, f"finetune-{config.fingerprint()}")
+    return config
+
+
+def run(params: dict, layout: Layout) -> dict:
+    """Train in models/.work/finetune-<fingerprint> (an interrupted stage resumes there), then publish the run."""
+    from glm3.train import TrainingInterrupted
+    from glm3.train.checkpoint import list_checkpoints, rank_dir
+    from glm3.train.launch import run_finetune
+    from glm3.train.trainer import LOG_COLUMNS, LOG_FILE
+
+    config = finetune_config(params, layout)
+    out = layout.outputs["finetune"]
+    log.info("finetune: %s on %s (lr %g, %s), work dir %s", config.model, config.data, config.lr,
+             "LoRA" if config.lora else "full", config.output)
+    lock = config.output + ".lock"  # DVC and Prefect runs with the same settings share the work directory
+    with exclusive_lock(lock, f"the work directory {config.output}"):
+        done = list_checkpoints(rank_dir(config.output, 0))
+        if done:
+            log.info("finetune: resuming the interrupted run from step %d (%s)", done[-1][0], done[-1][1])
+        try:
+            result = run_finetune(config)
+        except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: a checkpoint was saved, the next run resumes
+            log.warning("finetune: %s; run the stage again to resume", exc)
+            raise KeyboardInterrupt from exc
+        publish_directory(config.output, out)
+        os.unlink(lock)
+    metrics = {k: result.metrics.get(k) for k in ("steps", "epochs", "mode", "global_batch_size", "first_loss",
+                                                  "final_loss", "min_loss", "tokens_per_second",
+                                                  "trainable_parameters")}
+    write_json(layout.metrics("finetune", "finetune.json"), metrics)
+    log_path = os.path.join(out, LOG_FILE)  # the loss curve for `dvc plots` (node 0 of a multi-node run logs it)
+    curve = "\t".join(LOG_COLUMNS) + "\n"
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            curve = f.read()
+    atomic_write_text(layout.metrics("finetune", "train_log.tsv"), curve)
+    return metrics

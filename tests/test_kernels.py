@@ -1,0 +1,64 @@
+"""The CPU linear-layer kernels (glm3/kernels/csrc/linear.cc) against numpy, at every row count and weight dtype
+they handle, as MindSpore custom operators in compiled graphs; and the frozen-weight product's backward."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn, ops
+
+from glm3.kernels import FrozenWeightMatMul, kernel_library, xw_op, xwt_op
+from glm3.tensor_files import bfloat16_bits, bfloat16_to_float32
+
+LIB = kernel_library()  # None (and every test here failing) if the host's C++ compiler cannot build them
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def weight(rng, shape, dtype):
+    """(MindSpore tensor stored as dtype, the float64 values it holds)."""
+    w = rng.standard_normal(shape, dtype=np.float32)
+    if dtype == "float16":
+        w16 = w.astype(np.float16)
+        return Tensor(w16), w16.astype(np.float64)
+    if dtype == "bfloat16":
+        exact = bfloat16_to_float32(bfloat16_bits(w))
+        return Tensor(exact).astype(ms.bfloat16), exact.astype(np.float64)
+    return Tensor(w), w.astype(np.float64)
+
+
+class Product(nn.Cell):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, x, w):
+        return self.op(x, w)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 65])
+def test_xwt_and_xw_equal_numpy_at_every_row_count(dtype, rows):
+    rng = np.random.default_rng(rows)
+    n, k = 70, 45  # neither a multiple of the 4-row, 8-lane or 16-row tiles: every tail path runs
+    w, w64 = weight(rng, (n, k), dtype)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    y = Product(xwt_op(LIB))(Tensor(x), w).asnumpy()
+    assert y.shape == (rows, n) and y.dtype == np.float32
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w64.T, rtol=1e-5, atol=1e-4)
+    dy = rng.standard_normal((rows, n), dtype=np.float32)
+    dx = Product(xw_op(LIB))(Tensor(dy), w).asnumpy()
+    assert dx.shape == (rows, k)
+    np.testing.assert_allclose(dx, dy.astype(np.float64) @ w64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_frozen_weight_matmul_gradient_is_dy_w_and_nothing_for_w(dtype):
+    rng = np.random.default_rng(0)
+    w, w64 = weight(rng, (40, 24), dtype)
+    x = rng.standard_normal((13, 24), dtype=np.float32)
+    dy = rng.standard_normal((13, 40), dtype=np.float32)
+    for library in (LIB, None):  # the kernels, and MindSpore's MatMul on a cast
+        cell = FrozenWeightMatMul(library)
+        np.testing.assert_allclose(cell(Tensor(x), w).asnumpy(), x @ w64.T, rtol=1e-5, atol=1e-4)
+        grad = ops.GradOperation(sens_param=True)(cell)
+        dx = grad(Tensor(x), w, Tensor(dy)).asnumpy()
+        np.testing.assert_allclose(dx, dy.astype(np.float64) @ w64, rtol=1e-5, atol=1e-4)
