@@ -4,7 +4,7 @@ import os
 import pytest
 
 import glm3
-from glm3.chat import process_response
+from glm3.conversation import process_response
 from glm3.tool_call import ToolCallError, parse_tool_call
 
 TOOLS = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]

@@ -65,6 +65,15 @@ def test_commands_refuse_what_cannot_fit_in_seconds_before_reading_weights(tmp_p
         assert "needs about" in done.stderr and "GB available" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and "missing" not in done.stderr  # no weight was looked for
     assert not (tmp_path / "run" / "checkpoint").exists()
+    # The streaming stages hold one tensor at a time: refused only when one tensor cannot fit (a 17 GB one here).
+    wide = _config_only(tmp_path / "wide", hidden_size=1 << 17)
+    for args, out in ((["merge", "--adapter", str(tmp_path / "adapter"), "--base", wide, "--dst"], "merged"),
+                      (["export", "--model", wide, "--prompt-length", "8", "--seq-length", "16", "--dst"], "export")):
+        done = subprocess.run([*GLM3, *args, str(tmp_path / out)], capture_output=True, text=True,
+                              env=subprocess_env(), timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "needs about" in done.stderr and "largest tensor float16" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / out).exists()
 
 
 def test_what_fits_is_accepted(tiny_dir, tmp_path):

@@ -12,13 +12,12 @@ import os as _os
 # MindSpore logs every graph-compile warning to stderr by default; keep errors only unless asked.
 _os.environ.setdefault("GLOG_v", "3")
 
-# `chat` names both a submodule and a function: bind the function eagerly (glm3.chat imports MindSpore only
-# when it generates), or a later `import glm3.chat` would leave the module in its place.
-from glm3.chat import INVALID_TOOL_CALL_MARKER, chat, process_response, stream_chat  # noqa: E402
-
-# Other names are imported on first use, so light commands (download, convert) do not pay for importing
-# MindSpore, and `import glm3.convert` stays cheap.
+# Every name is imported on first use, so light commands (download, convert) do not pay for importing
+# MindSpore, `import glm3.convert` stays cheap, and a pipeline stage's code is only the modules it runs (an
+# edit to the chat code must not re-run the 12.5 GB download and conversion; see glm3.pipeline.code_deps).
 _EXPORTS = {
+    "INVALID_TOOL_CALL_MARKER": "glm3.conversation", "chat": "glm3.conversation",
+    "process_response": "glm3.conversation", "stream_chat": "glm3.conversation",
     "CheckpointError": "glm3.checkpoint", "hf_to_ms_name": "glm3.checkpoint",
     "ms_to_hf_name": "glm3.checkpoint", "PRESETS": "glm3.config", "ConfigError": "glm3.config",
     "GLM3Config": "glm3.config", "convert_checkpoint": "glm3.convert", "DownloadError": "glm3.download",
@@ -32,7 +31,7 @@ _EXPORTS = {
 }
 
 __version__ = "0.1.0"
-__all__ = sorted([*_EXPORTS, "INVALID_TOOL_CALL_MARKER", "chat", "process_response", "stream_chat"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

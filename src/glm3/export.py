@@ -87,7 +87,6 @@ class ExportConfig:
             raise ExportError(f"{path}: weights must be one of {WEIGHT_MODES}, got {config.weights!r}")
         return config
 
-
     @property
     def max_blocks(self) -> int:
         return -(-self.seq_length // self.block_size)
@@ -159,7 +158,7 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
     """
     from glm3.kv_cache import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
     from glm3.loading import load_model
-    from glm3.memory import check_memory, inference_estimate
+    from glm3.memory import check_memory, inference_estimate, streaming_estimate
     from glm3.model import GLM3ForCausalLM
 
     model_dir = os.fspath(model_dir)
@@ -180,7 +179,8 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
     if weights == "embedded":
         check_memory(inference_estimate(config, dtype, what="an embedded export (the weights in memory)"))
         model = load_model(model_dir, dtype=dtype, kernels_backend="plain")
-    else:  # the graphs need the weights' shapes and dtypes only: nothing is loaded
+    else:  # the graphs need the weights' shapes and dtypes only: nothing is loaded, the weights are streamed
+        check_memory(streaming_estimate(config, dtype, f"exporting {model_dir}"))
         model = GLM3ForCausalLM(config, dtype=dtype, kernels_backend="plain", param_init="lazy")
         if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
             from glm3.tokenizer import ChatGLM3Tokenizer

@@ -4,7 +4,7 @@ kernel's OOM killer.
 
 The estimates are sums of named parts (weights in their storage dtype, optimizer state, activations, KV
 cache, the runtime), each from the shapes; the activation and runtime coefficients were measured on this
-project's model with MindSpore 2.10 on CPU (see README "Memory"). `available_bytes()` is what the host can
+project's model with MindSpore 2.10 on CPU (see README "At the real size"). `available_bytes()` is what the host can
 give now: MemAvailable, or the cgroup's limit minus its usage when that is lower. GLM3_SKIP_MEMORY_CHECK=1
 turns the check off (the estimate is still logged).
 """
@@ -122,6 +122,23 @@ def inference_estimate(config: GLM3Config, dtype: str, batch: int = 1, length: i
         parts["float32 casts"] = 2 * largest_weight_bytes(config, "float32")
     return MemoryEstimate(what, parts, "use a half-precision checkpoint (glm3 convert --dtype float16), or a "
                           "shorter context / smaller batch")
+
+
+def streaming_estimate(config: GLM3Config, dtype: str, what: str, whole_model: bool = False) -> MemoryEstimate:
+    """A stage that streams the weights one tensor at a time (merge, export with weights as graph inputs):
+    the largest tensor as read and as written in `dtype`, its float32 working copy, and the runtime. With
+    whole_model (a merge by strategy files: MindSpore's transform_checkpoints holds the ranks' slices and the
+    merged model) the float32 model twice instead."""
+    if whole_model:
+        model = weight_bytes(config, "float32")
+        parts = {"rank slices float32": model, "merged float32": model}
+        advice = "merge on a host with more memory (the Ascend servers that trained it)"
+    else:
+        parts = {f"largest tensor {dtype} (read and written)": 2 * largest_weight_bytes(config, dtype),
+                 "its float32 working copy": largest_weight_bytes(config, "float32")}
+        advice = "free memory or use a larger host: this stage already holds one tensor at a time"
+    parts["runtime"] = RUNTIME_BYTES
+    return MemoryEstimate(what, parts, advice)
 
 
 def finetune_estimate(config: GLM3Config, weights_dtype: str, lora_trainable: int | None, batch: int,

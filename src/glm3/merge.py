@@ -25,6 +25,7 @@ import numpy as np
 from glm3.checkpoint import is_training_state, iter_checkpoint
 from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_directory
+from glm3.memory import check_memory, streaming_estimate
 from glm3.shards import DEFAULT_SHARD_SIZE, write_model_weights
 from glm3.tensor_files import iter_ms_ckpt
 from glm3.tokenizer import copy_tokenizer_files
@@ -173,6 +174,8 @@ def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.Pat
     config = GLM3Config.from_hf(base)
     paths, step = rank_checkpoints(run, step)
     where = os.fspath(run)
+    check_memory(streaming_estimate(config, resolve_dtype(dtype, config), f"merging {where}",
+                                    whole_model=bool(strategy)))
     with tempfile.TemporaryDirectory(prefix="glm3-merge-") as scratch:
         if strategy:
             src = os.path.join(scratch, "src")
@@ -214,6 +217,8 @@ def _fold(base, adapter, state, dst, overwrite, dtype, shard_size) -> MergeSumma
 
     base = os.fspath(base)
     config = GLM3Config.from_hf(base)
+    if state is None:  # merge_run checked already
+        check_memory(streaming_estimate(config, resolve_dtype(dtype, config), f"folding {adapter} into {base}"))
     lora, base_config = read_adapter_config(adapter)
     check_adapter_base(base_config, config, adapter)
     tensors = state if state is not None else adapter_weights(adapter)
@@ -221,6 +226,8 @@ def _fold(base, adapter, state, dst, overwrite, dtype, shard_size) -> MergeSumma
     folded = fold_adapter(stream, config, lora, tensors, where=os.fspath(adapter))
     count = write_model_dir(folded, config, dst, base, base, overwrite, dtype, shard_size)
     return MergeSummary(os.fspath(dst), 1, None, "lora", count)
+
+
 def split_model(model_dir: str | os.PathLike, strategy_file: str, dst: str | os.PathLike,
                 overwrite: bool = False) -> list[str]:
     """Write `dst/rank_N/model.ckpt`, the shards of a model directory under a strategy file."""

@@ -12,8 +12,10 @@ import dataclasses
 import os
 import shutil
 import sys
+from typing import TYPE_CHECKING
 
-from glm3.model import GLM3ForCausalLM
+if TYPE_CHECKING:  # the plan (rank_table stage) needs no model code, nor MindSpore
+    from glm3.model import GLM3ForCausalLM
 
 WORKER_SCRIPT = os.path.join(os.path.dirname(__file__), "launch", "msrun_worker.py")
 

@@ -7,7 +7,7 @@ glm3.pipeline.stages, every glm3 module those import (also inside functions: tha
 library they call) and the function-level imports of those modules (the library functions a stage calls), and
 then every module-level import of all of these, transitively; plus the non-Python files some modules read.
 Imports inside functions further away are not followed: they belong to code the stage does not run (e.g.
-generation, which `glm3.chat` imports only when it chats). `python -m glm3.pipeline.code_deps` prints the list
+generation, which `glm3.conversation` imports only when it chats). `python -m glm3.pipeline.code_deps` prints the list
 per stage; the tests check dvc.yaml against it.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _imports(path: str, inside_functions: bool) -> set[str]:
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
     found: set[str] = set()
-    nodes = ast.walk(tree) if inside_functions else _module_level(tree)
+    nodes = _runtime_nodes(tree) if inside_functions else _module_level(tree)
     for node in nodes:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "glm3")
@@ -54,14 +54,30 @@ def _imports(path: str, inside_functions: bool) -> set[str]:
     return found
 
 
-def _module_level(tree: ast.Module):
-    """The statements that run when the module is imported (not function or method bodies)."""
+def _type_checking_only(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`): a block that never runs."""
+    test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.Module, functions: bool = True):
+    """Every node that can run, function bodies included unless functions=False; `if TYPE_CHECKING:` blocks
+    (annotations only) are left out."""
     todo = list(tree.body)
     while todo:
         node = todo.pop()
+        if _type_checking_only(node):
+            todo.extend(node.orelse)
+            continue
         yield node
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        if functions or not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             todo.extend(ast.iter_child_nodes(node))
+
+
+def _module_level(tree: ast.Module):
+    """The statements that run when the module is imported (not function or method bodies)."""
+    return _runtime_nodes(tree, functions=False)
 
 
 def module_closure(modules: set[str]) -> set[str]:

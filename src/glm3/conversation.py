@@ -22,7 +22,6 @@ INVALID_TOOL_CALL_MARKER = "[invalid tool call]"
 DEFAULT_GENERATION = {"max_new_tokens": 512, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
 
 
-
 def process_response(output: str, history: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
     """Turn the decoded reply into (response, history with the assistant segments appended)."""
     history = copy.deepcopy(history)
