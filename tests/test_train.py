@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 
 import mindspore as ms
 import numpy as np
@@ -196,6 +197,15 @@ def test_bad_settings_fail_before_training(tiny_dir, tmp_path):
         finetune(make_config(tiny_dir, tmp_path / "x", parallel={"model_parallel": 2, "data_parallel": 1}))
     with pytest.raises(FileNotFoundError):
         finetune(make_config(tiny_dir, tmp_path / "x", data=str(tmp_path / "missing.json")))
+    # Warmup longer than the run: refused before the model is loaded (a directory with no weights at all).
+    no_weights = tmp_path / "config_only"
+    no_weights.mkdir()
+    glm3.GLM3Config.from_hf(tiny_dir).save(no_weights)
+    shutil.copy(os.path.join(tiny_dir, "tokenizer.model"), no_weights)
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, steps=2\], got 3"):
+        finetune(make_config(no_weights, tmp_path / "x", steps=2, warmup_steps=3))
+    with pytest.raises(ValueError, match="warmup_steps \\(3\\) exceeds the run's 2 optimizer step"):
+        finetune(make_config(no_weights, tmp_path / "x", steps=0, epochs=0.3, batch_size=4, warmup_steps=3))
 
 
 def test_loss_falls_on_real_adgen_records(tiny_dir, tmp_path):

@@ -119,6 +119,8 @@ class FinetuneConfig:
             raise ValueError(f"give steps >= 1 or epochs > 0 (steps={self.steps}, epochs={self.epochs})")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or (self.steps and self.warmup_steps > self.steps):
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
             raise ValueError(f"resume must be 'auto', 'never' or a checkpoint directory; {self.resume!r} is none")
         if self.dtype not in DTYPE_CHOICES:
@@ -198,6 +200,8 @@ def total_steps(config: FinetuneConfig, data: TrainData, ranks: int) -> tuple[in
         raise ValueError(f"{data.num_examples} examples are too few for batch_size {config.batch_size} on {ranks} "
                          "rank(s): not one full batch per rank")
     steps = config.steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accumulation))
+    if config.warmup_steps > steps:  # checked here, before the model is loaded, when steps come from epochs
+        raise ValueError(f"warmup_steps ({config.warmup_steps}) exceeds the run's {steps} optimizer step(s)")
     return steps, per_epoch
 
 
