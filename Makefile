@@ -35,8 +35,11 @@ run: setup
 prefect: setup
 	$(IN_VENV) glm3 prefect up
 
+# Test files run in parallel (pytest-xdist), each file on one worker, as its module fixtures (a DVC project, a
+# Prefect server) are shared by its tests. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(IN_VENV) python -m pytest -q tests
+	$(IN_VENV) python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The rehearsal at the real size: the whole pipeline on the ChatGLM3-6B shape (random weights, float16),
 # LoRA, C-Eval on the shipped sample, two ADGEN records; an experiment, so params.yaml stays as it is.

@@ -104,8 +104,9 @@ def tail_lines(path: str | os.PathLike, lines: int) -> str:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on the file `path` (created if needed) or fail at once if another process does.
+def exclusive_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if needed); if another process holds it, fail at
+    once, or with wait=True wait until it is released.
 
     The kernel drops the lock when its holder exits, however it exits; no stale lock files to clean up.
     """
@@ -114,7 +115,7 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FileExistsError(f"{what} is in use by another process (lock {path})") from None
         yield

@@ -24,6 +24,10 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # MindSpore, its compiled graphs and Python: measured 0.4-0.5 GB before any weight; with the graphs of a
 # 28-layer model a little more.
 RUNTIME_BYTES = int(0.8 * GB)
+# A half-precision weight multiplied without the CPU kernels (plain MindSpore operators, as in exported graphs)
+# is cast to float32 in blocks of rows of this size (glm3.model.Linear); MindSpore splits the weight into its
+# half-precision blocks first, so the largest weight is copied once in its own dtype besides two blocks.
+CAST_BLOCK_BYTES = 64 << 20
 # Activations MindSpore keeps per token and layer, in float32 values: in inference about 6 hidden-sized
 # vectors (measured 25 MB per layer at 256 tokens of the 6B shape); in a training step forward and backward,
 # about 28 hidden-sized plus 4 ffn-sized vectors (measured 0.67-0.77 MB per token per layer at the 6B shape).
@@ -111,7 +115,7 @@ def kv_cache_bytes(config: GLM3Config, batch: int, length: int) -> int:
 def inference_estimate(config: GLM3Config, dtype: str, batch: int = 1, length: int | None = None,
                        kernels: bool = True, what: str = "loading the model") -> MemoryEstimate:
     """Weights as stored, a KV cache of `length` positions (default: a 2048-token conversation), prefill
-    activations, and without the CPU kernels a float32 copy of the largest weight per matmul."""
+    activations, and without the CPU kernels the blocks a matmul casts to float32 (see CAST_BLOCK_BYTES)."""
     length = min(config.seq_length, length or 2048)
     parts = {f"weights {dtype}": weight_bytes(config, dtype),
              "KV cache": kv_cache_bytes(config, batch, length),
@@ -119,7 +123,7 @@ def inference_estimate(config: GLM3Config, dtype: str, batch: int = 1, length: i
              + batch * config.padded_vocab_size * 4 * 4,
              "runtime": RUNTIME_BYTES}
     if dtype != "float32" and not kernels:
-        parts["float32 casts"] = 2 * largest_weight_bytes(config, "float32")
+        parts["float32 casts"] = largest_weight_bytes(config, dtype) + 2 * CAST_BLOCK_BYTES
     return MemoryEstimate(what, parts, "use a half-precision checkpoint (glm3 convert --dtype float16), or a "
                           "shorter context / smaller batch")
 

@@ -16,7 +16,7 @@ import numpy as np
 from glm3.checkpoint import (HF_BIN_INDEX, HF_INV_FREQ, HF_ST_INDEX, MS_EMBEDDING, expected_shapes, hf_tensor_shapes,
                              ms_to_hf_name)
 from glm3.config import PRESETS, GLM3Config, rope_inv_freq
-from glm3.io import atomic_directory, atomic_write_text, check_destination
+from glm3.io import atomic_directory, atomic_write_text, check_destination, exclusive_lock
 from glm3.tensor_files import SafetensorsWriter, safetensors_header_bound, storage_nbytes
 from glm3.tokenizer import ChatGLM3Tokenizer, train_sentencepiece
 
@@ -157,13 +157,16 @@ def cached_synthetic_checkpoint(directory: str | os.PathLike, preset: str, seed:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
     cached = os.path.join(synthetic_cache_dir(), f"{preset}-seed{seed}-{fmt}")
-    if not os.path.isfile(os.path.join(cached, "config.json")):
-        write_synthetic_checkpoint(cached, preset, seed=seed, fmt=fmt, overwrite=True, progress=progress)
     check_destination(directory, 0, overwrite)
-    with atomic_directory(directory, overwrite=overwrite) as tmp:
-        for name in sorted(os.listdir(cached)):
-            try:
-                os.link(os.path.join(cached, name), os.path.join(tmp, name))
-            except OSError:
-                shutil.copy2(os.path.join(cached, name), os.path.join(tmp, name))
+    # Concurrent runs (DVC and Prefect, or two projects) wait for the first writer instead of replacing its
+    # files while it links them.
+    with exclusive_lock(cached + ".lock", f"the synthetic checkpoint cache {cached}", wait=True):
+        if not os.path.isfile(os.path.join(cached, "config.json")):
+            write_synthetic_checkpoint(cached, preset, seed=seed, fmt=fmt, overwrite=True, progress=progress)
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            for name in sorted(os.listdir(cached)):
+                try:
+                    os.link(os.path.join(cached, name), os.path.join(tmp, name))
+                except OSError:
+                    shutil.copy2(os.path.join(cached, name), os.path.join(tmp, name))
     return os.fspath(directory)
