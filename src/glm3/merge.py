@@ -27,7 +27,7 @@ from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_directory
 from glm3.memory import check_memory, streaming_estimate
 from glm3.shards import DEFAULT_SHARD_SIZE, write_model_weights
-from glm3.tensor_files import iter_ms_ckpt
+from glm3.tensor_files import ckpt_tensor_types, iter_ms_ckpt
 from glm3.tokenizer import copy_tokenizer_files
 from glm3.train.checkpoint import STATE_FILE, list_checkpoints
 
@@ -81,19 +81,6 @@ def rank_checkpoints(run: str | os.PathLike, step: int | None = None) -> tuple[l
     if missing:
         raise MergeError(f"rank(s) {missing} in {root} have no checkpoint of step {step}")
     return [os.path.join(found[step], STATE_FILE) for found in steps], step
-
-
-def _tensor_names(path: str) -> list[str]:
-    """Names in a .ckpt, without reading any tensor data."""
-    names: list[str] = []
-
-    def record(name: str) -> bool:
-        names.append(name)
-        return False  # skip the data
-
-    for _ in iter_ms_ckpt(path, want=record):
-        pass
-    return names
 
 
 def _model_stream(paths: list[str], where: str):
@@ -191,7 +178,7 @@ def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.Pat
             sources, method = glob.glob(os.path.join(scratch, "out", "rank_0", "*.ckpt")), "strategy"
         else:
             sources, method = paths, "data-parallel" if len(paths) > 1 else "single"
-        if any(n.endswith((".lora_a", ".lora_b")) and not is_training_state(n) for n in _tensor_names(sources[0])):
+        if any(n.endswith((".lora_a", ".lora_b")) and not is_training_state(n) for n in ckpt_tensor_types(sources[0])):
             adapter = os.path.join(where, "adapter")
             if not os.path.isdir(adapter):
                 raise MergeError(f"{run} is a LoRA run but has no adapter/ directory with its adapter_config.json")
