@@ -1,4 +1,5 @@
 """Chat protocol, reply parsing, and tool calls parsed without executing anything."""
+import json
 import os
 
 import pytest
@@ -33,6 +34,34 @@ def test_hostile_or_malformed_calls_are_rejected_and_nothing_runs(body, tmp_path
     with pytest.raises(ToolCallError):
         parse_tool_call(f"```python\n{body}\n```")
     assert not os.path.exists("pwned")
+
+
+LONG_SUM = "tool_call(a=" + "+".join(["1"] * 5000) + ")"  # RecursionError in Python's parser
+HUGE_SUM = "tool_call(a=" + "+".join(["1"] * 40000) + ")"  # MemoryError in Python's parser
+MINUSES = "tool_call(a=" + "-" * 5000 + "1)"
+
+
+@pytest.mark.parametrize("body", [LONG_SUM, HUGE_SUM, MINUSES, "tool_call(a={1, 2})", "tool_call(a=b'x')",
+                                  "tool_call(a=1j)", "tool_call(a=1, a=2)", 'tool_call(a={"k": 1, "k": 2})',
+                                  "tool_call(a=" + "[" * 200 + "]" * 200 + ")", "tool_call(a=1e999)",
+                                  "tool_call(a={1: 2})", "tool_call(a=0x" + "f" * 3000 + ")",
+                                  "tool_call(a=" + "1" * 5000 + ")", "tool_call(a=" + "x" * 200_000 + ")"],
+                         ids=lambda b: b[:24])
+def test_a_hostile_reply_is_marked_text_that_prints_as_json(body):
+    """What the model writes never raises: a call that is not plain JSON-compatible literals comes back as
+    marked text, and whatever comes back prints as JSON (what `glm3 chat` does with a tool call)."""
+    content, history = process_response(f"get_weather\n```python\n{body}\n```", [SYSTEM])
+    assert isinstance(content, str) and content.startswith(glm3.INVALID_TOOL_CALL_MARKER), content[:200]
+    json.dumps(content, ensure_ascii=False)
+    json.dumps(history, ensure_ascii=False)
+
+
+def test_accepted_calls_hold_only_json_values():
+    call = 'get_weather\n```python\ntool_call(days=(1, -2), t=-0.5, deep=[[{"k": [None, True]}]])\n```'
+    content, _ = process_response(call, [SYSTEM])
+    assert content == {"name": "get_weather", "parameters": {"days": [1, -2], "t": -0.5,
+                                                             "deep": [[{"k": [None, True]}]]}}
+    assert json.loads(json.dumps(content)) == content  # tuples became lists; nothing JSON cannot hold
 
 
 def test_process_response_variants():

@@ -153,3 +153,23 @@ def test_no_checkpoint(tmp_path):
     glm3.GLM3Config.from_name("tiny").save(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         glm3.load_model(tmp_path)
+
+
+def test_tie_word_embeddings_true_loads_as_the_official_code_does(tiny_dir, tiny_model, tmp_path):
+    """transformers' save_pretrained writes "tie_word_embeddings": true for a ChatGLMConfig built without the
+    key; the official code ignores it (output_layer is never tied). Only a missing output_layer is an error."""
+    tensors = {}
+    for name in sorted(os.listdir(tiny_dir)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(tiny_dir, name)))
+    with open(os.path.join(tiny_dir, "config.json"), encoding="utf-8") as f:
+        config = {**json.load(f), "tie_word_embeddings": True}
+    for name, drop in (("tied", None), ("no_output_layer", "transformer.output_layer.weight")):
+        os.makedirs(tmp_path / name)
+        save_file({k: v for k, v in tensors.items() if k != drop}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    tied = glm3.load_model(tmp_path / "tied")
+    np.testing.assert_array_equal(logits(tied), logits(tiny_model))
+    assert glm3.GLM3Config.from_hf(tmp_path / "tied").to_hf()["tie_word_embeddings"] is True  # kept as written
+    with pytest.raises(CheckpointError, match="missing.*transformer.output_layer.weight"):
+        glm3.load_model(tmp_path / "no_output_layer")

@@ -1,4 +1,6 @@
 """Model parity against an independent PyTorch reference, KV cache, modes, dtypes, padding, kernels."""
+import os
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -153,3 +155,29 @@ def test_lazy_parameters_are_not_allocated():
     assert model.num_parameters() == 6_243_584_000
     assert grown_mb < 500, grown_mb
 
+
+
+def test_32k_rope_ratio_matches_the_reference_thousands_of_positions_in(tmp_path):
+    """rope_ratio 50 (ChatGLM3-6B-32k: base 500000) against the float64 reference, at positions past 4000, where
+    a wrong base shows; the checkpoint's inv_freq buffer is at base 10000, as the 32k release stores it."""
+    from safetensors.numpy import load_file
+
+    cfg = glm3.GLM3Config.from_name("tiny", rope_ratio=50.0, seq_length=8192)
+    hf = glm3.write_synthetic_checkpoint(tmp_path / "hf32k", cfg, seed=5)
+    stored = load_file(os.path.join(hf, "model-00001-of-00002.safetensors"))["transformer.rotary_pos_emb.inv_freq"]
+    np.testing.assert_array_equal(stored, glm3.config.rope_inv_freq(cfg.rotary_dim, 10000.0))
+    again = glm3.convert_checkpoint(glm3.convert_checkpoint(hf, tmp_path / "ms", progress=False).dst,
+                                    tmp_path / "hf_again", to="hf", progress=False).dst
+    written = {k: v for name in os.listdir(again) if name.endswith(".safetensors")
+               for k, v in load_file(os.path.join(again, name)).items()}
+    np.testing.assert_array_equal(written["transformer.rotary_pos_emb.inv_freq"], stored)  # as released
+
+    ids = np.random.default_rng(0).integers(3, 1500, size=4160).tolist()
+    model = glm3.load_model(again)
+    got = model(ms.Tensor([ids], ms.int32)).asnumpy()[0, -64:]
+    weights, hf_cfg = hf_weights(again), hf_config(again)
+    assert hf_cfg["rope_ratio"] == 50.0
+    expected = forward(weights, hf_cfg, ids).numpy()[-64:]
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+    plain = forward(weights, {**hf_cfg, "rope_ratio": 1.0}, ids).numpy()[-64:]
+    assert np.abs(plain - expected).max() > 100 * np.abs(got - expected).max()  # the base matters here

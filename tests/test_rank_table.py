@@ -32,12 +32,22 @@ EXPECTED_ONE_SERVER = {
 }
 
 
-def test_device_ranges():
-    assert parse_device_range("[0,8)") == list(range(8))
-    assert parse_device_range("[4, 7]") == [4, 5, 6, 7]
-    for bad in ("0-8", "[8,0)", "[3,3)"):
-        with pytest.raises(RankTableError):
+def test_device_ranges_read_as_mindformers_hccl_tools_reads_them():
+    # The end is excluded whichever bracket closes it: "[0,8]" is MindFormers' own way of writing all 8.
+    for spec, devices in (("[0,8)", range(8)), ("[0,8]", range(8)), ("[4, 8]", range(4, 8)), ("[0,4)", range(4)),
+                          ("[2,4]", range(2, 4)), ("[5,6)", [5]), ("[4,8)", range(4, 8))):
+        assert parse_device_range(spec) == list(devices), spec
+    for bad, why in (("0-8", "not of the form"), ("[8,0)", "empty"), ("[3,3)", "empty"), ("[0,9)", "past device 7"),
+                     ("[0,7]", "crosses the boundary"), ("[2,6)", "crosses the boundary"),
+                     ("[3,8)", "crosses the boundary")):
+        with pytest.raises(RankTableError, match=why):
             parse_device_range(bad)
+
+
+def test_the_seeds_closed_looking_range_builds_the_8_device_table(tmp_path):
+    conf = tmp_path / "hccn.conf"
+    conf.write_text(HCCN)
+    assert build_rank_table("10.0.0.1", "[0,8]", hccn_conf=conf) == EXPECTED_ONE_SERVER
 
 
 def test_build_from_hccn_conf_matches_the_reference_format(tmp_path):

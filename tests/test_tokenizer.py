@@ -71,6 +71,18 @@ def test_user_typed_special_text_stays_text(tokenizer):
     assert explicit == tokenizer.encode("hi ") + [tokenizer.get_command("<|user|>")] + tokenizer.encode(" there")
 
 
+def test_allow_special_turns_only_the_role_tokens_into_ids(tokenizer):
+    # As the release's encode_special_tokens=True: "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop" stay text, also
+    # inside words ("people" holds "eop", "isopropyl" holds "sop").
+    for text in ["people", "isopropyl", "[gMASK]sop", "[MASK] [sMASK] eop"]:
+        assert tokenizer.encode(text, allow_special=True) == tokenizer.encode(text), text
+    specials = {tokenizer.get_command(t) for t in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")}
+    assert not specials & set(tokenizer.encode("people isopropyl [gMASK]sop", allow_special=True))
+    for role in ("system", "user", "assistant", "observation"):
+        ids = tokenizer.encode(f"a<|{role}|>b", allow_special=True)
+        assert ids == tokenizer.encode("a") + [tokenizer.get_command(f"<|{role}|>")] + tokenizer.encode("b")
+
+
 def test_left_padded_batch(tokenizer):
     batch = tokenizer(["你好", "请介绍一下你自己。"])
     ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -22,6 +22,7 @@ from glm3.tensor_files import TensorFileError, iter_ms_ckpt, iter_safetensors, i
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
 MS_EMBEDDING = "transformer.embedding.embedding_table"
 HF_INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
+RELEASE_INV_FREQ_BASE = 10000.0  # the base of the stored inv_freq buffer in every release, 32k included
 
 MS_CKPT = "mindspore_model.ckpt"
 MS_CKPT_INDEX = "mindspore_model.ckpt.index.json"
@@ -167,20 +168,27 @@ def _read_file(kind: str, path: str, skip_training_state: bool, skipped: list[st
     return iter_safetensors(path) if kind == "safetensors" else iter_torch_bin(path)
 
 
-def _check_inv_freq(array: np.ndarray, config: GLM3Config, where: str) -> None:
-    """inv_freq is dropped (the model derives RoPE from the config), but only if it agrees with the config.
+def release_inv_freq(config: GLM3Config) -> np.ndarray:
+    """The `inv_freq` buffer as the release stores it: at base 10000 whatever the rope_ratio (the official code
+    recomputes the frequencies from base * rope_ratio at run time and uses the buffer only for its dtype)."""
+    return rope_inv_freq(config.rotary_dim, RELEASE_INV_FREQ_BASE)
 
-    A 32k model whose config lost its rope_ratio would otherwise convert silently into a model with the
-    wrong positions. Both the plain and the rope_ratio-scaled base are accepted.
+
+def _check_inv_freq(array: np.ndarray, config: GLM3Config, where: str) -> None:
+    """inv_freq is dropped (the model derives RoPE from config.json), after checking it is the buffer of a model
+    of this head size: base 10000 as the release writes it, or base 10000 * rope_ratio as some converters do.
+
+    It cannot tell a lost rope_ratio (the 32k release's buffer is at base 10000 too): config.json decides.
     """
     if tuple(array.shape) != inv_freq_shape(config):
         raise CheckpointError(f"{HF_INV_FREQ} in {where} has shape {tuple(array.shape)}, expected "
                               f"{inv_freq_shape(config)} for kv_channels={config.kv_channels}")
     got = array.astype(np.float32)
     if not any(np.allclose(got, rope_inv_freq(config.rotary_dim, base), rtol=2e-3, atol=0)
-               for base in (config.rope_base, 10000.0)):
-        raise CheckpointError(f"{HF_INV_FREQ} in {where} does not match RoPE base {config.rope_base:g} "
-                              f"(rope_ratio={config.rope_ratio:g}) of config.json: the checkpoint and config disagree")
+               for base in (RELEASE_INV_FREQ_BASE, config.rope_base)):
+        raise CheckpointError(f"{HF_INV_FREQ} in {where} is not a RoPE buffer of this model (base "
+                              f"{RELEASE_INV_FREQ_BASE:g}, as released, or {config.rope_base:g}, rope_ratio "
+                              f"{config.rope_ratio:g}): the checkpoint and config.json disagree")
 
 
 def iter_checkpoint(directory: str, config: GLM3Config, files: list[str] | None = None,

@@ -551,7 +551,10 @@ def _add_training_commands(sub) -> None:
     p.add_argument("action", nargs="?", choices=["build", "merge"], default="build")
     p.add_argument("tables", nargs="*", help="merge: per-server rank table files, in server order")
     p.add_argument("--server-ip", help="this server's IP (server_id)")
-    p.add_argument("--devices", default="[0,8)", help="device id range, [first,end) or [first,last]")
+    p.add_argument("--devices", default="[0,8)",
+                   help="the server's device ids, [first,end): the end is excluded whichever bracket closes it, as "
+                   "MindFormers' hccl_tools.py reads it, so '[0,8]' and '[0,8)' are devices 0-7; within one "
+                   "4-device group ([0,4), [4,8) or part of one) or all 8 (default: [0,8))")
     p.add_argument("--hccn-conf", default="/etc/hccn.conf", help="file with address_N=IP lines (default %(default)s)")
     p.add_argument("--device-ips", help="comma-separated device IPs in device order, instead of --hccn-conf")
     p.add_argument("--out", required=True, help="output JSON file")

@@ -81,6 +81,8 @@ class GLM3Config:
     apply_query_key_layer_scaling: bool = True
     attention_softmax_in_fp32: bool = True
     original_rope: bool = True
+    # Kept for the round trip only: transformers' save_pretrained writes true for a ChatGLMConfig built without
+    # the key, and the official modeling code ignores it (output_layer is never tied to the embedding).
     tie_word_embeddings: bool = False
     torch_dtype: str = "float16"
     eos_token_id: int = 2
@@ -143,8 +145,6 @@ class GLM3Config:
             raise ConfigError("rmsnorm=false (LayerNorm, as in ChatGLM2 variants) is not supported: ChatGLM3 uses RMSNorm")
         if not self.original_rope:
             raise ConfigError("original_rope=false is not supported: ChatGLM3 uses the original (interleaved) RoPE")
-        if self.tie_word_embeddings:
-            raise ConfigError("tie_word_embeddings=true is not supported: ChatGLM3 has a separate output_layer")
         if self.torch_dtype not in _DTYPES:
             raise ConfigError(f"torch_dtype must be one of {_DTYPES}, got {self.torch_dtype!r}")
         for name in ("eos_token_id", "pad_token_id"):

@@ -17,8 +17,9 @@ import sys
 import time
 
 from glm3.checkpoint import (HF_INV_FREQ, HF_ST_INDEX, MS_CKPT_INDEX, MS_EMBEDDING, MS_ST_INDEX, CheckpointError,
-                             expected_shapes, hf_tensor_shapes, iter_checkpoint, ms_to_hf_name)
-from glm3.config import PRESETS, ConfigError, GLM3Config, rope_inv_freq
+                             expected_shapes, hf_tensor_shapes, iter_checkpoint, ms_to_hf_name,
+                             release_inv_freq)
+from glm3.config import PRESETS, ConfigError, GLM3Config
 from glm3.io import atomic_directory, check_destination
 from glm3.shards import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size
 from glm3.tensor_files import STORAGE_DTYPES, safetensors_header_bound, storage_nbytes
@@ -133,7 +134,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
                     bar.update(storage_nbytes(array.shape, out_dtype))
                     del array
                     if to == "hf" and name == MS_EMBEDDING:
-                        out.add(HF_INV_FREQ, rope_inv_freq(cfg.rotary_dim, cfg.rope_base), out_dtype)
+                        out.add(HF_INV_FREQ, release_inv_freq(cfg), out_dtype)
             names = out.finish(index_name)
         except BaseException:
             out.abort()

@@ -26,16 +26,31 @@ class RankTableError(ValueError):
 
 
 _RANGE = re.compile(r"^\s*\[\s*(\d+)\s*,\s*(\d+)\s*([)\]])\s*$")
+DEVICES_PER_SERVER = 8  # Ascend 910 servers: two groups of four devices, each group fully connected (HCCS)
+GROUP = 4
 
 
 def parse_device_range(spec: str) -> list[int]:
-    """Device ids of a range written "[0,8)" (half-open) or "[0,7]" (closed)."""
+    """Device ids of a server's range "[first,end)", read as MindFormers' hccl_tools.py reads it: the end is
+    excluded whichever bracket closes it, so "[0,8]" (what MindFormers' docs write) and "[0,8)" are the 8 devices
+    0..7.
+
+    Refused, as hccl_tools refuses them: ids outside 0..8, an empty range, and a range that crosses the boundary
+    between the server's two 4-device groups without being all 8 (the groups are linked to each other only
+    through the host, so HCCL cannot build such a ring)."""
     match = _RANGE.match(spec)
     if not match:
-        raise RankTableError(f"device range {spec!r} is not of the form [first,end) or [first,last]")
-    first, end = int(match[1]), int(match[2]) + (1 if match[3] == "]" else 0)
+        raise RankTableError(f"device range {spec!r} is not of the form [first,end) (e.g. [0,8) or [4,8))")
+    first, end = int(match[1]), int(match[2])
+    if end > DEVICES_PER_SERVER:
+        raise RankTableError(f"device range {spec!r} goes past device {DEVICES_PER_SERVER - 1}: a server has "
+                             f"{DEVICES_PER_SERVER} devices, and the end is excluded ([0,8) is all of them)")
     if end <= first:
-        raise RankTableError(f"device range {spec!r} is empty")
+        raise RankTableError(f"device range {spec!r} is empty (the end is excluded)")
+    if first < GROUP < end and (first, end) != (0, DEVICES_PER_SERVER):
+        raise RankTableError(f"device range {spec!r} crosses the boundary between the server's two groups of "
+                             f"{GROUP} devices (0-3 and 4-7), which HCCL cannot ring: use devices within one "
+                             f"group ([0,{GROUP}) or [{GROUP},8) or a part of one) or all 8 ([0,8))")
     return list(range(first, end))
 
 

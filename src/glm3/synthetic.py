@@ -14,8 +14,8 @@ from importlib import resources
 import numpy as np
 
 from glm3.checkpoint import (HF_BIN_INDEX, HF_INV_FREQ, HF_ST_INDEX, MS_EMBEDDING, expected_shapes, hf_tensor_shapes,
-                             ms_to_hf_name)
-from glm3.config import PRESETS, GLM3Config, rope_inv_freq
+                             ms_to_hf_name, release_inv_freq)
+from glm3.config import PRESETS, GLM3Config
 from glm3.io import atomic_directory, atomic_write_text, check_destination, exclusive_lock
 from glm3.tensor_files import SafetensorsWriter, safetensors_header_bound, storage_nbytes
 from glm3.tokenizer import ChatGLM3Tokenizer, train_sentencepiece
@@ -38,7 +38,7 @@ def random_hf_weights(config: GLM3Config, seed: int = 0, dtype: str = "float32")
         del noise
         yield ms_to_hf_name(name), array.astype(np_dtype, copy=False)
         if name == MS_EMBEDDING:
-            yield HF_INV_FREQ, rope_inv_freq(config.rotary_dim, config.rope_base).astype(np_dtype)
+            yield HF_INV_FREQ, release_inv_freq(config).astype(np_dtype)
 
 
 SYNTHETIC_DEFAULTS = {"glm3_6b": {"dtype": "float16", "num_shards": 7}, "glm3_6b_32k": {"dtype": "float16",

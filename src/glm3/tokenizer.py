@@ -2,7 +2,7 @@
 
 Ids, message layout and decoding follow the released tokenizer exactly (see docs in README):
 - encode(text) is plain SentencePiece, no bos/eos; special-token text typed by a user stays plain text
-  unless allow_special=True.
+  (allow_special=True turns the four role tokens into their ids, as the release's encode_special_tokens).
 - a message is [<|role|>] + encode(metadata + "\\n") + encode(content);
 - build_chat_input = [gMASK, sop] + history messages + the new message + [<|assistant|>];
 - decode maps every id to its piece (special tokens to their literal text, <unk>/<s>/</s> and ids past
@@ -52,7 +52,9 @@ class ChatGLM3Tokenizer:
         self.index_special_tokens = {i: tok for tok, i in self.special_tokens.items()}
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.unk_id  # ChatGLM3 pads with <unk> (id 0)
-        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+        # encode(allow_special=True) recognises the role tokens only, as the released tokenizer's
+        # encode_special_tokens does: "[gMASK]", "sop" or "eop" inside text ("people", "isopropyl") stay text.
+        self._role_re = re.compile("(" + "|".join(re.escape(f"<|{role}|>") for role in ROLES) + ")")
 
     # ------------------------------------------------------------------------------------ basics
     @property
@@ -87,13 +89,14 @@ class ChatGLM3Tokenizer:
         return self.sp.EncodeAsPieces(text)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        """Plain SentencePiece ids of text. With allow_special=True, special-token text becomes its token."""
+        """Plain SentencePiece ids of text. With allow_special=True, the role tokens (<|system|>, <|user|>,
+        <|assistant|>, <|observation|>) written in the text become their ids; everything else stays text."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         if not allow_special:
             return self.sp.EncodeAsIds(text)
         ids: list[int] = []
-        for part in self._special_re.split(text):
+        for part in self._role_re.split(text):
             if part in self.special_tokens:
                 ids.append(self.special_tokens[part])
             elif part:
