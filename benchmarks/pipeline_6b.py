@@ -158,6 +158,8 @@ def main() -> int:
         stage["peak_rss_vs_checkpoint"] = round(stage["peak_rss_gib"] * GIB / checkpoint, 3)
     with open(os.path.join(clone, "models", "finetune", "metrics.json"), encoding="utf-8") as f:
         finetune = json.load(f)  # the run's own summary (metrics/finetune.json keeps a subset)
+    with open(os.path.join(clone, "models", "finetune.timing.json"), encoding="utf-8") as f:
+        timing = json.load(f)  # its speeds, beside the output
     with open(os.path.join(clone, "models", "finetune", "train_log.tsv"), encoding="utf-8") as f:
         steps = [line.split("\t") for line in f.read().splitlines()[1:]]
     decode = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, os.path.join(clone, "models", "merged"),
@@ -170,8 +172,9 @@ def main() -> int:
         "wall_seconds": round(wall, 1),
         "checkpoint_bytes": checkpoint, "stages": stages,
         "lora": {"steps": finetune["steps"], "trainable_parameters": finetune["trainable_parameters"],
-                 "step_seconds_after_first": (round(finetune["train_seconds"] / max(1, finetune["steps"] - 1), 2)),
-                 "tokens_per_second": finetune["tokens_per_second"], "losses": [float(s[2]) for s in steps]},
+                 "step_seconds_after_first": timing["step_seconds"], "tokens_per_second": timing["tokens_per_second"],
+                 "real_tokens_per_second": timing["real_tokens_per_second"],
+                 "losses": [float(s[2]) for s in steps]},
         "decode_6b_batch1": json.loads(decode.stdout.strip().splitlines()[-1]),
         "disk": {"run_bytes_incl_dvc_cache": run_disk, "vs_checkpoint": round(run_disk / checkpoint, 2)},
     }

@@ -2,7 +2,8 @@
 
 1. `bench` preset (4 layers, hidden 1024, vocab 65024), float32, seq 256 (source 127 + target 128 + 1),
    batch 1, full fine-tuning and LoRA (rank 8 on query_key_value): tokens/s over the steps after the first
-   (the first includes graph compilation) and the peak RSS of the training process.
+   (the first includes graph compilation), counting every position (padding included) and, beside it, the
+   real (non-padding) tokens, from the run's timing.json; and the peak RSS of the training process.
 2. `tiny` preset: one worker vs two msrun data-parallel workers, same per-worker batch; scaling efficiency
    = (2-worker tokens/s) / (2 x 1-worker tokens/s).
 3. `tiny` preset on the real ADGEN records: the mean loss of the first and of the last 20 steps.
@@ -51,6 +52,9 @@ def run_finetune(model, data, out, cwd, *extra):
                      *extra, cwd=cwd)
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
         metrics = json.load(f)
+    with open(os.path.join(out, "timing.json"), encoding="utf-8") as f:  # speeds: apart from the results
+        timing = json.load(f)
+    metrics.update({k: timing[k] for k in ("tokens_per_second", "real_tokens_per_second")})
     with open(os.path.join(out, "train_log.tsv"), encoding="utf-8") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f, delimiter="\t")]
     return metrics, losses, wall, rss
@@ -77,7 +81,8 @@ def main() -> int:
                                                             "--lora-targets", "query_key_value"])):
             metrics, losses, wall, rss = run_finetune(bench, args.adgen, os.path.join(work, f"bench-{name}"), work,
                                                       *shape, *extra)
-            results[f"bench_{name}"] = {"tokens_per_s": metrics["tokens_per_second"], "peak_rss_GiB": rss,
+            results[f"bench_{name}"] = {"tokens_per_s": metrics["tokens_per_second"],
+                                        "real_tokens_per_s": metrics["real_tokens_per_second"], "peak_rss_GiB": rss,
                                         "trainable_parameters": metrics["trainable_parameters"],
                                         "steps": metrics["steps"], "wall_s": round(wall, 1),
                                         "first_loss": losses[0], "last_loss": losses[-1]}
@@ -87,6 +92,8 @@ def main() -> int:
         two, *_ = run_finetune(tiny, args.adgen, os.path.join(work, "tiny-2"), work, *small, "--workers", "2")
         results["tiny_data_parallel"] = {
             "one_worker_tokens_per_s": one["tokens_per_second"], "two_workers_tokens_per_s": two["tokens_per_second"],
+            "one_worker_real_tokens_per_s": one["real_tokens_per_second"],
+            "two_workers_real_tokens_per_s": two["real_tokens_per_second"],
             "scaling_efficiency": round(two["tokens_per_second"] / (2 * one["tokens_per_second"]), 3),
             # One worker already uses all the cores; N workers sharing them can at best match it, so on one
             # host the ceiling is 1/N: the figure measures the all-reduce and launch overhead, not more hardware.

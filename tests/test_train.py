@@ -61,7 +61,7 @@ def test_full_finetune_trains_logs_and_writes_a_loadable_model(tiny_dir, tmp_pat
     result = finetune(make_config(tiny_dir, out, steps=14, warmup_steps=2, save_every=5))
     rows = read_log(out)
     assert [int(r["step"]) for r in rows] == list(range(1, 15))
-    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale"]
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "grad_norm", "loss_scale"]
     losses = [float(r["loss"]) for r in rows]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05  # it learns
     assert float(rows[0]["lr"]) == pytest.approx(5e-4) and float(rows[1]["lr"]) == pytest.approx(1e-3)
@@ -69,7 +69,12 @@ def test_full_finetune_trains_logs_and_writes_a_loadable_model(tiny_dir, tmp_pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 14 and metrics["final_loss"] == pytest.approx(losses[-1], rel=1e-5)
     assert metrics["mode"] == "full" and metrics["trainable_parameters"] == metrics["total_parameters"]
-    assert metrics["tokens_per_second"] > 0
+    assert "tokens_per_second" not in metrics and metrics["skipped_lines"] == 0
+    timing = json.loads((out / "timing.json").read_text())  # the speeds, apart from the results
+    assert [s["step"] for s in timing["steps"]] == list(range(1, 15)) and timing["timed_steps"] == 13
+    assert [s["includes_compilation"] for s in timing["steps"]] == [True] + [False] * 13
+    assert all(s["tokens"] == 2 * 65 and 0 < s["real_tokens"] < s["tokens"] for s in timing["steps"])
+    assert 0 < timing["real_tokens_per_second"] < timing["tokens_per_second"]
     # Checkpoints at 5, 10 and the end; the newest two are kept.
     assert sorted(os.listdir(out / "checkpoint" / "rank_0")) == ["step_00000010", "step_00000014"]
     # The trained model loads like any model directory and gives its own logits, not the base model's.
@@ -184,6 +189,25 @@ def test_float16_compute_uses_loss_scaling_and_skips_overflowing_steps(tiny_dir,
     after = ckpt_arrays(str(tmp_path / "overflow" / "model" / "mindspore_model.ckpt"))
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+def test_the_same_run_in_another_place_writes_the_same_files(tiny_dir, tmp_path):
+    """Results are bit-identical for the same inputs, wherever the model, data and run directory are: no
+    timing, no paths in them (the timing file is the one file that differs)."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_dir, moved / "model")
+    shutil.copy(SAMPLE, moved / "data.json")
+    runs = [finetune(make_config(tiny_dir, tmp_path / "a", steps=4, save_every=2)),
+            finetune(make_config(moved / "model", moved / "b", data=str(moved / "data.json"), steps=4,
+                                 save_every=2))]
+
+    def files(root):
+        return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+                for d, _, names in os.walk(root) for n in names if "data_cache" not in d}
+
+    a, b = (files(r.output) for r in runs)
+    assert set(a) == set(b) and "timing.json" in a and any(name.endswith("state.ckpt") for name in a)
+    assert [name for name in a if a[name] != b[name]] == ["timing.json"]
 
 
 def test_bad_settings_fail_before_training(tiny_dir, tmp_path):

@@ -210,7 +210,7 @@ def cmd_train_tokenizer(args) -> int:
 _FINETUNE_FLAGS = ("model", "data", "output", "tokenizer", "cache_dir", "seq_length", "max_source_length",
                    "max_target_length", "preprocess", "batch_size", "grad_accumulation", "steps", "epochs", "lr",
                    "min_lr", "warmup_steps", "lr_schedule", "weight_decay", "max_grad_norm", "seed", "dtype",
-                   "compute_dtype", "save_every", "keep_checkpoints", "resume", "device")
+                   "compute_dtype", "save_every", "keep_checkpoints", "resume", "device", "timing_file")
 
 
 def finetune_config_from_args(args):
@@ -529,6 +529,8 @@ def _add_training_commands(sub) -> None:
                    help="matmul precision (default float32; float16/bfloat16 with loss scaling on Ascend)")
     p.add_argument("--resume", help="'auto' (default: newest checkpoint in OUTPUT), 'never', or a checkpoint dir")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed data lines")
+    p.add_argument("--timing-file", help="where the per-step seconds and tokens/s go (default OUTPUT/timing.json; "
+                   "kept out of the run's results, which are the same for the same inputs)")
     lora = p.add_mutually_exclusive_group()
     lora.add_argument("--lora", dest="lora", action="store_true", default=None, help="train LoRA adapters only")
     lora.add_argument("--full", dest="lora", action="store_false", help="train all parameters")

@@ -49,7 +49,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         return finetune(config)
 
     # Workers run in the output directory (MindSpore writes compile files into the working directory).
-    paths = ["model", "data", "output", "tokenizer", "cache_dir"]
+    paths = ["model", "data", "output", "tokenizer", "cache_dir", "timing_file"]
     if config.resume not in ("auto", "never"):
         paths.append("resume")
     config = dataclasses.replace(config, **{k: os.path.abspath(getattr(config, k))

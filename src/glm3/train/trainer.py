@@ -32,6 +32,7 @@ from glm3.lora import LoraConfig, LoraDropout, apply_lora, save_adapter
 from glm3.parallel import ParallelConfig, apply_shard_strategies, init_parallel
 from glm3.train import checkpoint as ckpt
 from glm3.train.schedule import lr_schedule
+from glm3.train.timing import RunTiming
 from glm3.train.step import (AdamW, ApplyAccumulated, DynamicLossScale, GradientBuffers, MeanAllReduce, TrainStep,
                              _Update)
 
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.tsv"
 METRICS_FILE = "metrics.json"
-LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
+TIMING_FILE = "timing.json"
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "loss_scale")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -91,6 +93,7 @@ class FinetuneConfig:
     device: str = "CPU"
     progress: bool = True
     stop_after: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
+    timing_file: str | None = None  # seconds and tokens/s per step (glm3.train.timing); default <output>/timing.json
 
     def __post_init__(self):
         # YAML reads 1e-4 as a string (it wants 1.0e-4): accept numbers written either way.
@@ -135,13 +138,40 @@ class FinetuneConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     def fingerprint(self) -> str:
-        """What a checkpoint must agree on to be resumed (not output paths, progress or stop points)."""
+        """What a checkpoint must agree on to be resumed (not output paths, progress or stop points).
+
+        The model, data and tokenizer count by what they hold, not where they are, so the same run in another
+        clone of the project has the same fingerprint and writes the same checkpoints."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("output", "cache_dir", "progress", "resume", "stop_after", "save_every",
+                if k not in ("output", "cache_dir", "progress", "resume", "stop_after", "save_every", "timing_file",
                              "keep_checkpoints")}
-        keep["model"] = os.path.abspath(keep["model"])
-        keep["data"] = os.path.abspath(keep["data"])
+        for key in ("model", "data", "tokenizer"):
+            keep[key] = content_identity(keep[key]) if keep[key] else None
+        if keep["parallel"].get("rank_table_file"):
+            keep["parallel"]["rank_table_file"] = content_identity(keep["parallel"]["rank_table_file"])
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def content_identity(path: str) -> str:
+    """A digest of what a file or model directory holds: a file's bytes; a directory's config.json and
+    tokenizer bytes plus the names and sizes of its other files (a 12.5 GB checkpoint is not read)."""
+    digest = hashlib.sha256()
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            continue
+        digest.update(name.encode() + b"\0")
+        if name.endswith((".json", ".model")):
+            with open(full, "rb") as f:
+                digest.update(f.read())
+        else:
+            digest.update(str(os.path.getsize(full)).encode())
+    return digest.hexdigest()
 
 
 def _from_dict(cls, values: dict, where: str):
@@ -160,6 +190,7 @@ class FinetuneResult:
     metrics: dict
     weights: str | None  # model/ or adapter/ (rank 0 only)
     checkpoint: str
+    timing: dict = dataclasses.field(default_factory=dict)  # RunTiming.summary() (rank 0 only)
 
 
 class _StopFlag:
@@ -293,6 +324,11 @@ def _resume(config: FinetuneConfig, ckpt_dir: str, state: list, fingerprint: str
     return path, meta
 
 
+def timing_path(config: FinetuneConfig) -> str:
+    """Where the run's timing goes: config.timing_file, or <output>/timing.json."""
+    return config.timing_file or os.path.join(config.output, TIMING_FILE)
+
+
 def training_dtype(config: FinetuneConfig) -> str:
     """The storage dtype of the model's weights during training (see FinetuneConfig.dtype)."""
     if config.dtype != "auto":
@@ -361,16 +397,19 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     start_step = meta["step"] if meta else 0
     if meta and dropout is not None:
         dropout.restore(meta["dropout_rng"])
-    history = meta["history"] if meta else {"losses": [], "seconds": 0.0, "timed_steps": 0}
+    history = meta["history"] if meta else {"losses": []}
 
     def save(step):
         state = {"fingerprint": fingerprint, "micro_step": step * config.grad_accumulation,
                  "epoch": step * config.grad_accumulation // per_epoch, "history": history,
                  "dropout_rng": dropout.state() if dropout is not None else None}
-        return ckpt.save_checkpoint(ckpt_dir, step, graphs.state, state, config.keep_checkpoints)
+        path = ckpt.save_checkpoint(ckpt_dir, step, graphs.state, state, config.keep_checkpoints)
+        timing.write()
+        return path
 
     is_main = rank == 0
     train_log = _Log(os.path.join(config.output, LOG_FILE) if is_main else None, start_step)
+    timing = RunTiming(timing_path(config) if is_main else None, start_step)
     tokens_per_step = config.batch_size * data.seq_length * ranks * config.grad_accumulation
     batches = _batches(config, data, rank, ranks, per_epoch, start_step * config.grad_accumulation)
     bar = tqdm(total=steps, initial=start_step, desc="finetune", unit="step",
@@ -379,6 +418,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             loss_sum = tokens = 0.0
+            real_tokens = 0
             for micro in range(config.grad_accumulation):
                 epoch, input_ids, labels = next(batches)
                 if ranks > 1 and step == start_step and micro == 0:  # each worker's log shows its own data
@@ -387,20 +427,19 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 if dropout is not None:
                     dropout.refresh()
                 loss, count, norm = graphs.micro_step(input_ids, labels)
+                # Non-padding positions of this rank's batch, times the ranks (their batches are alike in size).
+                real_tokens += int((input_ids.asnumpy() != model.config.pad_token_id).sum()) * ranks
                 loss_sum, tokens = loss_sum + float(loss.asnumpy()), tokens + float(count.asnumpy())
             if graphs.apply is not None:  # accumulated: summed losses over all micro-batches' tokens
                 norm, loss = graphs.apply(), loss_sum / max(tokens, 1.0)
             else:
                 loss = loss_sum
-            seconds = time.perf_counter() - t0
-            if step > start_step:  # a process's first step includes graph compilation
-                history["seconds"] += seconds
-                history["timed_steps"] += 1
+            timing.record(step + 1, time.perf_counter() - t0, tokens_per_step, real_tokens,
+                          compiled=step == start_step)  # a process's first step compiles the graphs
             history["losses"].append(loss)
             scale = float(graphs.loss_scale.scale.asnumpy()) if graphs.loss_scale is not None else 1.0
             train_log.write({"step": step + 1, "epoch": epoch, "loss": loss, "lr": float(graphs.lrs[step]),
-                       "grad_norm": float(norm.asnumpy()), "tokens_per_s": tokens_per_step / seconds,
-                       "loss_scale": scale})
+                             "grad_norm": float(norm.asnumpy()), "loss_scale": scale})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{graphs.lrs[step]:.2e}")
             done = step + 1
@@ -422,14 +461,17 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         else:
             weights = save_model(model, os.path.join(config.output, "model"),
                                  tokenizer_dir=config.tokenizer or config.model, overwrite=True, dtype=base_dtype)
-    metrics = _summary(config, model, data, history, steps, ranks, per_epoch, tokens_per_step)
+    metrics = _summary(config, model, data, history, steps, ranks, per_epoch)
     if is_main:
         atomic_write_text(os.path.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
-    return FinetuneResult(config.output, steps, metrics["final_loss"], metrics, weights, last_path)
+        timing.write()
+    return FinetuneResult(config.output, steps, metrics["final_loss"], metrics, weights, last_path,
+                          timing.summary())
 
 
-def _summary(config, model, data, history, steps, ranks, per_epoch, tokens_per_step) -> dict:
-    losses, timed = history["losses"], history["timed_steps"]
+def _summary(config, model, data, history, steps, ranks, per_epoch) -> dict:
+    """The run's results: the same inputs give the same numbers (speeds are in the timing file)."""
+    losses = history["losses"]
     return {
         "steps": steps, "ranks": ranks, "mode": "lora" if config.lora else "full",
         "micro_batch_size": config.batch_size,
@@ -437,10 +479,7 @@ def _summary(config, model, data, history, steps, ranks, per_epoch, tokens_per_s
         "examples": data.num_examples, "seq_length": data.seq_length,
         "epochs": round(steps * config.grad_accumulation / per_epoch, 4),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "min_loss": min(losses) if losses else None,
-        # Steps timed: all but each process's first (graph compilation), across resumes.
-        "train_seconds": round(history["seconds"], 3),
-        "tokens_per_second": round(tokens_per_step * timed / history["seconds"], 2) if timed else None,
+        "min_loss": min(losses) if losses else None, "skipped_lines": data.skipped,
         "trainable_parameters": _numel(model.trainable_params()),
         "total_parameters": _numel(p for p in model.get_parameters() if not p.name.endswith(".lora_mask")),
     }

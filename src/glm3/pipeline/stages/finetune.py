@@ -14,6 +14,12 @@ from glm3.pipeline.plan import parallel_config
 log = logging.getLogger("glm3.pipeline")
 
 
+def timing_file(layout: Layout) -> str:
+    """The run's timing, beside the stage's output and not in it: wall-clock figures differ on every run, and
+    an output that changed with them would defeat DVC's hashes and run cache."""
+    return layout.outputs["finetune"] + ".timing.json"
+
+
 def finetune_config(params: dict, layout: Layout):
     """The FinetuneConfig of params.finetune, training in a work directory keyed by the settings' fingerprint."""
     from glm3.train import FinetuneConfig
@@ -23,6 +29,7 @@ def finetune_config(params: dict, layout: Layout):
     values["lora"] = lora if lora.pop("enabled", False) else None
     values.update(model=layout.outputs["convert"], data=project_path(layout.root, values["data"]),
                   output=layout.work, cache_dir=os.path.join(layout.work, "data_cache"), resume="auto",
+                  timing_file=timing_file(layout),
                   device=params["parallel"]["device"],
                   parallel=parallel_config(params, layout.outputs["rank_table"]))
     config = FinetuneConfig.from_dict(values)
@@ -54,8 +61,12 @@ def run(params: dict, layout: Layout) -> dict:
         publish_directory(config.output, out)
         os.unlink(lock)
     metrics = {k: result.metrics.get(k) for k in ("steps", "epochs", "mode", "global_batch_size", "first_loss",
-                                                  "final_loss", "min_loss", "tokens_per_second",
+                                                  "final_loss", "min_loss", "skipped_lines",
                                                   "trainable_parameters")}
+    if result.timing.get("tokens_per_second"):
+        log.info("finetune: %.3f s per step, %.0f tokens/s (%.0f without padding); timing in %s",
+                 result.timing["step_seconds"], result.timing["tokens_per_second"],
+                 result.timing["real_tokens_per_second"], timing_file(layout))
     write_json(layout.metrics("finetune", "finetune.json"), metrics)
     log_path = os.path.join(out, LOG_FILE)  # the loss curve for `dvc plots` (node 0 of a multi-node run logs it)
     curve = "\t".join(LOG_COLUMNS) + "\n"
