@@ -27,7 +27,7 @@ run: setup
 	$(IN_VENV) dvc plots show >/dev/null
 	@echo
 	@echo "metrics:        metrics/finetune.json, metrics/ceval.json, metrics/adgen.json (dvc metrics show)"
-	@echo "loss plot:      dvc_plots/index.html (from metrics/train_log.tsv; C-Eval per category too)"
+	@echo "plots:          metrics/loss.png, metrics/ceval_categories.png (all in dvc_plots/index.html, offline)"
 	@echo "exported model: models/export (prefill.mindir, decode.mindir; try: .venv/bin/glm3 infer --model models/export --prompt 你好)"
 	@echo "fine-tuned:     models/finetune (run, checkpoints, train_log.tsv), models/merged (merged model)"
 

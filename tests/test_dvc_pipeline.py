@@ -92,6 +92,37 @@ def test_second_repro_is_a_quick_no_op(project):
     assert seconds <= 15, f"no-op dvc repro took {seconds:.1f} s"
 
 
+def _outs(lock_text: str) -> dict[str, str]:
+    """{stage: md5 of its first output} of a dvc.lock."""
+    return {name: stage["outs"][0]["md5"] for name, stage in yaml.safe_load(lock_text)["stages"].items()}
+
+
+def test_a_repro_from_scratch_writes_the_same_lock_metrics_and_plots(project):
+    """Bit-identical outputs: every stage run again (dvc repro --force) gives the same dvc.lock, metrics and
+    plots; the fine-tuning speed, which differs on every run, is kept beside the output, not in it."""
+    root = project[0]
+    tracked = ["dvc.lock"] + [os.path.join("metrics", n) for n in sorted(os.listdir(os.path.join(root, "metrics")))]
+    assert {"metrics/loss.png", "metrics/finetune.json", "metrics/ceval_categories.png"} <= set(tracked)
+
+    def contents():
+        return {path: open(os.path.join(root, path), "rb").read() for path in tracked}
+
+    timing_path = os.path.join(root, "models", "finetune.timing.json")
+    first, first_timing = contents(), os.path.getmtime(timing_path)
+    assert ran(dvc("repro", "--force", cwd=root).stdout) == list(ORDER)
+    assert [path for path, data in contents().items() if data != first[path]] == []
+    assert os.path.getmtime(timing_path) > first_timing  # written again, outside the outputs
+    with open(timing_path, encoding="utf-8") as f:
+        assert json.load(f)["timed_steps"] == 29
+    # What does not depend on floating-point training is the same on every machine, so equal to the commit's.
+    committed = _outs(subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True,
+                                     check=True).stdout)
+    with open(os.path.join(root, "dvc.lock"), encoding="utf-8") as f:
+        now = _outs(f.read())
+    for stage in ("download", "convert", "rank_table"):
+        assert now[stage] == committed[stage], stage
+
+
 def test_metrics_and_plots_show_the_run(project):
     root = project[0]
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=root).stdout)
@@ -100,19 +131,30 @@ def test_metrics_and_plots_show_the_run(project):
     assert set(data["metrics/ceval.json"]["data"]["categories"]) == {"STEM", "Social Science", "Humanities", "Other"}
     assert "bleu-4" in data["metrics/adgen.json"]["data"]
     plots = json.loads(dvc("plots", "show", "--json", cwd=root).stdout)["data"]
-    loss = plots["metrics/train_log.tsv"][0]["content"]
-    assert loss["title"]["text"] == "training loss" and loss["encoding"]["x"]["field"] == "step"
-    assert loss["layer"][0]["encoding"]["y"]["field"] == "loss"
-    points = loss["data"]["values"]
-    assert [int(p["step"]) for p in points] == list(range(1, 31))
-    with open(os.path.join(root, "metrics", "train_log.tsv"), encoding="utf-8") as f:
-        logged = [line.split("\t")[2] for line in f.read().splitlines()[1:]]
-    assert [p["loss"] for p in points] == logged
-    bars = plots["metrics/ceval_categories.json"][0]["content"]
-    assert bars["mark"]["type"] == "bar" and bars["encoding"]["y"]["field"] == "category"
-    assert sorted(b["category"] for b in bars["data"]["values"]) == ["Humanities", "Other", "STEM", "Social Science"]
+    assert {path: [p["type"] for p in plot] for path, plot in plots.items()} == \
+        {"metrics/loss.png": ["image"], "metrics/ceval_categories.png": ["image"]}
     dvc("plots", "show", cwd=root)
-    assert os.path.isfile(os.path.join(root, "dvc_plots", "index.html"))
+    with open(os.path.join(root, "dvc_plots", "index.html"), encoding="utf-8") as f:
+        page = f.read()
+    # Viewable offline: the page loads nothing from the internet and shows both images.
+    assert "<script" not in page and not re.search(r"(src|href)=\"?https?:", page)
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == ["static/workspace_metrics_ceval_categories.png",
+                                                                "static/workspace_metrics_loss.png"]
+    from PIL import Image
+
+    for name in ("loss.png", "ceval_categories.png"):
+        with Image.open(os.path.join(root, "metrics", name)) as image:
+            assert image.format == "PNG" and image.width >= 600
+            assert len(image.convert("RGB").getcolors(1 << 16) or [None] * 99) > 20  # drawn, not blank
+    # The picture is of the logged run: drawn again from metrics/train_log.tsv, the same bytes.
+    from glm3.pipeline import plots as drawing
+
+    again = drawing.loss_curve(os.path.join(root, "metrics", "train_log.tsv"), os.path.join(root, "again.png"))
+    with open(again, "rb") as a, open(os.path.join(root, "metrics", "loss.png"), "rb") as b:
+        assert a.read() == b.read()
+    os.unlink(again)
+    with open(os.path.join(root, "metrics", "train_log.tsv"), encoding="utf-8") as f:
+        assert [int(line.split("\t")[0]) for line in f.read().splitlines()[1:]] == list(range(1, 31))
 
 
 def test_outputs_are_read_only_links_into_the_cache_not_copies(project):

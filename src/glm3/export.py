@@ -102,12 +102,29 @@ def graph_file(directory: str | os.PathLike, name: str) -> str:
     raise ExportError(f"{directory} has no {name}.mindir (or {name}_graph.mindir)")
 
 
-def _weights_as_inputs(names: list[str]):
-    """An export hook (ms.export's custom_func) that turns the graph's parameters into trailing graph inputs,
-    recording their names in order, so the MindIR file holds no weight data at all."""
+def _export_hook(weight_names: list[str] | None):
+    """An export hook (ms.export's custom_func), run on each graph's protobuf before it is written.
+
+    - It makes the file a function of the model and the settings only: MindSpore names the compile phase after
+      the export's clock and object ids ("export.mindir.<time>.<id>.0") and lists primitives in hash order, so
+      two exports of the same model differed and every `dvc repro` changed the export's hash. The attribute
+      is informative (fixed here) and the primitives are sorted.
+    - With `weight_names` (weights "inputs"), it turns the graph's parameters into trailing graph inputs,
+      recording their names in order, so the MindIR file holds no weight data at all.
+    """
 
     def hook(model_proto) -> None:
         graph = model_proto.graph
+        for attribute in graph.attribute:
+            if attribute.name == "compile_phase":
+                attribute.s = b"export.mindir"
+        # MindSpore lists the primitives in hash-table order, which changes between processes; nodes refer to
+        # them by name, so sorting by name gives one file for one graph.
+        primitives = sorted(model_proto.primitives, key=lambda p: p.name)
+        del model_proto.primitives[:]
+        model_proto.primitives.extend(primitives)
+        if weight_names is None:
+            return
         found = []
         for param in graph.parameter:
             value = graph.input.add()
@@ -118,9 +135,9 @@ def _weights_as_inputs(names: list[str]):
             tensor.name = param.name
             found.append(param.name.split(":", 1)[-1])
         del graph.parameter[:]
-        if names and names != found:
+        if weight_names and weight_names != found:
             raise ExportError("the prefill and decode graphs take their weights in different orders")
-        names[:] = found
+        weight_names[:] = found
 
     return hook
 
@@ -192,9 +209,8 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
                         block_size, num_blocks, weights, dtype)
     for layer in model.transformer.encoder.layers:
         layer.self_attention.fused_paged = fused_paged_attention
-    options = {"file_format": "MINDIR"}
-    if weights == "inputs":
-        options["custom_func"] = _weights_as_inputs(spec.weight_names)
+    options = {"file_format": "MINDIR",
+               "custom_func": _export_hook(spec.weight_names if weights == "inputs" else None)}
     b = batch_size  # None becomes a dynamic dimension
     ids, prompt = Tensor(shape=[b, 1], dtype=ms.int32), Tensor(shape=[b, prompt_length], dtype=ms.int32)
     with atomic_directory(dst, overwrite=overwrite) as tmp:

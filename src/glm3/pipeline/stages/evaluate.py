@@ -5,6 +5,7 @@ import logging
 import os
 
 from glm3.io import atomic_directory
+from glm3.pipeline import plots
 from glm3.pipeline.layout import Layout
 from glm3.pipeline.outputs import write_json
 from glm3.pipeline.params import project_path
@@ -30,6 +31,8 @@ def run(params: dict, layout: Layout) -> dict:
     summary["subjects"] = {s: v["accuracy"] for s, v in metrics["subjects"].items() if "accuracy" in v}
     write_json(layout.metrics("evaluate", "ceval.json"), summary)
     rows = [{"category": c, "accuracy": acc} for c, acc in metrics.get("categories", {}).items()]
-    write_json(layout.metrics("evaluate", "ceval_categories.json"), rows)  # the per-category bar plot
+    write_json(layout.metrics("evaluate", "ceval_categories.json"), rows)
+    plots.category_bars(metrics.get("categories", {}), layout.metrics("evaluate", "ceval_categories.png"),
+                        title=f"C-Eval {p['split']} accuracy per category")
     log.info("evaluate: C-Eval %s average accuracy %s", p["split"], metrics.get("average"))
     return summary

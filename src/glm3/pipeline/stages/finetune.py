@@ -6,6 +6,7 @@ import logging
 import os
 
 from glm3.io import atomic_write_text, exclusive_lock, publish_directory
+from glm3.pipeline import plots
 from glm3.pipeline.layout import Layout
 from glm3.pipeline.outputs import write_json
 from glm3.pipeline.params import project_path
@@ -74,4 +75,5 @@ def run(params: dict, layout: Layout) -> dict:
         with open(log_path, encoding="utf-8") as f:
             curve = f.read()
     atomic_write_text(layout.metrics("finetune", "train_log.tsv"), curve)
+    plots.loss_curve(layout.metrics("finetune", "train_log.tsv"), layout.metrics("finetune", "loss.png"))
     return metrics
