@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from glm3.pipeline import Layout, load_params
 from glm3.pipeline.stages import stage_function
 from glm3.pipeline.params import PARAMS_FILE
-from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from, stage_cache_key
+from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from, run_stages, stage_cache_key
 
 CACHED = {"cache_key_fn": stage_cache_key, "persist_result": True}
 
@@ -68,8 +68,9 @@ TASKS = {t.name: t for t in (download, convert, rank_table, finetune, merge, exp
 def glm3(run: str = "pipeline", lr: float | None = None, steps: int | None = None, batch_size: int | None = None,
          seq_length: int | None = None, lora: bool | None = None, overrides: dict | None = None,
          project: str | None = None) -> dict:
-    """run: "pipeline" (every stage) or "finetune" (from models/ms). lr, steps, batch_size, seq_length and
-    lora override params.yaml's finetune section; `overrides` sets any other ({"export.paged": true})."""
+    """run: "pipeline" (every stage) or "finetune" (from models/ms, made first if missing). lr, steps, batch_size,
+    seq_length and lora override params.yaml's finetune section; `overrides` sets any other
+    ({"export.paged": true})."""
     logger = get_run_logger()
     logging.getLogger("glm3").setLevel(logging.INFO)  # the library's stage logs reach the UI (EXTRA_LOGGERS)
     if run not in RUNS:
@@ -78,9 +79,12 @@ def glm3(run: str = "pipeline", lr: float | None = None, steps: int | None = Non
     params = load_params(os.path.join(root, PARAMS_FILE),
                          overrides_from(overrides, lr=lr, steps=steps, batch_size=batch_size,
                                         seq_length=seq_length, lora=lora))
-    layout = Layout.keyed(root, params, RUNS[run])
+    stages, why = run_stages(run, root)
+    if why:
+        logger.info(why)
+    layout = Layout.keyed(root, params, stages)
     results = {}
-    for name in RUNS[run]:
+    for name in stages:
         logger.info("stage %s -> %s", name, os.path.relpath(layout.outputs[name], root))
         stage_task = TASKS[name]
         if not os.path.isdir(layout.outputs[name]):  # nothing on disk to reuse: run it and record it anew
@@ -88,4 +92,4 @@ def glm3(run: str = "pipeline", lr: float | None = None, steps: int | None = Non
         results[name] = stage_task(params, layout)
     create_markdown_artifact(key="glm3-metrics", markdown=metrics_markdown(run, results, layout),
                              description=f"glm3 {run}: metrics and outputs")
-    return {"outputs": {name: layout.outputs[name] for name in RUNS[run]}, "metrics": results}
+    return {"outputs": {name: layout.outputs[name] for name in stages}, "metrics": results}

@@ -3,7 +3,7 @@
 It lets the download tests run the real huggingface_hub client and our download code over real HTTP,
 offline: repo info with LFS metadata, the file tree, and /resolve/ with HEAD, GET and byte ranges.
 Faults can be switched on per file: a connection cut halfway through the first GET, or served bytes
-that differ from the published sha256. Every request is recorded for assertions.
+that differ from the published sha256; or for everything: an outage (503) for a while. Every request is recorded for assertions.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -35,6 +36,7 @@ class FakeHub:
         self.requests: list[tuple[str, str, dict]] = []
         self.cut_once: set[str] = set()
         self.corrupt: set[str] = set()
+        self.down_until = 0.0  # time.monotonic() until which every request gets 503 (an outage)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -100,6 +102,9 @@ class FakeHub:
 
             def _route(self, head: bool):
                 hub.requests.append((self.command, self.path, dict(self.headers)))
+                if time.monotonic() < hub.down_until:
+                    self._error(503, "ServiceUnavailable")
+                    return
                 path = self.path.split("?", 1)[0]
                 m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
                 if m:

@@ -7,6 +7,7 @@ import queue
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -26,11 +27,8 @@ def api(url, path, body):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("prefect")
-    root = project_clone(base / "glm3-pipeline")
+    root = project_clone(base / "glm3-pipeline")  # a clean project: no models/ at all
     env = subprocess_env(PREFECT_HOME=str(base / "prefect-home"))
-    for stage in ("download", "convert"):  # glm3/finetune starts from the converted model (models/ms)
-        subprocess.run(["glm3", "stage", stage, "--project", root], env=env, check=True, capture_output=True,
-                       timeout=300)
     port = free_port()
     proc = subprocess.Popen(["glm3", "prefect", "up", "--project", root, "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -74,14 +72,17 @@ def task_states(url, flow_run):
 
 
 def test_finetune_deployment_completes_with_metrics_artifact_and_logs(served):
+    """The users' entry point, as the first thing run in a fresh clone: without models/ms the finetune
+    deployment makes it (download, convert) and goes on."""
     root, url, env = served
+    assert not os.path.exists(os.path.join(root, "models", "ms"))
     flow_run = run_deployment(env, "glm3/finetune", "lr=0.001", "steps=6")
     run = api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}}})[0]
     assert run["state"]["type"] == "COMPLETED" and run["parameters"]["lr"] == 0.001
-    assert task_states(url, flow_run) == {s: "Completed" for s in
-                                          ("rank_table", "finetune", "merge", "export", "evaluate", "adgen_eval")}
+    assert task_states(url, flow_run) == {s: "Completed" for s in ("download", "convert", "rank_table", "finetune",
+                                                                   "merge", "export", "evaluate", "adgen_eval")}
 
-    [finetune] = glob.glob(os.path.join(root, "models", "prefect", "finetune-*"))
+    [finetune] = [d for d in glob.glob(os.path.join(root, "models", "prefect", "finetune-*")) if os.path.isdir(d)]
     with open(os.path.join(finetune, "train_log.tsv"), encoding="utf-8") as f:
         assert len(f.read().splitlines()) == 1 + 6
     with open(os.path.join(finetune, "finetune.json"), encoding="utf-8") as f:
@@ -100,6 +101,7 @@ def test_finetune_deployment_completes_with_metrics_artifact_and_logs(served):
 
     logs = [entry["message"] for entry in api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run]}}})]
     assert any(m.startswith("finetune: ") and "lr 0.001" in m for m in logs)  # the library's logger, in Prefect
+    assert any("models/ms is missing: running download and convert first" in m for m in logs)
 
 
 def test_same_parameters_again_are_cached_and_new_ones_run(served):
@@ -116,9 +118,9 @@ def test_pipeline_deployment_runs_every_stage(served):
     root, url, env = served
     flow_run = run_deployment(env, "glm3/pipeline", "steps=3", "lora=true")
     states = task_states(url, flow_run)
-    assert states.pop("rank_table") == "Cached"  # same parallel params and code as the fine-tune runs
-    assert states == {s: "Completed" for s in ("download", "convert", "finetune", "merge", "export", "evaluate",
-                                               "adgen_eval")}
+    for stage in ("download", "convert", "rank_table"):  # same params and code as the fine-tune runs' own
+        assert states.pop(stage) == "Cached", stage
+    assert states == {s: "Completed" for s in ("finetune", "merge", "export", "evaluate", "adgen_eval")}
     assert len(glob.glob(os.path.join(root, "models", "prefect", "convert-*"))) == 1
     artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["glm3-metrics"]}}})
     markdown = next(a["data"] for a in artifacts if a["flow_run_id"] == flow_run)
@@ -129,3 +131,40 @@ def test_pipeline_deployment_runs_every_stage(served):
     assert os.path.isfile(os.path.join(root, outputs["finetune"], "adapter", "adapter_config.json"))
     assert os.path.isfile(os.path.join(root, outputs["merge"], "config.json"))  # the adapter folded in
     assert os.path.isfile(os.path.join(root, outputs["export"], "decode.mindir"))
+
+
+# A flow of the download task alone, as the pipeline defines it (its retries included), run against the server.
+RETRY_FLOW = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from prefect import flow
+from flows.pipeline import TASKS
+from glm3.pipeline import Layout, load_params
+
+@flow(name="glm3-download-retry")
+def download_only(root):
+    params = load_params(os.path.join(root, "params.yaml"), {"download.source": "hub", "download.revision": "main",
+                                                             "download.repo": "THUDM/chatglm3-6b"})
+    return TASKS["download"](params, Layout.keyed(root, params, ["download"]))
+
+print(json.dumps(download_only(sys.argv[1])))
+"""
+
+
+def test_a_failed_download_is_retried_and_the_retry_succeeds(served, tiny_dir, tmp_path):
+    from hub_server import FakeHub
+
+    root, url, env = served
+    with FakeHub() as hub:
+        hub.add_repo("THUDM/chatglm3-6b", tiny_dir, "0123456789abcdef0123456789abcdef01234567")
+        hub.down_until = time.monotonic() + 5  # the first attempt meets an outage; the retry, 10 s later, not
+        done = subprocess.run([sys.executable, "-c", RETRY_FLOW, root], capture_output=True, text=True, timeout=300,
+                              env=dict(env, HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf-home")))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["source"] == "hub"
+    assert "503" in done.stdout + done.stderr  # the first attempt's failure, logged
+    runs = api(url, "/task_runs/filter", {"task_runs": {"name": {"like_": "download"}}})
+    [retried] = [r for r in runs if r["run_count"] > 1]
+    assert retried["state"]["name"] == "Completed" and retried["run_count"] == 2  # failed once, then succeeded
+    hub_downloads = glob.glob(os.path.join(root, "models", "prefect", "download-*", "source.json"))
+    assert len(hub_downloads) == 1  # the retry published the download; the failed attempt left nothing

@@ -10,6 +10,19 @@ from glm3.pipeline.layout import ORDER
 RUNS = {"pipeline": ORDER,  # glm3/pipeline: everything
         "finetune": ("rank_table", "finetune", "merge", "export", "evaluate", "adgen_eval")}  # from models/ms
 
+def run_stages(run: str, root: str) -> tuple[tuple[str, ...], str | None]:
+    """(the stages a run executes, why any were added). glm3/finetune starts from the converted model of the
+    DVC layout (models/ms); when that is missing (a fresh clone) it runs download and convert itself first,
+    which Prefect's task cache then serves to later runs."""
+    from glm3.pipeline.layout import DVC_OUTPUTS
+
+    stages = RUNS[run]
+    if run == "finetune" and not os.path.isdir(os.path.join(root, DVC_OUTPUTS["convert"])):
+        return ("download", "convert") + stages, (f"{DVC_OUTPUTS['convert']} is missing: running download and "
+                                                  "convert first (reused from the task cache when they ran before)")
+    return stages, None
+
+
 FINETUNE_OVERRIDES = {"lr": "finetune.lr", "steps": "finetune.steps", "batch_size": "finetune.batch_size",
                       "seq_length": "finetune.seq_length", "lora": "finetune.lora.enabled"}
 
