@@ -1,7 +1,9 @@
 """Chat protocol, reply parsing, and tool calls parsed without executing anything."""
 import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 import glm3
@@ -103,12 +105,47 @@ def test_chat_turn_with_tiny_model(tiny_model, tokenizer):
     assert history2[len(history)] == {"role": "observation", "content": '{"weather": "晴"}'}
 
 
-def test_stream_chat_yields_growing_text_then_final(tiny_model, tokenizer):
-    chunks = list(glm3.stream_chat(tiny_model, tokenizer, "介绍一下你自己", max_new_tokens=10, do_sample=False))
+@pytest.fixture(scope="module")
+def scripted_model(tiny_dir, tokenizer, tmp_path_factory):
+    """The tiny ChatGLM3 with weights set so that it writes a chosen reply: every block's output projections are
+    zero (each position keeps its own embedding), and the output layer maps each token of the script to the
+    next one. A real model, real decoding, a known text: "\n好" then 龘, which the tokenizer has as three
+    byte-fallback pieces (a character that arrives in parts), then eos."""
+    from safetensors.numpy import load_file, save_file
+
+    script = [tokenizer.get_command("<|assistant|>"), tokenizer.sp.piece_to_id("<0x0A>"),
+              tokenizer.sp.piece_to_id("好"), *[tokenizer.sp.piece_to_id(f"<0x{b:02X}>") for b in "龘".encode()],
+              tokenizer.eos_id]
+    assert len(set(script)) == len(script) and 0 not in script  # every step has one successor
+    weights = {}
+    for name in sorted(os.listdir(tiny_dir)):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(tiny_dir, name)))
+    for name in weights:
+        if name.endswith(("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")):
+            weights[name] = np.zeros_like(weights[name])
+    weights["transformer.encoder.final_layernorm.weight"][:] = 1.0
+    embedding = weights["transformer.embedding.word_embeddings.weight"]
+    output = np.zeros_like(weights["transformer.output_layer.weight"])
+    for token, successor in zip(script, script[1:]):
+        row = embedding[token] / np.sqrt(np.mean(embedding[token] ** 2))  # what the final RMSNorm gives
+        output[successor] = 10.0 * row / np.linalg.norm(row)
+    weights["transformer.output_layer.weight"] = output
+    directory = tmp_path_factory.mktemp("scripted")
+    save_file(weights, str(directory / "model.safetensors"))
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_dir, name), directory / name)
+    return glm3.load_model(directory), len(script) - 2  # the model, and the tokens of its reply
+
+
+def test_stream_chat_yields_each_complete_character_once_and_never_a_split_one(scripted_model, tokenizer):
+    model, reply_tokens = scripted_model
+    chunks = list(glm3.stream_chat(model, tokenizer, "写两个字", max_new_tokens=20, do_sample=False))
     final, history = chunks[-1]
-    assert history[-1]["role"] == "assistant"
-    texts = [c for c, _ in chunks[:-1]]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
-    reply, _ = glm3.chat(tiny_model, tokenizer, "介绍一下你自己", max_new_tokens=10, do_sample=False,
-                         eos_token_id=None)
-    assert final == reply
+    texts = [text for text, _ in chunks[:-1]]
+    # One chunk per completed character; the three byte pieces of 龘 arrive as one chunk, after the last.
+    assert texts == ["\n", "\n好", "\n好龘"]
+    assert len(texts) < reply_tokens and not any("\ufffd" in t for t in texts)
+    assert final == "好龘" and history[-1] == {"role": "assistant", "metadata": "", "content": "好龘"}
+    reply, _ = glm3.chat(model, tokenizer, "写两个字", max_new_tokens=20, do_sample=False)
+    assert reply == final

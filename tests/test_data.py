@@ -53,8 +53,9 @@ def test_truncation_seq_length_and_blank_records(tokenizer):
     assert ex.input_ids.shape == (25,) and ex.input_ids[24] == tokenizer.eos_id  # 16 prompt + 8 answer + eos
     assert ex.input_ids[:16].tolist() == [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")] + \
         tokenizer.encode(long["content"])[:14]
-    with pytest.raises(PreprocessError, match="seq_length 100 is shorter than .* = 64 \\+ 128 \\+ 1 = 193"):
-        preprocess_train([long], tokenizer, seq_length=100)
+    for wrong in (100, 256):  # shorter, or longer (what was once silently ignored): the arithmetic, refused
+        with pytest.raises(PreprocessError, match=f"seq_length {wrong} must equal .* = 64 \\+ 128 \\+ 1 = 193"):
+            preprocess_train([long], tokenizer, seq_length=wrong)
     examples, skipped = preprocess_train([long, {"content": " ", "summary": "x"}, {"content": "x", "summary": ""}],
                                          tokenizer)
     assert len(examples) == 1 and skipped == 2

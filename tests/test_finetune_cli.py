@@ -24,29 +24,58 @@ def finetune(*args, **kwargs):
                           **kwargs)
 
 
+def _equal_length_records(path, n=8):
+    """ADGEN records whose answers are all equally long (the same summary), so every example carries the same
+    number of labelled tokens: then the mean loss of a batch is the mean of its halves' mean losses."""
+    contents = ["类型#裙*颜色#黑色", "类型#上衣*材质#棉", "类型#裤*风格#简约", "类型#裙*图案#碎花",
+                "类型#外套*版型#宽松", "类型#鞋*颜色#白色", "类型#包*材质#皮", "类型#帽*风格#休闲"]
+    with open(path, "w", encoding="utf-8") as f:
+        for content in contents[:n]:
+            f.write(json.dumps({"content": content, "summary": "简约大方，舒适百搭。"}, ensure_ascii=False) + "\n")
+    return str(path)
 
-def test_two_msrun_workers_train_identical_weights_on_their_own_shards(tiny_dir, tmp_path):
-    out = tmp_path / "dp"
-    result = finetune("--model", tiny_dir, "--data", SAMPLE, "--output", str(out), "--steps", "4", "--workers", "2",
-                      "--master-port", str(free_port()), *SHAPE)
+
+def test_two_msrun_workers_train_as_one_process_with_their_joint_batch(tiny_dir, tmp_path):
+    """Data parallel: 2 workers with batch 2 each make the update of 1 process with batch 4 (gradients averaged,
+    not summed), and the ranks hold bit-identical weights while each reads its own half of the data."""
+    data = _equal_length_records(tmp_path / "train.json")
+    config = tmp_path / "ft.yaml"
+    config.write_text("shuffle: false\nsave_every: 1\nkeep_checkpoints: 3\n")  # the same examples in each step
+    common = ["--config", str(config), "--model", tiny_dir, "--data", data, "--steps", "3",
+              "--max-source-length", "32", "--max-target-length", "32", "--seq-length", "65", "--lr", "1e-3",
+              "--quiet"]
+    out, one = tmp_path / "dp", tmp_path / "one"
+    result = finetune(*common, "--output", str(out), "--batch-size", "2", "--workers", "2",
+                      "--master-port", str(free_port()))
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = ckpt_arrays(str(out / "checkpoint" / "rank_0" / "step_00000004" / "state.ckpt"))
-    rank1 = ckpt_arrays(str(out / "checkpoint" / "rank_1" / "step_00000004" / "state.ckpt"))
+    single = finetune(*common, "--output", str(one), "--batch-size", "4")
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def state(run, rank, step):
+        return ckpt_arrays(str(run / "checkpoint" / f"rank_{rank}" / f"step_{step:08d}" / "state.ckpt"))
+
+    rank0, rank1 = state(out, 0, 3), state(out, 1, 3)
     assert rank0.keys() == rank1.keys() and any(k.startswith("moment1.") for k in rank0)
     for name in rank0:
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)  # bit-identical
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ranks"] == 2 and metrics["global_batch_size"] == 4
-    # Each rank read its own half of the data: the workers' first batches differ.
     logs = [(out / "msrun_log" / f"worker_{r}.log").read_text(errors="replace") for r in (0, 1)]
     firsts = [next(line for line in log.splitlines() if "first batch" in line) for log in logs]
-    assert firsts[0].split("first batch")[1] != firsts[1].split("first batch")[1]
-    # The trained weights differ from a single worker's run on the same steps (it saw half the data per step).
-    single = finetune("--model", tiny_dir, "--data", SAMPLE, "--output", str(tmp_path / "one"), "--steps", "4",
-                      *SHAPE)
-    assert single.returncode == 0, single.stderr[-3000:]
-    one = ckpt_arrays(str(tmp_path / "one" / "checkpoint" / "rank_0" / "step_00000004" / "state.ckpt"))
-    assert any(not np.array_equal(one[k], rank0[k]) for k in one)
+    assert firsts[0].split("first batch")[1] != firsts[1].split("first batch")[1]  # each rank its own half
+
+    rows = [list(csv.DictReader(open(run / "train_log.tsv", encoding="utf-8"), delimiter="\t")) for run in (out, one)]
+    for key in ("loss", "grad_norm"):  # a sum of the ranks' gradients would double the norm
+        np.testing.assert_allclose([float(r[key]) for r in rows[0]], [float(r[key]) for r in rows[1]], rtol=1e-5,
+                                   err_msg=key)
+    first_dp, first_one = state(out, 0, 1), state(one, 0, 1)
+    for name in (k for k in first_one if k.startswith("moment1.")):  # (1 - beta1) times the step's gradient
+        np.testing.assert_allclose(first_dp[name], first_one[name], rtol=1e-4, atol=1e-9, err_msg=name)
+    # Adam divides by the root of the second moment, which magnifies float32 rounding of near-zero gradients:
+    # the weights agree to 2% of one step's size (lr 1e-3).
+    last_one = state(one, 0, 3)
+    for name in (k for k in last_one if not k.startswith(("moment", "global_step", "adam", "beta"))):
+        np.testing.assert_allclose(rank0[name], last_one[name], rtol=0, atol=2e-5, err_msg=name)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_like_an_uninterrupted_run(tiny_dir, tmp_path):
@@ -80,6 +109,25 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_like_an_uninterrupted
     assert [r[:5] for r in rows[0]] == [r[:5] for r in rows[1]] and len(rows[0]) == 61
 
 
+def test_ctrl_c_is_reported_as_the_signal_that_arrived(tiny_dir, tmp_path):
+    """Ctrl-C, then the SIGTERM a launcher (DVC, msrun) sends its children: the user's Ctrl-C is what is named."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*GLM3, "finetune", "--output", str(out), "--model", tiny_dir, "--data", SAMPLE,
+                             "--steps", "200", *SHAPE], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log, deadline = out / "train_log.tsv", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "stopped by SIGINT (Ctrl-C) after step" in stderr and "signal 15" not in stderr
+
+
 def test_malformed_data_is_rejected_with_its_line_number(tiny_dir, tmp_path):
     bad = tmp_path / "train.json"
     lines = open(SAMPLE, encoding="utf-8").read().splitlines()
@@ -88,10 +136,13 @@ def test_malformed_data_is_rejected_with_its_line_number(tiny_dir, tmp_path):
     result = finetune("--model", tiny_dir, "--data", str(bad), "--output", str(tmp_path / "out"), "--steps", "2",
                       *SHAPE)
     assert result.returncode == 2 and "train.json:7" in result.stderr
+    assert "--skip-bad-lines" in result.stderr and "finetune.skip_bad_lines" in result.stderr  # how to skip it
     skipped = finetune("--model", tiny_dir, "--data", str(bad), "--output", str(tmp_path / "out2"), "--steps", "2",
                        "--skip-bad-lines", *SHAPE)
     assert skipped.returncode == 0, skipped.stderr[-2000:]
-    assert json.loads((tmp_path / "out2" / "metrics.json").read_text())["examples"] == 23
+    metrics = json.loads((tmp_path / "out2" / "metrics.json").read_text())
+    assert metrics["examples"] == 23 and metrics["skipped_lines"] == 1  # reported, not silently dropped
+    assert "skipped 1 malformed line(s)" in skipped.stderr
 
 
 def test_finetune_reads_a_yaml_config_and_flags_override_it(tiny_dir, tmp_path):

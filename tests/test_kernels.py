@@ -35,8 +35,9 @@ class Product(nn.Cell):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 65])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 65])
 def test_xwt_and_xw_equal_numpy_at_every_row_count(dtype, rows):
+    """Rows 1-8 take the streaming (decode) path, more rows the tiled (chunked) one."""
     rng = np.random.default_rng(rows)
     n, k = 70, 45  # neither a multiple of the 4-row, 8-lane or 16-row tiles: every tail path runs
     w, w64 = weight(rng, (n, k), dtype)
@@ -44,6 +45,8 @@ def test_xwt_and_xw_equal_numpy_at_every_row_count(dtype, rows):
     y = Product(xwt_op(LIB))(Tensor(x), w).asnumpy()
     assert y.shape == (rows, n) and y.dtype == np.float32
     np.testing.assert_allclose(y, x.astype(np.float64) @ w64.T, rtol=1e-5, atol=1e-4)
+    matmul = Product(ops.MatMul(transpose_b=True))(Tensor(x), w.astype(ms.float32)).asnumpy()
+    np.testing.assert_allclose(y, matmul, rtol=1e-5, atol=1e-5)  # what MindSpore's MatMul computes
     dy = rng.standard_normal((rows, n), dtype=np.float32)
     dx = Product(xw_op(LIB))(Tensor(dy), w).asnumpy()
     assert dx.shape == (rows, k)

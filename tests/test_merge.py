@@ -1,5 +1,6 @@
 """Merging per-rank checkpoints: tensor-parallel split -> merge round trip, data-parallel verified selection,
 LoRA folding, and clear errors for mismatches."""
+import json
 import os
 import shutil
 import subprocess
@@ -189,3 +190,39 @@ def test_pipeline_stage_strategies_split_then_merge_is_bit_exact(tiny_dir, tmp_p
     merged, full = original(tmp_path / "merged"), original(tiny_dir)
     for name in full:
         np.testing.assert_array_equal(merged[name], full[name], err_msg=name)
+
+
+def test_lora_fold_is_w_plus_b_a_times_alpha_over_rank_computed_by_hand(tiny_dir, tmp_path):
+    """The merged weight of every target is W + B·A·alpha/r (here alpha/r = 12/4 = 3), other tensors untouched."""
+    from glm3.lora import adapter_shapes
+    from glm3.tensor_files import MsCkptWriter
+    from glm3.train.settings import LoraConfig
+
+    config = glm3.GLM3Config.from_hf(tiny_dir)
+    lora = LoraConfig(rank=4, alpha=12.0, dropout=0.0, targets=("query_key_value", "dense_4h_to_h"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"rank": 4, "alpha": 12.0, "dropout": 0.0, "targets": list(lora.targets), "base_config": config.to_hf()}))
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in adapter_shapes(config,
+                                                                                                     lora).items()}
+    writer = MsCkptWriter(str(adapter / "adapter_model.ckpt"))
+    for name, value in tensors.items():
+        writer.add(name, value, "float32")
+    writer.close()
+
+    merged = ckpt_arrays(os.path.join(merge_adapter(tiny_dir, adapter, tmp_path / "merged").dst,
+                                      "mindspore_model.ckpt"))
+    base = original(tiny_dir)
+    folded = 0
+    for name, w in base.items():
+        prefix = name[:-len(".weight")]
+        if f"{prefix}.lora_a" in tensors:
+            a, b = tensors[f"{prefix}.lora_a"].astype(np.float64), tensors[f"{prefix}.lora_b"].astype(np.float64)
+            np.testing.assert_allclose(merged[name], w.astype(np.float64) + 3.0 * (b @ a), rtol=1e-6, atol=1e-6,
+                                       err_msg=name)
+            folded += 1
+        else:
+            np.testing.assert_array_equal(merged[name], w, err_msg=name)
+    assert folded == 2 * config.num_layers  # qkv and dense_4h_to_h of every layer

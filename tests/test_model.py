@@ -102,7 +102,8 @@ def test_float16_parameters_close_to_float32(tiny_dir, tiny_model):
 def test_cpu_kernel_matches_plain_matmul(tiny_dir, tiny_model):
     assert tiny_model.kernels_backend == "cpu"
     plain = glm3.load_model(tiny_dir, kernels_backend="plain")
-    for batch in ([IDS], [IDS, IDS[::-1]]):
+    # Decode steps multiply 1, 3 and 8 rows (the streaming path); the prefill, 32 rows per prompt (the tiled one).
+    for batch in ([IDS], [IDS, IDS[::-1], IDS[3:]], [IDS[i:] + IDS[:i] for i in range(8)]):
         assert plain.generate(batch, max_new_tokens=6, eos_token_id=[]).tolist() == \
             tiny_model.generate(batch, max_new_tokens=6, eos_token_id=[]).tolist()
 

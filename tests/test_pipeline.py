@@ -2,6 +2,7 @@
 Prefect, the finetune config a stage builds, and `glm3 stage` errors."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -225,8 +226,13 @@ def test_an_interrupted_finetune_stage_publishes_nothing_and_resumes(project):
     cmd = [*stage, "finetune", "--project", str(project), "-S", "finetune.steps=200"]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     work = project / "models" / ".work"
+    deadline = time.monotonic() + 300
     while proc.poll() is None and not list(work.glob("finetune-*/checkpoint/rank_0/step_*")):
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no checkpoint within 300 s:\n" + proc.communicate()[1][-2000:])
         time.sleep(0.05)
+    assert proc.poll() is None, "finetune finished before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -252,3 +258,50 @@ def test_glm3_stage_reports_bad_parameters(tmp_path):
                           capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 2 and "download.source must be 'synthetic' or 'hub'" in proc.stderr
     assert not os.path.exists(tmp_path / "models")
+
+
+def test_params_refuse_unknown_keys_everywhere(tmp_path):
+    text = open(PARAMS, encoding="utf-8").read()
+    server = "\n  servers:\n    - {ip: 10.0.0.1, devices: '[0,8)', hccn: /etc/hccn.conf}\n"
+    cases = {  # one typo each, written as a user would
+        r"unknown section\(s\) finetuning; the sections are download, convert": text.replace("\nfinetune:",
+                                                                                            "\nfinetuning:"),
+        r"unknown setting\(s\) finetune.lora.rnak; finetune.lora takes alpha, dropout, enabled, rank, targets":
+            text.replace("    rank: 8", "    rnak: 8"),  # LoRA is disabled in the file: still refused
+        r"unknown setting\(s\) export.pagd; export takes .*paged": text.replace("  paged: false", "  pagd: false"),
+        r"parallel.servers\[0\] must hold ip and devices": re.sub(r"\n  servers: \[\][^\n]*\n", server, text),
+    }
+    for message, changed in cases.items():
+        assert changed != text
+        (tmp_path / "params.yaml").write_text(changed, encoding="utf-8")
+        with pytest.raises(ParamsError, match=message):
+            load_params(tmp_path / "params.yaml")
+    # A setting the file leaves at its default can be set, as the error for a bad data line advises.
+    params = load_params(PARAMS, {"finetune.skip_bad_lines": True, "finetune.lora.rank": 4})
+    assert params["finetune"]["skip_bad_lines"] is True and params["finetune"]["lora"]["rank"] == 4
+
+
+# Stands in for MindSpore on the path of a stage that must fail before it imports MindSpore.
+NO_MINDSPORE = 'raise ImportError("MindSpore was imported before the params were checked")\n'
+
+
+def test_bad_finetune_params_fail_before_mindspore_and_leave_nothing(tmp_path):
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    shutil.copytree(os.path.join(REPO, "data"), tmp_path / "data")
+    run = [sys.executable, "-m", "glm3.cli", "stage"]
+    done = subprocess.run([*run, "rank_table", "--project", str(tmp_path)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "fake" / "mindspore").mkdir(parents=True)
+    (tmp_path / "fake" / "mindspore" / "__init__.py").write_text(NO_MINDSPORE)
+    env = subprocess_env(PYTHONPATH=str(tmp_path / "fake"))
+    for overrides, message in ((["finetune.seq_length=128"], "seq_length (128) must equal max_source_length + "
+                                                             "max_target_length + 1 = 32 + 32 + 1 = 65"),
+                               (["finetune.warmup_steps=40"], "warmup_steps must be in [0, steps=30], got 40"),
+                               (["finetune.lora.enabled=true", "finetune.lora.rank=0"], "LoRA rank must be >= 1")):
+        sets = [arg for override in overrides for arg in ("-S", override)]
+        done = subprocess.run([*run, "finetune", "--project", str(tmp_path), *sets], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, (overrides, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and "MindSpore was imported" not in done.stderr
+    assert sorted(os.listdir(tmp_path / "models")) == ["rank_table"]  # no work directory, no lock file

@@ -215,8 +215,9 @@ def test_bad_settings_fail_before_training(tiny_dir, tmp_path):
         finetune(make_config(tiny_dir, tmp_path / "x", compute_dtype="bfloat16"))
     with pytest.raises(ValueError, match="too few"):
         finetune(make_config(tiny_dir, tmp_path / "x", batch_size=25))
-    with pytest.raises(ValueError, match="seq_length 60 is shorter"):
-        finetune(make_config(tiny_dir, tmp_path / "x", seq_length=60))
+    for wrong in (60, 128):  # the reference requires seq_length = 32 + 32 + 1
+        with pytest.raises(ValueError, match=rf"seq_length \({wrong}\) must equal .* = 32 \+ 32 \+ 1 = 65"):
+            finetune(make_config(tiny_dir, tmp_path / "x", seq_length=wrong))
     with pytest.raises(ValueError, match="Ascend or GPU"):
         finetune(make_config(tiny_dir, tmp_path / "x", parallel={"model_parallel": 2, "data_parallel": 1}))
     with pytest.raises(FileNotFoundError):

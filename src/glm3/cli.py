@@ -254,13 +254,18 @@ def finetune_config_from_args(args):
 
 
 def cmd_finetune(args) -> int:
-    from glm3.train import TrainingInterrupted
-    from glm3.train.launch import run_finetune
-
     config = finetune_config_from_args(args)
+    config.validate()  # bad settings fail in milliseconds, before MindSpore is imported
+
+    from glm3.train.launch import run_finetune
+    from glm3.train.trainer import TrainingInterrupted
+
     try:
         result = run_finetune(config)
     except TrainingInterrupted as exc:
+        from glm3.train.signals import ignore_further_stops
+
+        ignore_further_stops()
         print(f"glm3 finetune: {exc}; run the same command again to resume", file=sys.stderr)
         return 128 + exc.signum if exc.signum else 1
     if result.metrics:

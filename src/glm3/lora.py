@@ -16,33 +16,10 @@ import numpy as np
 from glm3.config import GLM3Config
 from glm3.io import atomic_directory
 from glm3.model import GLM3ForCausalLM, Linear
+from glm3.train.settings import LORA_TARGETS, LoraConfig, LoraError  # noqa: F401 (re-exported)
 
-LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.ckpt"
-
-
-class LoraError(ValueError):
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.1
-    targets: tuple[str, ...] = ("query_key_value",)
-
-    def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if self.rank < 1:
-            raise LoraError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown or not self.targets:
-            raise LoraError(f"LoRA targets must be a non-empty subset of {', '.join(LORA_TARGETS)}; "
-                            f"got {list(self.targets)}")
 
 
 def adapter_shapes(model_config: GLM3Config, config: LoraConfig) -> dict[str, tuple[int, int]]:

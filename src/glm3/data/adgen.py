@@ -65,8 +65,9 @@ def load_adgen(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
                 entries.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 if not skip_bad_lines:
-                    raise AdgenError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix the line or set "
-                                     "skip_bad_lines") from exc
+                    raise AdgenError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix the line, or skip such "
+                                     "lines: --skip-bad-lines, or finetune.skip_bad_lines: true in params.yaml "
+                                     "(-S finetune.skip_bad_lines=true)") from exc
                 report.bad_lines.append(lineno)
     for where, obj in entries:
         try:

@@ -31,9 +31,10 @@ class TrainData:
     path: str  # the .mindrecord file
     num_examples: int
     seq_length: int
-    skipped: int
+    skipped: int  # records without content or summary
     key: str
     built: bool  # False when an existing cache was reused
+    bad_lines: int = 0  # malformed lines skipped (skip_bad_lines)
 
 
 def _sha256_file(path: str) -> str:
@@ -67,7 +68,7 @@ def build_train_cache(data_path: str | os.PathLike, tokenizer: ChatGLM3Tokenizer
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         return TrainData(os.path.join(directory, MINDRECORD), meta["num_examples"], meta["example_length"],
-                         meta["skipped"], key, built=False)
+                         meta["skipped"], key, built=False, bad_lines=meta.get("bad_lines", 0))
     records, report = load_adgen(data_path, skip_bad_lines=skip_bad_lines)
     examples, skipped = preprocess_train(records, tokenizer, max_source_length, max_target_length, seq_length,
                                          style, ignore_pad_token_for_loss)
@@ -80,11 +81,13 @@ def build_train_cache(data_path: str | os.PathLike, tokenizer: ChatGLM3Tokenizer
         writer.write_raw_data([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
         writer.commit()
         meta = {"num_examples": len(examples), "example_length": length, "skipped": skipped,
+                "bad_lines": len(report.bad_lines),
                 "source": os.path.abspath(os.fspath(data_path)), "load_report": report.describe(),
                 "tokenizer": tokenizer.fingerprint(), **params}
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, ensure_ascii=False)
-    return TrainData(os.path.join(directory, MINDRECORD), len(examples), length, skipped, key, built=True)
+    return TrainData(os.path.join(directory, MINDRECORD), len(examples), length, skipped, key, built=True,
+                     bad_lines=len(report.bad_lines))
 
 
 def batches_per_epoch(num_examples: int, batch_size: int, num_shards: int = 1) -> int:

@@ -44,13 +44,13 @@ class EvalExample:
 
 
 def check_lengths(seq_length: int, max_source_length: int, max_target_length: int) -> int:
-    """The padded example length; seq_length must hold it."""
+    """The padded example length, which seq_length must equal (MindFormers' recipe: 64 + 128 + 1 = 193)."""
     if max_source_length < 3 or max_target_length < 1:
         raise PreprocessError(f"max_source_length must be >= 3 and max_target_length >= 1, got "
                               f"{max_source_length} and {max_target_length}")
     total = max_source_length + max_target_length + 1
-    if seq_length < total:
-        raise PreprocessError(f"seq_length {seq_length} is shorter than max_source_length + max_target_length + 1 "
+    if seq_length != total:
+        raise PreprocessError(f"seq_length {seq_length} must equal max_source_length + max_target_length + 1 "
                               f"= {max_source_length} + {max_target_length} + 1 = {total}")
     return total
 

@@ -5,72 +5,31 @@ float32, float16 or bfloat16 weights as stored and never make a float32 copy of 
 - `xw` (x W, the backward pass of the forward: dx = dy W);
 - FrozenWeightMatMul: x W^T for a weight that gets no gradient (LoRA's base), whose backward computes dx only.
 
-The library is compiled on first use into a per-user cache (GLM3_KERNEL_CACHE, default
-~/.cache/glm3/kernels) keyed by the source, the flags and the compiler; without a working compiler the
-model keeps MindSpore's MatMul (`kernel_library()` returns None and says why in the log).
+The library is compiled on first use into a per-user cache (glm3.native: GLM3_KERNEL_CACHE, default
+~/.cache/glm3/kernels); without a working compiler the model keeps MindSpore's MatMul (`kernel_library()`
+returns None and says why in the log).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 
 import mindspore as ms
 from mindspore import nn, ops
 
-log = logging.getLogger(__name__)
+from glm3.native import build_library
 
 # Rows of x up to which the kernel streams the weights (decoding); above it MindSpore's MatMul is faster
 # for float32 weights (half-precision weights always go through the kernel: no float32 copy).
 SMALL_M = 8
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "linear.cc")
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread"]
 
 
-def _cache_dir() -> str:
-    return os.environ.get("GLM3_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm3", "kernels"))
-
-
-@functools.lru_cache(maxsize=None)
 def kernel_library() -> str | None:
-    """Path of the compiled kernel library ("file.so"), building it if needed; None if it cannot be built."""
+    """Path of the compiled kernel library, building it if needed (glm3.native); None if it cannot be built."""
     if os.environ.get("GLM3_DISABLE_CPU_KERNEL") == "1":
         return None
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        log.warning("no C++ compiler found: linear layers use MindSpore's MatMul (slower, float32 copies of "
-                    "half-precision weights)")
-        return None
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("C++ compiler %s unusable (%s): linear layers use MindSpore's MatMul", compiler, exc)
-        return None
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + version + os.uname().machine.encode()).hexdigest()[:16]
-    target = os.path.join(_cache_dir(), f"linear-{key}.so")
-    if os.path.isfile(target):
-        return target
-    os.makedirs(_cache_dir(), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE], capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            log.warning("building the CPU kernels failed, using MindSpore's MatMul:\n%s", result.stderr[-2000:])
-            os.unlink(tmp)
-            return None
-        os.replace(tmp, target)  # atomic: concurrent builders (msrun workers) all end with a complete file
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return build_library(_SOURCE, "linear layers use MindSpore's MatMul (slower, float32 copies of half-precision "
+                                  "weights)")
 
 
 def xwt_op(library: str):

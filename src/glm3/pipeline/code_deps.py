@@ -17,7 +17,8 @@ import os
 import sys
 
 # Files (relative to the package) that modules read at run time, besides their imports.
-DATA_FILES = {"glm3.kernels.linear": ("kernels/csrc",), "glm3.synthetic": ("assets",), "glm3.parallel": ("launch",)}
+DATA_FILES = {"glm3.kernels.linear": ("kernels/csrc",), "glm3.synthetic": ("assets",), "glm3.parallel": ("launch",),
+              "glm3.train.signals": ("csrc/sigterm_sender.cc",)}
 
 
 def _package_dir() -> str:

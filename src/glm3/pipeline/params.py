@@ -1,11 +1,31 @@
-"""params.yaml: read, override (`finetune.lr=1e-3`), and check that every stage's section is there."""
+"""params.yaml: read, override (`finetune.lr=1e-3`), and check: every stage's section is there and holds only
+settings its stage knows (a typo is an error that names the valid keys, never silently ignored).
+
+Checked in milliseconds, before any stage imports MindSpore or writes anything.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 PARAMS_FILE = "params.yaml"
 SECTIONS = ("download", "convert", "parallel", "finetune", "merge", "export", "evaluate", "adgen_eval")
+# The settings of the sections their stage reads directly. finetune and parallel are those of the dataclasses
+# the finetune stage builds from them (glm3.train.settings, glm3.parallel via glm3.pipeline.plan).
+_SECTION_KEYS = {
+    "download": ("source", "synthetic_preset", "seed", "repo", "revision", "prefer", "timeout"),
+    "convert": ("dtype", "shard_size"),
+    "merge": ("step", "dtype", "shard_size"),
+    "export": ("batch_size", "prompt_length", "seq_length", "paged", "block_size", "num_blocks",
+               "fused_paged_attention", "weights", "dtype"),
+    "evaluate": ("data", "split", "shots", "subjects", "batch_size"),
+    "adgen_eval": ("data", "max_source_length", "max_new_tokens", "batch_size", "limit"),
+}
+# FinetuneConfig fields the finetune stage fills in itself (paths of the layout, the parallel section, ...).
+_STAGE_SET = ("model", "output", "tokenizer", "cache_dir", "resume", "device", "parallel", "progress",
+              "stop_after", "timing_file")
+SERVER_KEYS = ("ip", "devices", "hccn_conf", "device_ips")
 
 
 class ParamsError(ValueError):
@@ -30,25 +50,69 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = 
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(params, dict):
         raise ParamsError(f"{path} must hold a mapping of stage sections")
+    check_params(params, path)
+    params = apply_overrides(params, overrides or {})
+    check_params(params, "the overridden params")
+    return params
+
+
+def known_keys() -> dict[str, set[str]]:
+    """{section (or "finetune.lora"): the settings it may hold}."""
+    from glm3.pipeline.plan import PARALLEL_KEYS
+    from glm3.train.settings import FinetuneConfig, LoraConfig
+
+    keys = {section: set(names) for section, names in _SECTION_KEYS.items()}
+    keys["parallel"] = set(PARALLEL_KEYS) | {"device", "servers"}
+    keys["finetune"] = {f.name for f in dataclasses.fields(FinetuneConfig)} - set(_STAGE_SET) | {"lora"}
+    keys["finetune.lora"] = {"enabled"} | {f.name for f in dataclasses.fields(LoraConfig)}
+    return keys
+
+
+def check_params(params: dict, where: str) -> None:
+    """Every section present, and no section (nor finetune.lora, nor a server entry) holding an unknown key."""
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{where}: unknown section(s) {', '.join(unknown)}; the sections are "
+                          f"{', '.join(SECTIONS)}")
     missing = [s for s in SECTIONS if not isinstance(params.get(s), dict)]
     if missing:
-        raise ParamsError(f"{path} lacks the section(s) {', '.join(missing)}")
-    return apply_overrides(params, overrides or {})
+        raise ParamsError(f"{where} lacks the section(s) {', '.join(missing)}")
+    keys = known_keys()
+    lora = params["finetune"].get("lora")
+    if lora is not None and not isinstance(lora, dict):
+        raise ParamsError(f"{where}: finetune.lora must be a mapping (enabled, rank, alpha, dropout, targets)")
+    for section, values in [(s, params[s]) for s in SECTIONS] + [("finetune.lora", lora or {})]:
+        unknown = sorted(set(values) - keys[section])
+        if unknown:
+            raise ParamsError(f"{where}: unknown setting(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                              f"{section} takes {', '.join(sorted(keys[section]))}")
+    servers = params["parallel"].get("servers") or []
+    if not isinstance(servers, list):
+        raise ParamsError(f"{where}: parallel.servers must be a list of servers")
+    for i, server in enumerate(servers):
+        if not isinstance(server, dict) or "ip" not in server or set(server) - set(SERVER_KEYS):
+            raise ParamsError(f"{where}: parallel.servers[{i}] must hold ip and devices plus hccn_conf or "
+                              f"device_ips (and nothing else), got {server!r}")
 
 
 def apply_overrides(params: dict, overrides: dict) -> dict:
-    """A copy of `params` with each dotted key set; a key must name an existing setting (typos fail loudly)."""
+    """A copy of `params` with each dotted key set. A key must name a setting its section knows (it need not
+    be in the file yet: `finetune.skip_bad_lines=true` sets a setting params.yaml leaves at its default)."""
     params = copy.deepcopy(params)
+    keys = known_keys()
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
+        section = ".".join(parents)
+        if section not in keys:
+            raise ParamsError(f"unknown parameter {dotted!r}: there is no section {section or leaf!r}; the "
+                              f"sections are {', '.join(SECTIONS)}")
+        if leaf not in keys[section]:
+            raise ParamsError(f"unknown parameter {dotted!r}; {section} takes {', '.join(sorted(keys[section]))}")
         node = params
         for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
-                raise ParamsError(f"unknown parameter {dotted!r}: there is no section {part!r}")
-        if leaf not in node:
-            raise ParamsError(f"unknown parameter {dotted!r}; {'.'.join(parents) or 'the top level'} has "
-                              f"{', '.join(sorted(node))}")
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
         node[leaf] = value
     return params
 

@@ -1,7 +1,25 @@
-"""Fine-tuning: the trainer, its graph-mode step, learning-rate schedules and resumable checkpoints."""
-from glm3.train.checkpoint import ResumeError
-from glm3.train.schedule import lr_schedule
-from glm3.train.trainer import FinetuneConfig, FinetuneResult, TrainingInterrupted, finetune, prepare_data
+"""Fine-tuning: settings, the trainer, its graph-mode step, learning-rate schedules and resumable checkpoints.
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "ResumeError", "TrainingInterrupted", "finetune", "lr_schedule",
-           "prepare_data"]
+Names are imported on first use: `glm3.train.settings` (what params.yaml and the CLI check) must not pay for
+MindSpore, which the trainer imports.
+"""
+_EXPORTS = {"FinetuneConfig": "glm3.train.settings", "LoraConfig": "glm3.train.settings",
+            "ResumeError": "glm3.train.checkpoint", "lr_schedule": "glm3.train.schedule",
+            "FinetuneResult": "glm3.train.trainer", "TrainingInterrupted": "glm3.train.trainer",
+            "finetune": "glm3.train.trainer", "prepare_data": "glm3.train.trainer"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'glm3.train' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -38,9 +38,9 @@ def check_run_memory(config: FinetuneConfig) -> None:
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as the config says: in-process for one worker (or inside msrun), else through msrun."""
+    config.validate()
     import mindspore as ms
 
-    config.validate()
     if not launched_by_msrun():  # the launcher checks for all of this node's workers, before any of them starts
         check_run_memory(config)
     if not config.parallel.is_distributed or launched_by_msrun():

@@ -17,8 +17,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 
 import mindspore as ms
@@ -26,12 +24,14 @@ import numpy as np
 from mindspore import Tensor
 
 from glm3.data.mindrecord import TrainData, batches_per_epoch, build_train_cache, train_dataset
-from glm3.config import DTYPE_CHOICES, GLM3Config, resolve_dtype
+from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_write_text
-from glm3.lora import LoraConfig, LoraDropout, apply_lora, save_adapter
-from glm3.parallel import ParallelConfig, apply_shard_strategies, init_parallel
+from glm3.lora import LoraDropout, apply_lora, save_adapter
+from glm3.parallel import apply_shard_strategies, init_parallel
 from glm3.train import checkpoint as ckpt
 from glm3.train.schedule import lr_schedule
+from glm3.train.settings import FinetuneConfig
+from glm3.train.signals import StopRequests, signal_name
 from glm3.train.timing import RunTiming
 from glm3.train.step import (AdamW, ApplyAccumulated, DynamicLossScale, GradientBuffers, MeanAllReduce, TrainStep,
                              _Update)
@@ -46,140 +46,8 @@ LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "loss_scale")
 
 class TrainingInterrupted(RuntimeError):
     def __init__(self, signum: int, step: int, checkpoint: str):
-        super().__init__(f"stopped by signal {signum} after step {step}; checkpoint saved to {checkpoint}")
+        super().__init__(f"stopped by {signal_name(signum)} after step {step}; checkpoint saved to {checkpoint}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-
-@dataclasses.dataclass
-class FinetuneConfig:
-    model: str  # base model directory (ours or HuggingFace layout)
-    data: str  # ADGEN training file
-    output: str  # run directory
-    tokenizer: str | None = None  # default: the model directory
-    cache_dir: str | None = None  # MindRecord cache; default <output>/data_cache
-    seq_length: int = 193
-    max_source_length: int = 64
-    max_target_length: int = 128
-    preprocess: str = "mindformers_v3"
-    ignore_pad_token_for_loss: bool = True
-    skip_bad_lines: bool = False
-    batch_size: int = 1  # per rank and micro-step
-    grad_accumulation: int = 1
-    steps: int = 0  # optimizer steps; 0: from epochs
-    epochs: float = 1.0
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    shuffle: bool = True
-    # Storage of the model's weights while training. "auto": a LoRA run keeps the frozen base in the
-    # checkpoint's own dtype (half precision stays half); full fine-tuning trains float32 master weights.
-    # The trained model/ is written in the checkpoint's dtype either way.
-    dtype: str = "auto"
-    compute_dtype: str = "float32"  # float16/bfloat16 with loss scaling where the device supports it
-    loss_scale: float = 2.0 ** 16  # initial dynamic loss scale (half-precision compute only)
-    loss_scale_window: int = 1000
-    lora: LoraConfig | None = None
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # "auto" (newest checkpoint if any), "never", or a checkpoint directory
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    device: str = "CPU"
-    progress: bool = True
-    stop_after: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
-    timing_file: str | None = None  # seconds and tokens/s per step (glm3.train.timing); default <output>/timing.json
-
-    def __post_init__(self):
-        # YAML reads 1e-4 as a string (it wants 1.0e-4): accept numbers written either way.
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type in ("float", "int") and isinstance(value, str):
-                try:
-                    setattr(self, field.name, float(value) if field.type == "float" else int(value))
-                except ValueError:
-                    raise ValueError(f"finetune.{field.name} must be a number, got {value!r}") from None
-        if isinstance(self.lora, dict):
-            self.lora = _from_dict(LoraConfig, self.lora, "finetune.lora")
-        if isinstance(self.parallel, dict):
-            self.parallel = _from_dict(ParallelConfig, self.parallel, "finetune.parallel")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "FinetuneConfig":
-        return _from_dict(cls, values, "finetune")
-
-    def validate(self) -> None:
-        positive = ("batch_size", "grad_accumulation", "seq_length", "max_source_length", "max_target_length")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
-            raise ValueError(f"give steps >= 1 or epochs > 0 (steps={self.steps}, epochs={self.epochs})")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or (self.steps and self.warmup_steps > self.steps):
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
-        if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
-            raise ValueError(f"resume must be 'auto', 'never' or a checkpoint directory; {self.resume!r} is none")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        if self.device.upper() == "CPU" and self.compute_dtype == "bfloat16":
-            raise ValueError("bfloat16 compute is not supported on CPU; use float32 (or float16, slowly)")
-        if not os.path.isfile(self.data):
-            raise FileNotFoundError(f"training data {self.data} does not exist")
-        self.parallel.validate(self.device)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    def fingerprint(self) -> str:
-        """What a checkpoint must agree on to be resumed (not output paths, progress or stop points).
-
-        The model, data and tokenizer count by what they hold, not where they are, so the same run in another
-        clone of the project has the same fingerprint and writes the same checkpoints."""
-        keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("output", "cache_dir", "progress", "resume", "stop_after", "save_every", "timing_file",
-                             "keep_checkpoints")}
-        for key in ("model", "data", "tokenizer"):
-            keep[key] = content_identity(keep[key]) if keep[key] else None
-        if keep["parallel"].get("rank_table_file"):
-            keep["parallel"]["rank_table_file"] = content_identity(keep["parallel"]["rank_table_file"])
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def content_identity(path: str) -> str:
-    """A digest of what a file or model directory holds: a file's bytes; a directory's config.json and
-    tokenizer bytes plus the names and sizes of its other files (a 12.5 GB checkpoint is not read)."""
-    digest = hashlib.sha256()
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            continue
-        digest.update(name.encode() + b"\0")
-        if name.endswith((".json", ".model")):
-            with open(full, "rb") as f:
-                digest.update(f.read())
-        else:
-            digest.update(str(os.path.getsize(full)).encode())
-    return digest.hexdigest()
-
-
-def _from_dict(cls, values: dict, where: str):
-    """cls(**values), with unknown keys reported as a ValueError naming them (not a TypeError)."""
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"unknown {where} setting(s) {unknown}")
-    return cls(**values)
 
 
 @dataclasses.dataclass
@@ -191,27 +59,6 @@ class FinetuneResult:
     weights: str | None  # model/ or adapter/ (rank 0 only)
     checkpoint: str
     timing: dict = dataclasses.field(default_factory=dict)  # RunTiming.summary() (rank 0 only)
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks between steps (main thread only; elsewhere a no-op)."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def prepare_data(config: FinetuneConfig) -> TrainData:
@@ -371,6 +218,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     os.makedirs(config.output, exist_ok=True)
     rank, ranks = init_parallel(config.parallel, os.path.join(config.output, "strategy"))
     data = prepare_data(config)
+    if data.bad_lines and rank == 0:
+        log.warning("finetune: skipped %d malformed line(s) of %s (skip_bad_lines)", data.bad_lines, config.data)
     steps, per_epoch = total_steps(config, data, ranks)
     ms.set_seed(config.seed)
 
@@ -414,7 +263,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     batches = _batches(config, data, rank, ranks, per_epoch, start_step * config.grad_accumulation)
     bar = tqdm(total=steps, initial=start_step, desc="finetune", unit="step",
                disable=not (config.progress and is_main), dynamic_ncols=True)
-    with _StopFlag() as stop:
+    with StopRequests() as stop:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             loss_sum = tokens = 0.0
@@ -479,7 +328,8 @@ def _summary(config, model, data, history, steps, ranks, per_epoch) -> dict:
         "examples": data.num_examples, "seq_length": data.seq_length,
         "epochs": round(steps * config.grad_accumulation / per_epoch, 4),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "min_loss": min(losses) if losses else None, "skipped_lines": data.skipped,
+        "min_loss": min(losses) if losses else None, "skipped_lines": data.bad_lines,
+        "skipped_records": data.skipped,
         "trainable_parameters": _numel(model.trainable_params()),
         "total_parameters": _numel(p for p in model.get_parameters() if not p.name.endswith(".lora_mask")),
     }

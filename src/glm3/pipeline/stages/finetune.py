@@ -40,29 +40,35 @@ def finetune_config(params: dict, layout: Layout):
 
 def run(params: dict, layout: Layout) -> dict:
     """Train in models/.work/finetune-<fingerprint> (an interrupted stage resumes there), then publish the run."""
-    from glm3.train import TrainingInterrupted
+    config = finetune_config(params, layout)
+    config.validate()  # bad settings fail here: before MindSpore is imported and before anything is written
+
     from glm3.train.checkpoint import list_checkpoints, rank_dir
     from glm3.train.launch import run_finetune
-    from glm3.train.trainer import LOG_COLUMNS, LOG_FILE
+    from glm3.train.trainer import LOG_COLUMNS, LOG_FILE, TrainingInterrupted
 
-    config = finetune_config(params, layout)
     out = layout.outputs["finetune"]
     log.info("finetune: %s on %s (lr %g, %s), work dir %s", config.model, config.data, config.lr,
              "LoRA" if config.lora else "full", config.output)
     lock = config.output + ".lock"  # DVC and Prefect runs with the same settings share the work directory
     with exclusive_lock(lock, f"the work directory {config.output}"):
-        done = list_checkpoints(rank_dir(config.output, 0))
-        if done:
-            log.info("finetune: resuming the interrupted run from step %d (%s)", done[-1][0], done[-1][1])
         try:
-            result = run_finetune(config)
-        except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: a checkpoint was saved, the next run resumes
-            log.warning("finetune: %s; run the stage again to resume", exc)
-            raise KeyboardInterrupt from exc
-        publish_directory(config.output, out)
-        os.unlink(lock)
+            done = list_checkpoints(rank_dir(config.output, 0))
+            if done:
+                log.info("finetune: resuming the interrupted run from step %d (%s)", done[-1][0], done[-1][1])
+            try:
+                result = run_finetune(config)
+            except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: a checkpoint was saved, the next run resumes
+                from glm3.train.signals import ignore_further_stops
+
+                ignore_further_stops()  # this process ends now; a follow-up SIGTERM must not cut its report
+                log.warning("finetune: %s; run the stage again to resume", exc)
+                raise KeyboardInterrupt from exc
+            publish_directory(config.output, out)
+        finally:
+            os.unlink(lock)  # ours while we hold it; the kernel drops the lock itself however we exit
     metrics = {k: result.metrics.get(k) for k in ("steps", "epochs", "mode", "global_batch_size", "first_loss",
-                                                  "final_loss", "min_loss", "skipped_lines",
+                                                  "final_loss", "min_loss", "skipped_lines", "skipped_records",
                                                   "trainable_parameters")}
     if result.timing.get("tokens_per_second"):
         log.info("finetune: %.3f s per step, %.0f tokens/s (%.0f without padding); timing in %s",

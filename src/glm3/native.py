@@ -1,0 +1,59 @@
+"""The project's small C++ sources (CPU kernels, a signal helper), compiled on first use with the host's
+compiler into a per-user cache: GLM3_KERNEL_CACHE, default ~/.cache/glm3/kernels, keyed by the source, the
+flags, the compiler and the machine. Without a working compiler `build_library` returns None, says why in the
+log, and the callers fall back (MindSpore's MatMul; a plainer stop report).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
+
+
+def cache_dir() -> str:
+    return os.environ.get("GLM3_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm3", "kernels"))
+
+
+@functools.lru_cache(maxsize=None)
+def build_library(source: str, without: str) -> str | None:
+    """Path of the shared library compiled from `source` (a .cc file), building it once; None if it cannot be
+    built. `without` completes the warning "... : <without>", saying what the caller does instead."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        log.warning("no C++ compiler found: %s", without)
+        return None
+    with open(source, "rb") as f:
+        code = f.read()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("C++ compiler %s unusable (%s): %s", compiler, exc, without)
+        return None
+    key = hashlib.sha256(code + " ".join(FLAGS).encode() + version + os.uname().machine.encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(source))[0]
+    target = os.path.join(cache_dir(), f"{stem}-{key}.so")
+    if os.path.isfile(target):
+        return target
+    os.makedirs(cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, source], capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            log.warning("building %s failed: %s\n%s", os.path.basename(source), without, result.stderr[-2000:])
+            os.unlink(tmp)
+            return None
+        os.replace(tmp, target)  # atomic: concurrent builders (msrun workers) all end with a complete file
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target

@@ -1,0 +1,88 @@
+"""Sampling transforms (glm3.generation.process_logits) against their definitions, on logits built by hand:
+repetition penalty (CTRL: a seen token's positive logit divided by the penalty, a negative one multiplied),
+temperature, top-k and top-p (nucleus: the smallest set of the most likely tokens whose mass reaches p)."""
+import numpy as np
+import pytest
+
+from glm3.generation import decode_loop, process_logits
+
+NONE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+HISTORY = np.array([[0, 1, 1, 2]]), np.array([[1, 1, 1, 0]])  # tokens 0 and 1 seen (1 twice); 2 is padding
+
+
+def transform(logits, **settings):
+    return process_logits(np.array([logits], np.float32), *HISTORY, **{**NONE, **settings})[0]
+
+
+def test_no_transform_is_the_identity_and_a_copy():
+    logits = np.array([[2.0, -1.0, 0.5, 3.0]], np.float32)
+    out = process_logits(logits, *HISTORY, **NONE)
+    np.testing.assert_array_equal(out, logits)
+    assert out is not logits
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits_once():
+    out = transform([2.0, -1.0, 0.5, 3.0], repetition_penalty=2.0)
+    # token 0 (seen, positive) halved; token 1 (seen twice, negative) doubled once; token 2 is only padding in
+    # the history; token 3 was never seen.
+    np.testing.assert_array_equal(out, [1.0, -2.0, 0.5, 3.0])
+
+
+def test_temperature_divides_every_logit():
+    np.testing.assert_allclose(transform([2.0, -1.0, 0.5, 3.0], temperature=0.5), [4.0, -2.0, 1.0, 6.0])
+
+
+def test_top_k_keeps_the_k_largest():
+    out = transform([2.0, -1.0, 0.5, 3.0, 1.0], top_k=2)
+    assert np.isneginf(out).tolist() == [False, True, True, False, True]
+    np.testing.assert_array_equal(out[[0, 3]], [2.0, 3.0])
+    np.testing.assert_array_equal(transform([2.0, -1.0], top_k=5), [2.0, -1.0])  # k beyond the vocabulary
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.3, [0]), (0.75, [0, 1]), (0.85, [0, 1, 2]), (0.99, [0, 1, 2, 3])])
+def test_top_p_keeps_the_smallest_set_of_likely_tokens_holding_p(top_p, kept):
+    probs = np.array([0.15, 0.05, 0.5, 0.3])  # by likelihood: tokens 2 (0.5), 3 (0.3), 0 (0.15), 1 (0.05)
+    order = [2, 3, 0, 1]
+    out = transform(np.log(probs), top_p=top_p)
+    expected = sorted(order[i] for i in kept)
+    assert sorted(np.flatnonzero(np.isfinite(out)).tolist()) == expected
+    np.testing.assert_allclose(out[expected], np.log(probs)[expected], rtol=1e-6)
+
+
+def test_transforms_apply_in_order_penalty_temperature_top_k_top_p():
+    logits = [4.0, 3.0, 2.0, 1.0]
+    out = transform(logits, repetition_penalty=4.0, temperature=0.5, top_k=3, top_p=0.9)
+    # penalty: [1, 0.75, 2, 1]; temperature: [2, 1.5, 4, 2]; top_k 3 drops token 1 (1.5), the smallest.
+    after_k = np.array([2.0, -np.inf, 4.0, 2.0])
+    probs = np.exp(after_k - after_k.max()) / np.exp(after_k - after_k.max()).sum()  # [0.106, 0, 0.787, 0.106]
+    assert probs[2] < 0.9 < probs[2] + probs[0] + probs[3]  # so top_p 0.9 keeps all three
+    np.testing.assert_allclose(out, after_k, rtol=1e-6)
+
+
+class _FixedLogits:
+    """Cache steps that always return the same logits (to check the sampler, not a model)."""
+
+    def __init__(self, logits):
+        self.logits = np.array([logits], np.float32)
+
+    def start(self, ids, mask):
+        return self
+
+    def step(self, tokens):
+        return self
+
+    def asnumpy(self):
+        return self.logits
+
+
+def test_sampling_draws_tokens_with_the_transformed_probabilities():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    draws = []
+    for seed in range(3000):
+        steps = decode_loop(_FixedLogits(logits), np.array([[7]], np.int32), np.ones((1, 1), np.int32), 1, 1,
+                            do_sample=True, temperature=1.0, top_k=0, top_p=0.75, repetition_penalty=1.0,
+                            stop_ids=[], pad=0, seed=seed)
+        draws.append(int(next(steps)[0]))
+    frequency = np.bincount(draws, minlength=4) / len(draws)
+    # top_p 0.75 keeps tokens 0 and 1, renormalised to 0.625 and 0.375.
+    np.testing.assert_allclose(frequency, [0.625, 0.375, 0.0, 0.0], atol=0.03)
