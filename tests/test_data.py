@@ -116,7 +116,7 @@ def test_mindrecord_cache_holds_the_preprocessed_examples_and_is_reused(tokenize
     again = _cache(tokenizer, tmp_path / "cache")
     assert not again.built and again.path == built.path and os.path.getmtime(built.path) == mtime
     # Any change of what decides the content gives a new cache beside the old one.
-    other_params = _cache(tokenizer, tmp_path / "cache", max_target_length=16)
+    other_params = _cache(tokenizer, tmp_path / "cache", max_target_length=16, seq_length=49)
     other_style = _cache(tokenizer, tmp_path / "cache", style="chat")
     edited = tmp_path / "edited.json"
     edited.write_text(open(SAMPLE, encoding="utf-8").read().replace("蓝色", "白色", 1), encoding="utf-8")

@@ -17,7 +17,7 @@ from glm3.io import exclusive_lock
 from glm3.pipeline import Layout, ParamsError, load_params
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from
 from glm3.pipeline.layout import DVC_OUTPUTS, ORDER, STAGES
-from glm3.pipeline.params import apply_overrides
+from glm3.pipeline.params import apply_overrides, check_params
 from glm3.pipeline.plan import PLAN_FILE, RANK_TABLE_FILE, parallel_config
 from glm3.pipeline.code_deps import stage_code
 from glm3.pipeline.stages import stage_function
@@ -125,8 +125,8 @@ def test_rank_table_stage_refuses_a_mismatch_and_leaves_the_previous_output(tmp_
     params = _params_with(SERVERS[:1], device="Ascend", data_parallel=8)
     with pytest.raises(ParamsError, match="servers have 2 devices but .* is 8"):
         rank_table(params, layout)
-    with pytest.raises(ParamsError, match=r"servers\[0\] needs ip"):
-        rank_table(_params_with([{"address": "x"}], device="Ascend"), layout)
+    with pytest.raises(ParamsError, match=r"servers\[0\] must hold ip"):  # checked with the params, first
+        check_params(_params_with([{"address": "x"}], device="Ascend"), "params.yaml")
     with pytest.raises(ValueError, match="model/pipeline parallelism .* need Ascend or GPU"):
         rank_table(_params_with([], model_parallel=2), layout)
     with open(os.path.join(layout.outputs["rank_table"], PLAN_FILE), encoding="utf-8") as f:
