@@ -9,6 +9,8 @@
 """
 import os as _os
 
+from glm3.lazy import lazy_attributes
+
 # MindSpore logs every graph-compile warning to stderr by default; keep errors only unless asked.
 _os.environ.setdefault("GLOG_v", "3")
 
@@ -32,17 +34,4 @@ _EXPORTS = {
 
 __version__ = "0.1.0"
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'glm3' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS)
