@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 # The venv's bin first: DVC stages run `python -m stages.<name>`, msrun starts `python` workers.
 IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: setup run prefect test bench bench-6b rehearsal-6b rehearsal-6b-args clean
+.PHONY: setup run prefect lint test test-fast bench bench-6b rehearsal-6b rehearsal-6b-args clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,15 @@ prefect: setup
 TEST_WORKERS ?= 2
 test: setup
 	$(IN_VENV) python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The unit tests only: everything but the real DVC pipelines and the Prefect server (about half the time).
+test-fast: setup
+	$(IN_VENV) python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not integration" tests
+
+# ruff: lint rules and formatting as configured in pyproject.toml (`ruff format .` applies the formatting).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The rehearsal at the real size: the whole pipeline on the ChatGLM3-6B shape (random weights, float16),
 # LoRA, C-Eval on the shipped sample, two ADGEN records; an experiment, so params.yaml stays as it is.

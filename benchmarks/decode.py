@@ -65,7 +65,7 @@ def weight_bytes_per_token(model) -> int:
 def run_generation(model, ids):
     stamps = []
     start = time.perf_counter()
-    model.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=[],
+    glm3.generate(model, ids, max_new_tokens=NEW, do_sample=False, eos_token_id=[],
                    streamer=lambda t: stamps.append(time.perf_counter()))
     return start, stamps
 

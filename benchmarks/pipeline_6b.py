@@ -42,9 +42,9 @@ import glm3
 model = glm3.load_model(sys.argv[1])
 ids = np.arange(3, 35, dtype=np.int32)[None]
 stamps = []
-model.generate(ids, max_new_tokens=4, eos_token_id=[])  # compile
+glm3.generate(model, ids, max_new_tokens=4, eos_token_id=[])  # compile
 start = time.perf_counter()
-model.generate(ids, max_new_tokens=17, eos_token_id=[], streamer=lambda t: stamps.append(time.perf_counter()))
+glm3.generate(model, ids, max_new_tokens=17, eos_token_id=[], streamer=lambda t: stamps.append(time.perf_counter()))
 step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 weights = sum(int(np.prod(p.shape)) * (4 if p.dtype == ms.float32 else 2) for p in model.get_parameters()
               if p.name != "transformer.embedding.embedding_table")

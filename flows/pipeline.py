@@ -14,9 +14,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from glm3.pipeline import Layout, load_params
-from glm3.pipeline.stages import stage_function
-from glm3.pipeline.params import PARAMS_FILE
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from, run_stages, stage_cache_key
+from glm3.pipeline.params import PARAMS_FILE
+from glm3.pipeline.stages import stage_function
 
 CACHED = {"cache_key_fn": stage_cache_key, "persist_result": True}
 

@@ -3,7 +3,8 @@
 It lets the download tests run the real huggingface_hub client and our download code over real HTTP,
 offline: repo info with LFS metadata, the file tree, and /resolve/ with HEAD, GET and byte ranges.
 Faults can be switched on per file: a connection cut halfway through the first GET, or served bytes
-that differ from the published sha256; or for everything: an outage (503) for a while. Every request is recorded for assertions.
+that differ from the published sha256; or for everything: an outage (503) for a while. Every request is
+recorded for assertions.
 """
 from __future__ import annotations
 

@@ -12,8 +12,17 @@ import pytest
 from mindspore import Tensor
 
 from conftest import REPO
-from glm3.eval.ceval import (CATEGORIES, SUBJECTS, CevalError, build_prompt, eager_logits, evaluate_ceval,
-                             letter_token_ids, prompt_ids, read_split)
+from glm3.eval.ceval import (
+    CATEGORIES,
+    SUBJECTS,
+    CevalError,
+    build_prompt,
+    eager_logits,
+    evaluate_ceval,
+    letter_token_ids,
+    prompt_ids,
+    read_split,
+)
 
 CEVAL = os.path.join(REPO, "data", "ceval_sample")
 SAMPLE_SUBJECTS = ["civil_servant", "high_school_geography", "high_school_history", "high_school_physics"]

@@ -92,7 +92,7 @@ def test_chat_turn_with_tiny_model(tiny_model, tokenizer):
     assert history[2]["role"] == "assistant" and len(history) >= 3
     # the reply is what greedy/sampled generation produced, decoded and parsed
     ids = tokenizer.build_chat_input("你好", [SYSTEM])["input_ids"]
-    out = tiny_model.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.8, temperature=0.8, seed=3,
+    out = glm3.generate(tiny_model, ids, max_new_tokens=12, do_sample=True, top_p=0.8, temperature=0.8, seed=3,
                               eos_token_id=list(tokenizer.stop_token_ids))
     new = out[0, len(ids[0]):].tolist()
     if new[-1] in tokenizer.stop_token_ids:

@@ -35,7 +35,8 @@ def test_presets():
     assert long.rope_ratio == 50 and long.seq_length == 32768 and long.rope_base == 500000.0
     bench = GLM3Config.from_name("bench")
     assert (bench.num_layers, bench.hidden_size, bench.num_attention_heads, bench.kv_channels,
-            bench.multi_query_group_num, bench.ffn_hidden_size, bench.padded_vocab_size) == (4, 1024, 16, 64, 2, 2816, 65024)
+            bench.multi_query_group_num, bench.ffn_hidden_size, bench.padded_vocab_size) == \
+        (4, 1024, 16, 64, 2, 2816, 65024)
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         GLM3Config.from_name("nope")
 

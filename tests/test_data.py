@@ -5,9 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from glm3.data import AdgenError, PreprocessError, load_adgen, preprocess_eval, preprocess_train
-
 from conftest import ADGEN_DEV, SAMPLE
+from glm3.data import AdgenError, PreprocessError, load_adgen, preprocess_eval, preprocess_train
 
 
 def test_loader_formats_and_errors(tmp_path):

@@ -13,7 +13,10 @@ import pytest
 import yaml
 
 from conftest import GIT_IDENTITY, project_clone, subprocess_env
-from glm3.pipeline.layout import DVC_OUTPUTS, ORDER
+from glm3.pipeline.layout import DVC_OUTPUTS
+from glm3.pipeline.stages import ORDER
+
+pytestmark = pytest.mark.integration  # real DVC / a real Prefect server: minutes
 
 ENV = subprocess_env(DVC_NO_ANALYTICS="1", **GIT_IDENTITY)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+import glm3
 from glm3.export import ExportConfig, ExportError, export_model
 from glm3.infer import PROMPT_MARKER, MindIRRunner
 
@@ -31,7 +32,7 @@ def eager_tokens(model, tokenizer, rows, **kwargs):
     """New tokens per prompt from the eager model, each prompt alone, cut after the first stop token."""
     out = []
     for row in rows:
-        new = model.generate([row], max_new_tokens=12, **kwargs)[0, len(row):].tolist()
+        new = glm3.generate(model, [row], max_new_tokens=12, **kwargs)[0, len(row):].tolist()
         stop = next((i for i, t in enumerate(new) if t in {tokenizer.eos_id, *model.stop_token_ids}), None)
         out.append(new if stop is None else new[:stop + 1])
     return out

@@ -86,14 +86,16 @@ def test_unexpected_tensor(tiny_dir, tmp_path):
     index = json.load(open(index_path))
     index["weight_map"]["transformer.encoder.layers.9.mlp.extra"] = _shards(d)[0]
     json.dump(index, open(index_path, "w"))
-    with pytest.raises(CheckpointError, match="unexpected tensor transformer.encoder.layers.9.mlp.extra in model-00001"):
+    with pytest.raises(CheckpointError,
+                       match="unexpected tensor transformer.encoder.layers.9.mlp.extra in model-00001"):
         glm3.load_model(d)
 
 
 def test_wrong_shape(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path / "m")
     _edit_first_shard(d, lambda t: t.update({EMB: t[EMB][:100]}))
-    with pytest.raises(CheckpointError, match=r"word_embeddings.weight in model-00001-of-00002.safetensors has shape \(100, 64\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"word_embeddings.weight in model-00001-of-00002.safetensors has shape \(100, 64\)"):
         glm3.load_model(d)
 
 

@@ -12,8 +12,15 @@ import pytest
 import glm3
 from conftest import SAMPLE, subprocess_env
 from glm3.lora import LoraConfig, adapter_shapes
-from glm3.memory import (GB, MemoryBudgetError, available_bytes, check_memory, finetune_estimate,
-                         inference_estimate, weight_bytes)
+from glm3.memory import (
+    GB,
+    MemoryBudgetError,
+    available_bytes,
+    check_memory,
+    finetune_estimate,
+    inference_estimate,
+    weight_bytes,
+)
 from glm3.tensor_files import MsCkptWriter
 
 GLM3 = [sys.executable, "-m", "glm3.cli"]
@@ -129,5 +136,5 @@ def test_streaming_merge_peak_memory_does_not_grow_with_the_number_of_layers(tmp
     assert model_grown > 200e6  # ten more layers: 220 MB more weights to fold and write
     assert grown < 0.2 * model_grown, f"peak RSS grew {grown / 1e6:.0f} MB for {model_grown / 1e6:.0f} MB of weights"
     assert peaks[12] < 1.5e9  # the runtime and one tensor, not the model
-    for layers, out in outputs.items():
+    for out in outputs.values():
         assert glm3.load_model(out).dtype == glm3.model.to_ms_dtype("float16")

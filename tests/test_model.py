@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import glm3
-from glm3.kv_cache import StaticKVCache, runner
-from reference_torch import forward, greedy
 from conftest import hf_config, hf_weights
+from glm3.generation import compiled_step
+from glm3.kv_cache import StaticKVCache
+from reference_torch import forward, greedy
 
 IDS = [1501, 1503, 1506, 13, 885, 519, 1507, 7, 300, 42, 999, 5]
 
@@ -35,7 +36,7 @@ def test_greedy_generation_matches_reference(odd_bin_dir):
     ids = [i % cfg["padded_vocab_size"] for i in IDS]
     expected = greedy(hf_weights(odd_bin_dir), cfg, ids, 8)
     model = glm3.load_model(odd_bin_dir)
-    out = model.generate([ids], max_new_tokens=8, do_sample=False, eos_token_id=[])
+    out = glm3.generate(model, [ids], max_new_tokens=8, do_sample=False, eos_token_id=[])
     assert out[0, len(ids):].tolist() == expected
 
 
@@ -46,12 +47,12 @@ def test_kv_cache_decode_equals_full_forward(tiny_model):
     extra = rng.integers(3, 1500, size=(2, 4)).astype(np.int32)
     full = tiny_model(ms.Tensor(np.concatenate([ids, extra], 1))).asnumpy()
     mask = np.ones_like(ids)
-    logits, caches = runner(tiny_model, "prefill", 64)(ms.Tensor(ids), ms.Tensor(mask))
+    logits, caches = compiled_step(tiny_model, "prefill", 64)(ms.Tensor(ids), ms.Tensor(mask))
     np.testing.assert_allclose(logits.asnumpy(), full[:, 8], atol=1e-5)
     cache = StaticKVCache(caches, mask, 64)
     for step in range(4):
         position_ids, key_mask, write_index = cache.step_inputs()
-        logits, caches = runner(tiny_model, "decode", 64)(ms.Tensor(extra[:, step:step + 1]), position_ids,
+        logits, caches = compiled_step(tiny_model, "decode", 64)(ms.Tensor(extra[:, step:step + 1]), position_ids,
                                                            key_mask, write_index, ms.mutable(caches))
         cache.advance(caches)
         np.testing.assert_allclose(logits.asnumpy(), full[:, 9 + step], atol=1e-5)
@@ -60,9 +61,9 @@ def test_kv_cache_decode_equals_full_forward(tiny_model):
 def test_left_padded_batch_equals_single_rows(tiny_model):
     a = [1501, 1503, 17, 29, 31, 400, 401, 402, 403]
     b = [1501, 1503, 88, 99]
-    batch = tiny_model.generate([a, b], max_new_tokens=6, eos_token_id=[])
-    alone_a = tiny_model.generate([a], max_new_tokens=6, eos_token_id=[])
-    alone_b = tiny_model.generate([b], max_new_tokens=6, eos_token_id=[])
+    batch = glm3.generate(tiny_model, [a, b], max_new_tokens=6, eos_token_id=[])
+    alone_a = glm3.generate(tiny_model, [a], max_new_tokens=6, eos_token_id=[])
+    alone_b = glm3.generate(tiny_model, [b], max_new_tokens=6, eos_token_id=[])
     assert batch[0, -6:].tolist() == alone_a[0, -6:].tolist()
     assert batch[1, -6:].tolist() == alone_b[0, -6:].tolist()
     assert batch[1, :5].tolist() == [0] * 5  # the prompt as given, left-padded
@@ -81,11 +82,11 @@ def test_graph_and_pynative_agree(tiny_dir, tiny_model):
     try:
         model = glm3.load_model(tiny_dir)
         pynative = model(ids).asnumpy()
-        gen_py = model.generate([IDS], max_new_tokens=5, eos_token_id=[])
+        gen_py = glm3.generate(model, [IDS], max_new_tokens=5, eos_token_id=[])
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
     np.testing.assert_allclose(graph, pynative, atol=1e-5)
-    assert gen_py.tolist() == tiny_model.generate([IDS], max_new_tokens=5, eos_token_id=[]).tolist()
+    assert gen_py.tolist() == glm3.generate(tiny_model, [IDS], max_new_tokens=5, eos_token_id=[]).tolist()
 
 
 def test_float16_parameters_close_to_float32(tiny_dir, tiny_model):
@@ -104,41 +105,41 @@ def test_cpu_kernel_matches_plain_matmul(tiny_dir, tiny_model):
     plain = glm3.load_model(tiny_dir, kernels_backend="plain")
     # Decode steps multiply 1, 3 and 8 rows (the streaming path); the prefill, 32 rows per prompt (the tiled one).
     for batch in ([IDS], [IDS, IDS[::-1], IDS[3:]], [IDS[i:] + IDS[:i] for i in range(8)]):
-        assert plain.generate(batch, max_new_tokens=6, eos_token_id=[]).tolist() == \
-            tiny_model.generate(batch, max_new_tokens=6, eos_token_id=[]).tolist()
+        assert glm3.generate(plain, batch, max_new_tokens=6, eos_token_id=[]).tolist() == \
+            glm3.generate(tiny_model, batch, max_new_tokens=6, eos_token_id=[]).tolist()
 
 
 def test_seeded_sampling_is_reproducible(tiny_model):
     kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.9, top_k=50, eos_token_id=[])
-    a = tiny_model.generate([IDS], seed=7, **kw)
-    b = tiny_model.generate([IDS], seed=7, **kw)
-    c = tiny_model.generate([IDS], seed=8, **kw)
+    a = glm3.generate(tiny_model, [IDS], seed=7, **kw)
+    b = glm3.generate(tiny_model, [IDS], seed=7, **kw)
+    c = glm3.generate(tiny_model, [IDS], seed=8, **kw)
     assert a.tolist() == b.tolist()
     assert a.tolist() != c.tolist()
 
 
 def test_generation_stops_and_pads(tiny_model):
-    greedy_out = tiny_model.generate([IDS], max_new_tokens=6, eos_token_id=[])[0, len(IDS):].tolist()
+    greedy_out = glm3.generate(tiny_model, [IDS], max_new_tokens=6, eos_token_id=[])[0, len(IDS):].tolist()
     stop = greedy_out[2]
-    out = tiny_model.generate([IDS], max_new_tokens=6, eos_token_id=[stop], pad_token_id=0)
+    out = glm3.generate(tiny_model, [IDS], max_new_tokens=6, eos_token_id=[stop], pad_token_id=0)
     assert out[0, len(IDS):].tolist()[:3] == greedy_out[:3]
     assert out.shape[1] == len(IDS) + 3  # every row stopped: no further steps
     streamed = []
-    tiny_model.generate([IDS], max_new_tokens=4, eos_token_id=[], streamer=lambda t: streamed.append(t.tolist()))
+    glm3.generate(tiny_model, [IDS], max_new_tokens=4, eos_token_id=[], streamer=lambda t: streamed.append(t.tolist()))
     assert [s[0] for s in streamed] == greedy_out[:4]
 
 
 def test_max_length_and_bad_inputs(tiny_model):
-    out = tiny_model.generate([IDS], max_length=len(IDS) + 3, eos_token_id=[])
+    out = glm3.generate(tiny_model, [IDS], max_length=len(IDS) + 3, eos_token_id=[])
     assert out.shape == (1, len(IDS) + 3)
     with pytest.raises(ValueError, match="seq_length"):
-        tiny_model.generate([IDS], max_new_tokens=5000)
+        glm3.generate(tiny_model, [IDS], max_new_tokens=5000)
     with pytest.raises(ValueError, match="input_ids must be in"):
-        tiny_model.generate([[5, 999999]], max_new_tokens=2)
+        glm3.generate(tiny_model, [[5, 999999]], max_new_tokens=2)
     with pytest.raises(ValueError, match="left-padded"):
-        tiny_model.generate(np.array([[5, 6, 0]]), attention_mask=np.array([[1, 1, 0]]), max_new_tokens=2)
+        glm3.generate(tiny_model, np.array([[5, 6, 0]]), attention_mask=np.array([[1, 1, 0]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
-        tiny_model.generate([IDS], max_new_tokens=2, do_sample=True, top_p=0.0)
+        glm3.generate(tiny_model, [IDS], max_new_tokens=2, do_sample=True, top_p=0.0)
 
 
 def test_ascend_backend_refuses_cpu():

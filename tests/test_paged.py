@@ -34,7 +34,7 @@ def test_paged_attention_equals_dense_attention():
     value_cache = Tensor(np.zeros((12, block_size, groups, d), np.float32))
     dense = {}
     # Interleave the sequences so that their blocks are not contiguous.
-    for seq, n in lengths.items():
+    for seq in lengths:
         bm.allocate(seq, 1)
         dense[seq] = [rng.standard_normal((1, groups, d)).astype(np.float32) for _ in range(2)]
         slots = bm.slots(seq, [0])

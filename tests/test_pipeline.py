@@ -15,17 +15,16 @@ import yaml
 from conftest import REPO, subprocess_env
 from glm3.io import exclusive_lock
 from glm3.pipeline import Layout, ParamsError, load_params
+from glm3.pipeline.code_deps import stage_code
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from
-from glm3.pipeline.layout import DVC_OUTPUTS, ORDER, STAGES
+from glm3.pipeline.layout import DVC_OUTPUTS
 from glm3.pipeline.params import apply_overrides, check_params
 from glm3.pipeline.plan import PLAN_FILE, RANK_TABLE_FILE, parallel_config
-from glm3.pipeline.code_deps import stage_code
-from glm3.pipeline.stages import stage_function
-
-rank_table = stage_function("rank_table")
+from glm3.pipeline.stages import ORDER, STAGES, stage_function
 from glm3.pipeline.stages.finetune import finetune_config
 from glm3.rank_table import load_rank_table
 
+rank_table = stage_function("rank_table")
 PARAMS = os.path.join(REPO, "params.yaml")
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import free_port, project_clone, subprocess_env
 
+pytestmark = pytest.mark.integration  # real DVC / a real Prefect server: minutes
+
 
 def api(url, path, body):
     request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST",

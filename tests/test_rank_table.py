@@ -5,8 +5,15 @@ import sys
 
 import pytest
 
-from glm3.rank_table import (RankTableError, build_rank_table, load_rank_table, merge_rank_tables,
-                             parse_device_range, read_hccn_conf, validate_rank_table)
+from glm3.rank_table import (
+    RankTableError,
+    build_rank_table,
+    load_rank_table,
+    merge_rank_tables,
+    parse_device_range,
+    read_hccn_conf,
+    validate_rank_table,
+)
 
 HCCN = "".join(f"address_{i}=192.168.10{i % 4}.{i + 10}\nnetmask_{i}=255.255.255.0\n" for i in range(8))
 

@@ -3,13 +3,21 @@ import json
 import struct
 
 import mindspore as ms
+import mindspore.train.serialization as ms_serialization
 import numpy as np
 import pytest
 from safetensors import safe_open
 
-import mindspore.train.serialization as ms_serialization
-from glm3.tensor_files import (MsCkptWriter, SafetensorsWriter, TensorFileError, bfloat16_bits, bfloat16_to_float32,
-                               iter_ms_ckpt, iter_safetensors, safetensors_header_bound)
+from glm3.tensor_files import (
+    MsCkptWriter,
+    SafetensorsWriter,
+    TensorFileError,
+    bfloat16_bits,
+    bfloat16_to_float32,
+    iter_ms_ckpt,
+    iter_safetensors,
+    safetensors_header_bound,
+)
 
 RNG = np.random.default_rng(0)
 A = RNG.standard_normal((300, 7)).astype(np.float32)

@@ -4,7 +4,7 @@
     tok = glm3.load_tokenizer(model_dir)
     model = glm3.load_model(model_dir, dtype="float32")
     logits = model(ms.Tensor(ids, ms.int32))          # [batch, seq, padded_vocab] float32
-    out_ids = model.generate(ids, max_new_tokens=32, do_sample=False)
+    out_ids = glm3.generate(model, ids, max_new_tokens=32, do_sample=False)
     response, history = glm3.chat(model, tok, "你好", history=[])
 """
 import os as _os

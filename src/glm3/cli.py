@@ -95,10 +95,11 @@ def cmd_chat(args) -> int:
         print("ChatGLM: ", end="", flush=True)
         printed = 0
         response = ""
-        for response, history in glm3.stream_chat(model, tok, query, history, role=role, **gen):
+        for response, updated in glm3.stream_chat(model, tok, query, history, role=role, **gen):  # noqa: B007
             if isinstance(response, str) and response.startswith(response[:printed]) and len(response) > printed:
                 print(response[printed:], end="", flush=True)
                 printed = len(response)
+        history = updated  # the turn, the reply and any tool call, for the next query
         if not isinstance(response, str):
             print("\n" + json.dumps(response, ensure_ascii=False), end="")
         print(flush=True)
@@ -113,10 +114,12 @@ def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
 
 
 def cmd_generate(args) -> int:
+    from glm3.generation import generate
+
     model, tok = _load(args)
     batch = tok.pad([_prompt_ids(tok, p, args.chat) for p in args.prompt])
     stops = list(tok.stop_token_ids)
-    out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], eos_token_id=stops,
+    out = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], eos_token_id=stops,
                          pad_token_id=tok.pad_id, **_gen_kwargs(args))
     width = batch["input_ids"].shape[1]
     for prompt, row in zip(args.prompt, out):
@@ -702,7 +705,7 @@ def cmd_prefect_up(args) -> int:
 
 def _add_pipeline_commands(sub) -> None:
     """stage, prefect up: the DVC/Prefect pipeline of a project directory."""
-    from glm3.pipeline.layout import ORDER
+    from glm3.pipeline.stages import ORDER
 
     p = sub.add_parser("stage", help="run one pipeline stage as `dvc repro` would (params.yaml, models/, metrics/)",
                        description="Runs glm3.pipeline.stages.NAME in the project's DVC layout; `dvc repro` runs the "

@@ -42,7 +42,7 @@ class ConfigError(ValueError):
     """A configuration that does not describe a valid ChatGLM3 model."""
 
 
-def resolve_dtype(dtype: str, config: "GLM3Config") -> str:
+def resolve_dtype(dtype: str, config: GLM3Config) -> str:
     """The storage dtype a setting names: "auto" is the checkpoint's own (config.json torch_dtype), so a
     float16 or bfloat16 checkpoint stays in its dtype through every stage unless a setting says otherwise."""
     if dtype == "auto":
@@ -142,7 +142,8 @@ class GLM3Config:
                 f"kv_channels ({self.kv_channels}) must be a multiple of 4: RoPE rotates the first half of "
                 "each head in pairs of channels")
         if not self.rmsnorm:
-            raise ConfigError("rmsnorm=false (LayerNorm, as in ChatGLM2 variants) is not supported: ChatGLM3 uses RMSNorm")
+            raise ConfigError("rmsnorm=false (LayerNorm, as in ChatGLM2 variants) is not supported: ChatGLM3 uses "
+                              "RMSNorm")
         if not self.original_rope:
             raise ConfigError("original_rope=false is not supported: ChatGLM3 uses the original (interleaved) RoPE")
         if self.torch_dtype not in _DTYPES:
@@ -154,7 +155,7 @@ class GLM3Config:
 
     # ------------------------------------------------------------------------------ HF round trip
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "GLM3Config":
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> GLM3Config:
         """Build from a HuggingFace config.json (a path to the file or its folder, or the parsed dict)."""
         if isinstance(path_or_dict, dict):
             data = dict(path_or_dict)
@@ -199,12 +200,12 @@ class GLM3Config:
         atomic_write_text(path, json.dumps(self.to_hf(), indent=2, ensure_ascii=False) + "\n")
         return path
 
-    def replace(self, **changes: Any) -> "GLM3Config":
+    def replace(self, **changes: Any) -> GLM3Config:
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------------- presets
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "GLM3Config":
+    def from_name(cls, name: str, **overrides: Any) -> GLM3Config:
         """A named preset (see PRESETS), optionally with fields overridden."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")

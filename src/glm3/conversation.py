@@ -86,7 +86,5 @@ def stream_chat(model, tokenizer: ChatGLM3Tokenizer, query: str, history: list[d
 def chat(model, tokenizer: ChatGLM3Tokenizer, query: str, history: list[dict[str, Any]] | None = None,
          role: str = "user", **gen) -> tuple[Any, list[dict[str, Any]]]:
     """One conversation turn: (response, updated history). gen: generation settings (see generate)."""
-    result: tuple[Any, list[dict[str, Any]]] = ("", list(history or []))
-    for result in stream_chat(model, tokenizer, query, history, role, **gen):
-        pass
-    return result
+    *_, last = stream_chat(model, tokenizer, query, history, role, **gen)  # the final (response, history)
+    return last

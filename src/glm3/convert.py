@@ -16,14 +16,25 @@ import os
 import sys
 import time
 
-from glm3.checkpoint import (HF_INV_FREQ, HF_ST_INDEX, MS_CKPT_INDEX, MS_EMBEDDING, MS_ST_INDEX, CheckpointError,
-                             expected_shapes, hf_tensor_shapes, iter_checkpoint, ms_to_hf_name,
-                             release_inv_freq)
+from glm3.checkpoint import (
+    HF_INV_FREQ,
+    HF_ST_INDEX,
+    MS_CKPT_INDEX,
+    MS_EMBEDDING,
+    MS_ST_INDEX,
+    CheckpointError,
+    expected_shapes,
+    hf_tensor_shapes,
+    iter_checkpoint,
+    ms_to_hf_name,
+    release_inv_freq,
+)
 from glm3.config import PRESETS, ConfigError, GLM3Config
 from glm3.io import atomic_directory, check_destination
 from glm3.shards import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size
 from glm3.tensor_files import STORAGE_DTYPES, safetensors_header_bound, storage_nbytes
 from glm3.tokenizer import copy_tokenizer_files
+
 
 @dataclasses.dataclass
 class ConvertSummary:

@@ -72,7 +72,7 @@ class ExportConfig:
                     "head_dim] (keys and values per layer); decode takes them and returns them updated"
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "ExportConfig":
+    def load(cls, directory: str | os.PathLike) -> ExportConfig:
         path = os.path.join(os.fspath(directory), EXPORT_CONFIG)
         if not os.path.isfile(path):
             raise ExportError(f"{directory} is not an exported model (no {EXPORT_CONFIG})")
@@ -173,10 +173,10 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
     fused_paged_attention: the decode graph uses MindSpore's PagedAttention operator (float16), for MindSpore
     Lite on Ascend; MindSpore itself cannot run that graph, so it is for deployment, not for `glm3 infer` here.
     """
-    from glm3.kv_cache import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
     from glm3.loading import load_model
     from glm3.memory import check_memory, inference_estimate, streaming_estimate
     from glm3.model import GLM3ForCausalLM
+    from glm3.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
 
     model_dir = os.fspath(model_dir)
     if weights not in WEIGHT_MODES:
@@ -207,8 +207,6 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
                         config.kv_channels, config.padded_vocab_size, config.pad_token_id,
                         sorted({config.eos_token_id, *model.stop_token_ids}), paged, fused_paged_attention,
                         block_size, num_blocks, weights, dtype)
-    for layer in model.transformer.encoder.layers:
-        layer.self_attention.fused_paged = fused_paged_attention
     options = {"file_format": "MINDIR",
                "custom_func": _export_hook(spec.weight_names if weights == "inputs" else None)}
     b = batch_size  # None becomes a dynamic dimension
@@ -220,8 +218,9 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
             caches = ms.mutable((cache,) * (2 * spec.num_layers))
             ms.export(PagedPrefillStep(model), prompt, prompt, prompt, caches, file_name=prefill_file, **options)
             row = Tensor(shape=[b], dtype=ms.int32)
-            ms.export(PagedDecodeStep(model), ids, ids, row, Tensor(shape=[b, spec.max_blocks], dtype=ms.int32), row,
-                      caches, file_name=decode_file, **options)
+            tables = Tensor(shape=[b, spec.max_blocks], dtype=ms.int32)
+            ms.export(PagedDecodeStep(model, fused_paged_attention), ids, ids, row, tables, row, caches,
+                      file_name=decode_file, **options)
         else:
             cache = Tensor(shape=[b, spec.kv_groups, seq_length, spec.head_dim], dtype=ms.float32)
             ms.export(PrefillStep(model, seq_length), prompt, prompt, file_name=prefill_file, **options)

@@ -1,17 +1,36 @@
 """Autoregressive generation: left-padded batches, static KV cache, greedy or seeded sampling."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from mindspore import Tensor
 
-from glm3.kv_cache import StaticCacheSteps, runner
+from glm3.kv_cache import StaticCacheSteps
+from glm3.steps import DecodeStep, PrefillStep
 
 # Prompts are left-padded to a multiple of this, and the cache to a multiple of CACHE_BUCKET, so that
 # a handful of compiled graphs serve every prompt length.
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 64
+
+
+# model -> {(structure_version, kind, max_len): step}: a model's compiled steps, owned here, not by the model.
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model, kind: str, max_len: int):
+    """The model's "prefill" or "decode" step for a cache of `max_len` positions, built once and reused (graph
+    mode compiles it at its first call). Steps of an older structure of the model (before LoRA was added or
+    merged: GLM3ForCausalLM.structure_changed) are dropped."""
+    steps = _STEPS.setdefault(model, {})
+    key = (model.structure_version, kind, max_len)
+    if key not in steps:
+        for stale in [k for k in steps if k[0] != model.structure_version]:
+            del steps[stale]
+        steps[key] = {"prefill": PrefillStep, "decode": DecodeStep}[kind](model, max_len)
+    return steps[key]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -99,7 +118,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def _validate(do_sample, temperature, top_k, top_p, repetition_penalty):
+def validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
+    """Raise ValueError for settings no sampler can use (the eager model's and the MindIR runner's)."""
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if top_k < 0:
@@ -135,12 +155,13 @@ def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int 
                          f"seq_length {config.seq_length}")
     if (ids < 0).any() or (ids >= config.padded_vocab_size).any():
         raise ValueError(f"input_ids must be in [0, {config.padded_vocab_size})")
-    _validate(do_sample, temperature, top_k, top_p, repetition_penalty)
+    validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
     if eos_token_id is None:
         eos_token_id = {config.eos_token_id, *model.stop_token_ids}
     bucket = _round_up(prompt_len, PROMPT_BUCKET)
     max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
-    steps = StaticCacheSteps(runner(model, "prefill", max_len), runner(model, "decode", max_len), max_len)
+    steps = StaticCacheSteps(compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len),
+                             max_len)
     yield from decode_loop(steps, ids, mask, bucket, max_new_tokens, do_sample=do_sample, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                            stop_ids=eos_token_id, pad=pad, seed=seed)

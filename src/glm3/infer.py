@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from glm3.export import DECODE, PREFILL, ExportConfig, ExportError, graph_file
-from glm3.generation import _validate, as_batch, decode_loop, left_pad
+from glm3.generation import as_batch, decode_loop, left_pad, validate_sampling
 
 PROMPT_MARKER = "Please enter your predict data:"
 
@@ -142,7 +142,7 @@ class MindIRRunner:
                  seed: int | None = None) -> list[list[int]]:
         """New tokens of each prompt (stop token included, padding removed), in batches of the export's size."""
         c = self.config
-        _validate(do_sample, temperature, top_k, top_p, repetition_penalty)
+        validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
         if c.prompt_length + max_new_tokens > c.seq_length:
             raise ExportError(f"prompt_length {c.prompt_length} + max_new_tokens {max_new_tokens} exceeds the "
                               f"exported cache of {c.seq_length}")

@@ -1,55 +1,21 @@
-"""KV caches and the compiled steps that use them: prompt prefill and one-token decode.
+"""KV caches on the host side: the bookkeeping of the cache a pair of compiled steps (glm3.steps, or the
+MindIR graphs of an export) reads and writes, so that one generation loop drives either.
 
-The cache is explicit data, not hidden state, handed to each step and returned updated. Two layouts:
+Two layouts:
 - static: one key and one value tensor per layer, [batch, kv_groups, max_len, head_dim], a column per position;
 - paged: one key and one value tensor per layer, [num_blocks, block_size, kv_groups, head_dim], shared by all
   sequences, each owning blocks through a block table (glm3.block_manager); prefill writes the prompt through
   a slot mapping, decode writes one slot per row and attends through the block tables.
-`StaticCacheSteps` / `PagedCacheSteps` drive a pair of steps (compiled Cells or loaded MindIR graphs) and keep
-the host-side bookkeeping, so one generation loop serves both.
+`StaticCacheSteps` / `PagedCacheSteps` hold a prefill and a decode step: start(ids, mask) and step(tokens)
+return the next token's logits.
 """
 from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor
 
-from glm3 import kernels
 from glm3.block_manager import BlockManager
-from glm3.model import GLM3ForCausalLM, positions_and_mask
-
-
-class PrefillStep(nn.Cell):
-    """(input_ids [b, s], attention_mask [b, s]) -> (last-position logits [b, V], caches padded to max_len)."""
-
-    def __init__(self, model: GLM3ForCausalLM, max_len: int):
-        super().__init__(auto_prefix=False)  # share the model's parameters under their own names
-        self.transformer = model.transformer
-        self.max_len = max_len
-
-    def construct(self, input_ids, attention_mask):
-        seq_len = input_ids.shape[1]
-        positions, keep = positions_and_mask(attention_mask, seq_len)
-        logits, kv = self.transformer(input_ids, positions, keep, None, None, True)
-        caches = ()
-        for t in kv:
-            caches = caches + (ops.pad(t, (0, 0, 0, self.max_len - seq_len)),)
-        return logits, caches
-
-
-class DecodeStep(nn.Cell):
-    """One token per row: attends to every valid cache column and writes its own key/value at write_index."""
-
-    def __init__(self, model: GLM3ForCausalLM, max_len: int):
-        super().__init__(auto_prefix=False)
-        self.transformer = model.transformer
-        self.max_len = max_len
-
-    def construct(self, input_ids, position_ids, key_mask, write_index, caches):
-        b = input_ids.shape[0]
-        write_mask = (ops.arange(self.max_len, dtype=ms.int32) == write_index).reshape(1, 1, self.max_len, 1)
-        keep = key_mask.reshape(b, 1, 1, self.max_len)
-        return self.transformer(input_ids, position_ids, keep, caches, write_mask, True)
 
 
 class StaticKVCache:
@@ -77,40 +43,6 @@ class StaticKVCache:
         self.caches = caches
         self.next_index += 1
         self.next_position = self.next_position + 1
-
-
-class PagedPrefillStep(nn.Cell):
-    """(input_ids [b, s], attention_mask [b, s], slot_mapping [b, s], caches) -> (last logits [b, V], caches).
-
-    Attention within the prompt is the ordinary causal one; the prompt's keys and values are then written
-    into the block caches at their slots (padding positions point at a scratch slot)."""
-
-    def __init__(self, model: GLM3ForCausalLM):
-        super().__init__(auto_prefix=False)
-        self.transformer = model.transformer
-        self.groups, self.head_dim = model.config.num_kv_groups, model.config.kv_channels
-
-    def construct(self, input_ids, attention_mask, slot_mapping, caches):
-        positions, keep = positions_and_mask(attention_mask, input_ids.shape[1])
-        logits, kv = self.transformer(input_ids, positions, keep, None, None, True)
-        slots = slot_mapping.reshape(-1)
-        new_caches = ()
-        for cache, t in zip(caches, kv):
-            rows = t.transpose(0, 2, 1, 3).reshape(-1, self.groups, self.head_dim)
-            new_caches = new_caches + (kernels.write_cache(cache, rows, slots),)
-        return logits, new_caches
-
-
-class PagedDecodeStep(nn.Cell):
-    """(input_ids [b, 1], position_ids [b, 1], slots [b], block_tables [b, max_blocks], context_lens [b], caches)
-    -> (logits [b, V], caches)."""
-
-    def __init__(self, model: GLM3ForCausalLM):
-        super().__init__(auto_prefix=False)
-        self.transformer = model.transformer
-
-    def construct(self, input_ids, position_ids, slots, block_tables, context_lens, caches):
-        return self.transformer(input_ids, position_ids, None, caches, None, True, (slots, block_tables, context_lens))
 
 
 class StaticCacheSteps:
@@ -167,12 +99,3 @@ class PagedCacheSteps:
                                           Tensor(context_lens), ms.mutable(tuple(self.caches)))
         self.next_position = self.next_position + 1
         return logits
-
-
-def runner(model: GLM3ForCausalLM, kind: str, max_len: int) -> nn.Cell:
-    """The model's compiled prefill/decode step for a cache length, built once and reused."""
-    key = (kind, max_len)
-    if key not in model._runners:
-        cls = {"prefill": PrefillStep, "decode": DecodeStep}[kind]
-        model._runners[key] = cls(model, max_len)
-    return model._runners[key]

@@ -3,12 +3,15 @@
 Parameter names are MindFormers' names for this model, which are the HuggingFace names with
 `word_embeddings.weight` renamed `embedding_table`, so checkpoints move between the two unchanged.
 
-The transformer body takes explicit position ids, an attention keep-mask and, optionally, a static
-KV cache (one [batch, groups, max_len, head_dim] key and value tensor per layer, passed in and returned),
-so the same code serves the full forward pass, the prompt prefill and one-token decoding in graph mode.
+The model is built from its config and a BuildOptions (storage and compute dtypes, kernel backend, lazy or
+fresh weights). The transformer (ChatGLMModel) has one named entry point per use, each a documented contract:
+the full pass (`construct`), `prefill`, `decode_static` (a [batch, groups, max_len, head_dim] key and value
+cache per layer, passed in and returned) and `decode_paged` (block caches). Compiled steps over them live in
+glm3.steps; the generation loop in glm3.generation. This module knows nothing of either.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -33,6 +36,24 @@ def to_ms_dtype(dtype) -> ms.Type:
     if dtype in _DTYPES.values():
         return dtype
     raise ValueError(f"unsupported dtype {dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How a model is built, beside what it is (its GLM3Config): every cell's constructor takes (config,
+    options), or its sizes and options for the generic Linear, RMSNorm and Embedding.
+
+    dtype: parameter storage; compute_dtype: matmul precision (float32 on CPU); backend: a resolved kernel
+    backend ("plain", "cpu" or "ascend", see glm3.kernels); init: "normal" (a fresh model) or "lazy" (nothing
+    allocated: load_model fills the weights next)."""
+
+    dtype: ms.Type = ms.float32
+    compute_dtype: ms.Type = ms.float32
+    backend: str = "plain"
+    init: str = "normal"
+
+    def initializer(self):
+        return Normal(0.02) if self.init == "normal" else Zero()
 
 
 def _param(shape, dtype, init, name):
@@ -64,14 +85,16 @@ class Linear(nn.Cell):
     (freeze(), LoRA's base) trains through FrozenWeightMatMul, whose backward computes dx only.
     """
 
-    def __init__(self, in_features, out_features, bias, dtype, compute_dtype, init, backend="plain"):
+    def __init__(self, in_features: int, out_features: int, bias: bool, options: BuildOptions):
         super().__init__()
+        dtype, compute_dtype = options.dtype, options.compute_dtype
         self.in_features, self.out_features = in_features, out_features
-        self.weight = _param((out_features, in_features), dtype, init, "weight")
+        self.weight = _param((out_features, in_features), dtype, options.initializer(), "weight")
         self.bias = _param((out_features,), dtype, Zero(), "bias") if bias else None
         self.compute_dtype = compute_dtype
         self.matmul = ops.MatMul(transpose_b=True)
-        self.library = kernels.kernel_library() if backend == "cpu" and compute_dtype == ms.float32 else None
+        cpu_kernels = options.backend == "cpu" and compute_dtype == ms.float32
+        self.library = kernels.kernel_library() if cpu_kernels else None
         self.xwt = kernels.xwt_op(self.library) if self.library else None
         self.kernel_rows = 1 << 62 if dtype != ms.float32 else kernels.SMALL_M  # rows the kernel takes
         # Without the kernels a half-precision W is cast per call, in blocks of rows of CAST_BLOCK_BYTES as
@@ -139,10 +162,10 @@ class Linear(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    def __init__(self, size, eps, dtype, backend):
+    def __init__(self, size: int, eps: float, options: BuildOptions):
         super().__init__()
-        self.weight = _param((size,), dtype, One(), "weight")
-        self.eps, self.fused = eps, backend == "ascend"
+        self.weight = _param((size,), options.dtype, One(), "weight")
+        self.eps, self.fused = eps, options.backend == "ascend"
 
     def construct(self, x):
         return kernels.rms_norm(x, self.weight, self.eps, self.fused)
@@ -169,10 +192,11 @@ class _ScatterAddGradLookup(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    def __init__(self, vocab, hidden, dtype, compute_dtype, init, backend="plain"):
+    def __init__(self, vocab: int, hidden: int, options: BuildOptions):
         super().__init__()
-        self.embedding_table = _param((vocab, hidden), dtype, init, "embedding_table")
-        self.compute_dtype = compute_dtype
+        dtype, backend = options.dtype, options.backend
+        self.embedding_table = _param((vocab, hidden), dtype, options.initializer(), "embedding_table")
+        self.compute_dtype = options.compute_dtype
         self.gather = ops.Gather()  # a primitive, so the parallel config can shard() it
         # On Ascend MindSpore's own gradient stays (it is fast there and known to its auto-parallel).
         self.lookup = _ScatterAddGradLookup(self.gather) if backend != "ascend" else None
@@ -195,57 +219,69 @@ class Embedding(nn.Cell):
 
 
 class SelfAttention(nn.Cell):
-    """Grouped-query attention with a fused qkv projection laid out [all q heads | all k groups | all v groups]."""
+    """Grouped-query attention with a fused qkv projection laid out [all q heads | all k groups | all v groups].
 
-    def __init__(self, config: GLM3Config, dtype, compute_dtype, init, backend):
+    One entry point per use: `construct` (the whole sequence: training, prompt prefill), `decode_static` (one new
+    token against a static cache) and `decode_paged` (one new token against a block cache). Each returns the
+    output [b, s, hidden] and the keys and values to keep."""
+
+    def __init__(self, config: GLM3Config, options: BuildOptions):
         super().__init__()
         self.heads, self.groups, self.head_dim = config.num_attention_heads, config.num_kv_groups, config.kv_channels
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.fused = backend == "ascend"
-        self.fused_paged = self.fused  # export_model may switch it on alone, to emit PagedAttention for Lite
-        self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.add_qkv_bias, dtype,
-                                      compute_dtype, init, backend)
-        self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, dtype, compute_dtype, init,
-                            backend)
+        self.fused = options.backend == "ascend"
+        self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.add_qkv_bias, options)
+        self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, options)
 
-    def construct(self, x, cos, sin, keep_mask, cache_k=None, cache_v=None, write_mask=None, paged=None):
+    def _project(self, x, cos, sin):
+        """q [b, s, heads, d] and k, v [b, s, groups, d], q and k rotated."""
         b, s, _ = x.shape
         qkv = self.query_key_value(x)
         q = qkv[:, :, :self.q_size].reshape(b, s, self.heads, self.head_dim)
         k = qkv[:, :, self.q_size:self.q_size + self.kv_size].reshape(b, s, self.groups, self.head_dim)
         v = qkv[:, :, self.q_size + self.kv_size:].reshape(b, s, self.groups, self.head_dim)
-        q = kernels.apply_rotary(q, cos, sin, self.fused)  # [b, s, heads, d]: attention takes it as it is
-        k = kernels.apply_rotary(k, cos, sin, self.fused)
-        if paged is not None:
-            # Paged decode (one token per row): store this step's key/value in its slot, attend over the blocks.
-            slots, block_tables, context_lens = paged
-            cache_k = kernels.write_cache(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
-            cache_v = kernels.write_cache(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
-            out = kernels.paged_attention(q, cache_k, cache_v, block_tables, context_lens, self.scale,
-                                          self.fused_paged)
-            return self.dense(out), cache_k, cache_v
-        k = k.transpose(0, 2, 1, 3)
-        v = v.transpose(0, 2, 1, 3)
-        if cache_k is not None:
-            # Decode: write this step's key/value into the static cache column chosen by write_mask.
-            write = kernels.like(write_mask, cache_k)
-            k = ops.select(write, kernels.like(k.astype(cache_k.dtype), cache_k), cache_k)
-            v = ops.select(write, kernels.like(v.astype(cache_v.dtype), cache_v), cache_v)
+        return kernels.apply_rotary(q, cos, sin, self.fused), kernels.apply_rotary(k, cos, sin, self.fused), v
+
+    def construct(self, x, cos, sin, keep_mask):
+        """The whole sequence: keys and values [b, groups, s, d] are returned for a cache."""
+        q, k, v = self._project(x, cos, sin)  # q stays [b, s, heads, d]: attention takes it as it is
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        out = kernels.attention(q, k, v, keep_mask, self.scale, self.fused)
+        return self.dense(out), k, v
+
+    def decode_static(self, x, cos, sin, keep_mask, cache_k, cache_v, write_mask):
+        """One token per row, its key/value written into the static cache [b, groups, max_len, d] at the column
+        write_mask marks; attends over the columns keep_mask allows. Returns the updated caches."""
+        q, k, v = self._project(x, cos, sin)
+        write = kernels.like(write_mask, cache_k)
+        k = ops.select(write, kernels.like(k.transpose(0, 2, 1, 3).astype(cache_k.dtype), cache_k), cache_k)
+        v = ops.select(write, kernels.like(v.transpose(0, 2, 1, 3).astype(cache_v.dtype), cache_v), cache_v)
         out = kernels.attention(q, k.astype(q.dtype), v.astype(q.dtype), keep_mask, self.scale, self.fused)
         return self.dense(out), k, v
+
+    def decode_paged(self, x, cos, sin, cache_k, cache_v, slots, block_tables, context_lens,
+                     fused_paged_attention=False):
+        """One token per row, stored in its slot of the block caches [num_blocks, block_size, groups, d], then
+        attention over the row's blocks (MindSpore's PagedAttention operator with fused_paged_attention, for
+        MindSpore Lite on Ascend). Returns the updated caches."""
+        b = x.shape[0]
+        q, k, v = self._project(x, cos, sin)
+        cache_k = kernels.write_cache(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
+        cache_v = kernels.write_cache(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
+        out = kernels.paged_attention(q, cache_k, cache_v, block_tables, context_lens, self.scale,
+                                      fused_paged_attention or self.fused)
+        return self.dense(out), cache_k, cache_v
 
 
 class MLP(nn.Cell):
     """SwiGLU: dense_h_to_4h gives [a | b]; out = dense_4h_to_h(silu(a) * b)."""
 
-    def __init__(self, config: GLM3Config, dtype, compute_dtype, init, backend):
+    def __init__(self, config: GLM3Config, options: BuildOptions):
         super().__init__()
         self.ffn = config.ffn_hidden_size
-        self.dense_h_to_4h = Linear(config.hidden_size, 2 * self.ffn, config.add_bias_linear, dtype,
-                                    compute_dtype, init, backend)
-        self.dense_4h_to_h = Linear(self.ffn, config.hidden_size, config.add_bias_linear, dtype, compute_dtype, init,
-                                    backend)
+        self.dense_h_to_4h = Linear(config.hidden_size, 2 * self.ffn, config.add_bias_linear, options)
+        self.dense_4h_to_h = Linear(self.ffn, config.hidden_size, config.add_bias_linear, options)
 
     def construct(self, x):
         h = self.dense_h_to_4h(x)
@@ -253,75 +289,133 @@ class MLP(nn.Cell):
 
 
 class GLMBlock(nn.Cell):
-    def __init__(self, config: GLM3Config, dtype, compute_dtype, init, backend):
+    """Pre-norm block: x + attention(norm(x)), then + MLP(norm(x)). Entry points as SelfAttention's."""
+
+    def __init__(self, config: GLM3Config, options: BuildOptions):
         super().__init__()
         eps = config.layernorm_epsilon
         self.residual_from_norm = config.apply_residual_connection_post_layernorm
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, backend)
-        self.self_attention = SelfAttention(config, dtype, compute_dtype, init, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, backend)
-        self.mlp = MLP(config, dtype, compute_dtype, init, backend)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, options)
+        self.self_attention = SelfAttention(config, options)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, options)
+        self.mlp = MLP(config, options)
 
-    def construct(self, x, cos, sin, keep_mask, cache_k=None, cache_v=None, write_mask=None, paged=None):
-        normed = self.input_layernorm(x)
-        attn, k, v = self.self_attention(normed, cos, sin, keep_mask, cache_k, cache_v, write_mask, paged)
+    def _rest(self, x, normed, attn):
+        """The attention residual, then the MLP and its residual."""
         x = (normed if self.residual_from_norm else x) + attn
         normed = self.post_attention_layernorm(x)
-        x = (normed if self.residual_from_norm else x) + self.mlp(normed)
-        return x, k, v
+        return (normed if self.residual_from_norm else x) + self.mlp(normed)
+
+    def construct(self, x, cos, sin, keep_mask):
+        normed = self.input_layernorm(x)
+        attn, k, v = self.self_attention(normed, cos, sin, keep_mask)
+        return self._rest(x, normed, attn), k, v
+
+    def decode_static(self, x, cos, sin, keep_mask, cache_k, cache_v, write_mask):
+        normed = self.input_layernorm(x)
+        attn, k, v = self.self_attention.decode_static(normed, cos, sin, keep_mask, cache_k, cache_v, write_mask)
+        return self._rest(x, normed, attn), k, v
+
+    def decode_paged(self, x, cos, sin, cache_k, cache_v, slots, block_tables, context_lens,
+                     fused_paged_attention=False):
+        normed = self.input_layernorm(x)
+        attn, k, v = self.self_attention.decode_paged(normed, cos, sin, cache_k, cache_v, slots, block_tables,
+                                                      context_lens, fused_paged_attention)
+        return self._rest(x, normed, attn), k, v
 
 
 class GLMTransformer(nn.Cell):
-    """The HF "encoder": the stack of blocks and the final RMSNorm."""
+    """The HF "encoder": the stack of blocks and the final RMSNorm. Each entry point returns the hidden states
+    and the per-layer keys and values (k0, v0, k1, v1, ...)."""
 
-    def __init__(self, config: GLM3Config, dtype, compute_dtype, init, backend):
+    def __init__(self, config: GLM3Config, options: BuildOptions):
         super().__init__()
-        self.layers = nn.CellList([GLMBlock(config, dtype, compute_dtype, init, backend)
-                                   for _ in range(config.num_layers)])
-        self.final_layernorm = (RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, backend)
+        self.layers = nn.CellList([GLMBlock(config, options) for _ in range(config.num_layers)])
+        self.final_layernorm = (RMSNorm(config.hidden_size, config.layernorm_epsilon, options)
                                 if config.post_layer_norm else None)
 
-    def construct(self, x, cos, sin, keep_mask, caches=None, write_mask=None, paged=None):
-        new_caches = ()
+    def _final(self, x):
+        return self.final_layernorm(x) if self.final_layernorm is not None else x
+
+    def construct(self, x, cos, sin, keep_mask):
+        kv = ()
+        for layer in self.layers:
+            x, k, v = layer(x, cos, sin, keep_mask)  # a Cell call: recompute and pipeline stages apply per layer
+            kv = kv + (k, v)
+        return self._final(x), kv
+
+    def decode_static(self, x, cos, sin, keep_mask, caches, write_mask):
+        kv = ()
         for i, layer in enumerate(self.layers):
-            if caches is None:
-                x, k, v = layer(x, cos, sin, keep_mask)
-            else:
-                x, k, v = layer(x, cos, sin, keep_mask, caches[2 * i], caches[2 * i + 1], write_mask, paged)
-            new_caches = new_caches + (k, v)
-        if self.final_layernorm is not None:
-            x = self.final_layernorm(x)
-        return x, new_caches
+            x, k, v = layer.decode_static(x, cos, sin, keep_mask, caches[2 * i], caches[2 * i + 1], write_mask)
+            kv = kv + (k, v)
+        return self._final(x), kv
+
+    def decode_paged(self, x, cos, sin, caches, slots, block_tables, context_lens, fused_paged_attention=False):
+        kv = ()
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer.decode_paged(x, cos, sin, caches[2 * i], caches[2 * i + 1], slots, block_tables,
+                                         context_lens, fused_paged_attention)
+            kv = kv + (k, v)
+        return self._final(x), kv
 
 
 class ChatGLMModel(nn.Cell):
-    """Embedding, rotary tables, encoder and output layer: HF's `transformer` module."""
+    """Embedding, rotary tables, encoder and output layer: HF's `transformer` module.
 
-    def __init__(self, config: GLM3Config, dtype, compute_dtype, init, backend):
+    The contract of each cache mode, with float32 logits:
+    - construct(input_ids, position_ids, keep_mask) -> logits [b, s, V] (the full pass: training, scoring);
+    - prefill(input_ids, position_ids, keep_mask) -> (logits [b, V] of the last position, kv), kv being
+      2 x layers tensors [b, groups, s, d] (keys and values per layer) for a cache;
+    - decode_static(input_ids [b, 1], position_ids, keep_mask, caches, write_mask) -> (logits [b, V], caches):
+      caches are 2 x layers tensors [b, groups, max_len, d], write_mask [1, 1, max_len, 1] marks the column of
+      the new token, keep_mask [b, 1, 1, max_len] the columns to attend to;
+    - decode_paged(input_ids [b, 1], position_ids, caches, slots [b], block_tables [b, max_blocks],
+      context_lens [b], fused_paged_attention) -> (logits [b, V], caches): caches are 2 x layers block caches
+      [num_blocks, block_size, groups, d] shared by the batch (see glm3.block_manager).
+    """
+
+    def __init__(self, config: GLM3Config, options: BuildOptions):
         super().__init__()
         self.config = config
-        self.embedding = Embedding(config.padded_vocab_size, config.hidden_size, dtype, compute_dtype, init, backend)
-        self.encoder = GLMTransformer(config, dtype, compute_dtype, init, backend)
-        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, False, dtype, compute_dtype, init,
-                                   backend)
+        self.embedding = Embedding(config.padded_vocab_size, config.hidden_size, options)
+        self.encoder = GLMTransformer(config, options)
+        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, False, options)
         cos, sin = kernels.rope_tables(config.seq_length, config.rotary_dim, config.rope_base)
         # Constants, not Parameters: they are not part of the checkpoint (HF's inv_freq is recomputable).
         self.rope_cos = Tensor(cos)
         self.rope_sin = Tensor(sin)
 
-    def construct(self, input_ids, position_ids, keep_mask, caches=None, write_mask=None, last_only=False,
-                  paged=None):
-        """Hidden states -> float32 logits ([b, s, V], or [b, V] for the last position) and the K/V tensors.
-
-        paged: (slots [b], block_tables [b, max_blocks], context_lens [b]) for a paged-cache decode step,
-        with `caches` the per-layer block caches [num_blocks, block_size, groups, head_dim]."""
-        x = self.embedding(input_ids)
+    def _embed(self, input_ids, position_ids):
+        """Hidden states [b, s, hidden] and the rotary tables of the positions [b, s, 1, rotary_dim / 2]."""
         cos = ops.gather(self.rope_cos, position_ids, 0).expand_dims(2)
         sin = ops.gather(self.rope_sin, position_ids, 0).expand_dims(2)
-        x, new_caches = self.encoder(x, cos, sin, keep_mask, caches, write_mask, paged)
-        if last_only:
-            x = x[:, -1]
-        return self.output_layer(x).astype(ms.float32), new_caches
+        return self.embedding(input_ids), cos, sin
+
+    def _logits(self, x):
+        return self.output_layer(x).astype(ms.float32)
+
+    def construct(self, input_ids, position_ids, keep_mask):
+        x, cos, sin = self._embed(input_ids, position_ids)
+        x, _ = self.encoder(x, cos, sin, keep_mask)
+        return self._logits(x)
+
+    def prefill(self, input_ids, position_ids, keep_mask):
+        x, cos, sin = self._embed(input_ids, position_ids)
+        x, kv = self.encoder(x, cos, sin, keep_mask)
+        return self._logits(x[:, -1]), kv
+
+    def decode_static(self, input_ids, position_ids, keep_mask, caches, write_mask):
+        x, cos, sin = self._embed(input_ids, position_ids)
+        x, caches = self.encoder.decode_static(x, cos, sin, keep_mask, caches, write_mask)
+        return self._logits(x[:, -1]), caches
+
+    def decode_paged(self, input_ids, position_ids, caches, slots, block_tables, context_lens,
+                     fused_paged_attention=False):
+        x, cos, sin = self._embed(input_ids, position_ids)
+        x, caches = self.encoder.decode_paged(x, cos, sin, caches, slots, block_tables, context_lens,
+                                              fused_paged_attention)
+        return self._logits(x[:, -1]), caches
 
 
 def positions_and_mask(attention_mask, seq_len):
@@ -347,37 +441,42 @@ class GLM3ForCausalLM(nn.Cell):
     dtype: parameter storage (float32, float16, bfloat16); compute_dtype: matmul precision (float32 on CPU).
     kernels_backend: "auto", "plain", "cpu" or "ascend" (see glm3.kernels).
     param_init: "normal" for a freshly initialised model, "lazy" to allocate nothing (weights loaded next).
+    The cache modes (prefill, static and paged decoding) are `model.transformer`'s entry points (ChatGLMModel);
+    generation (glm3.generation) compiles steps over them.
     """
 
     def __init__(self, config: GLM3Config, dtype="float32", compute_dtype="float32", kernels_backend="auto",
                  param_init="normal", seed=None):
         super().__init__()
         config.validate()
-        self.config = config
-        self.dtype = to_ms_dtype(dtype)
-        self.compute_dtype = to_ms_dtype(compute_dtype)
-        self.kernels_backend = kernels.resolve_backend(kernels_backend)
         if param_init not in ("normal", "lazy"):
             raise ValueError(f"param_init must be 'normal' or 'lazy', got {param_init!r}")
+        self.config = config
+        self.options = BuildOptions(to_ms_dtype(dtype), to_ms_dtype(compute_dtype),
+                                    kernels.resolve_backend(kernels_backend), param_init)
         if seed is not None:
             ms.set_seed(seed)
-        init = Normal(0.02) if param_init == "normal" else Zero()
-        self.transformer = ChatGLMModel(config, self.dtype, self.compute_dtype, init, self.kernels_backend)
+        self.transformer = ChatGLMModel(config, self.options)
         # Extra stop tokens for generation (<|user|>, <|observation|>), filled from the tokenizer by load_model.
         self.stop_token_ids: tuple[int, ...] = ()
-        self._runners = {}
+        self.structure_version = 0  # bumped by structure_changed(): compiled steps of older versions are stale
+
+    @property
+    def dtype(self) -> ms.Type:
+        return self.options.dtype
+
+    @property
+    def compute_dtype(self) -> ms.Type:
+        return self.options.compute_dtype
+
+    @property
+    def kernels_backend(self) -> str:
+        return self.options.backend
 
     def construct(self, input_ids, attention_mask=None):
         positions, keep = positions_and_mask(attention_mask, input_ids.shape[1])
         positions = ops.broadcast_to(positions, input_ids.shape)
-        logits, _ = self.transformer(input_ids, positions, keep)
-        return logits
-
-    def generate(self, input_ids, **kwargs):
-        """Autoregressive generation with the static KV cache; see glm3.generation.generate."""
-        from glm3.generation import generate
-
-        return generate(self, input_ids, **kwargs)
+        return self.transformer(input_ids, positions, keep)
 
     def freeze_base(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) every weight the model was built with, as LoRA trains only its adapters.
@@ -397,10 +496,11 @@ class GLM3ForCausalLM(nn.Cell):
         """Forget graphs compiled for this model: call after adding or removing cells or parameters (LoRA).
 
         MindSpore keys a Cell's compiled graphs by the Cell's creation time and the call's arguments, not by
-        its structure, so without this a changed model would keep running its old graph.
+        its structure, so without this a changed model would keep running its old graph; steps compiled
+        over it (glm3.generation) check `structure_version`.
         """
         object.__setattr__(self, "_create_time", time.time_ns())
-        self._runners = {}
+        self.structure_version += 1
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(p.shape)) for p in self.get_parameters())

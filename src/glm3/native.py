@@ -22,7 +22,7 @@ def cache_dir() -> str:
     return os.environ.get("GLM3_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm3", "kernels"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_library(source: str, without: str) -> str | None:
     """Path of the shared library compiled from `source` (a .cc file), building it once; None if it cannot be
     built. `without` completes the warning "... : <without>", saying what the caller does instead."""

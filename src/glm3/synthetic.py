@@ -13,8 +13,16 @@ from importlib import resources
 
 import numpy as np
 
-from glm3.checkpoint import (HF_BIN_INDEX, HF_INV_FREQ, HF_ST_INDEX, MS_EMBEDDING, expected_shapes, hf_tensor_shapes,
-                             ms_to_hf_name, release_inv_freq)
+from glm3.checkpoint import (
+    HF_BIN_INDEX,
+    HF_INV_FREQ,
+    HF_ST_INDEX,
+    MS_EMBEDDING,
+    expected_shapes,
+    hf_tensor_shapes,
+    ms_to_hf_name,
+    release_inv_freq,
+)
 from glm3.config import PRESETS, GLM3Config
 from glm3.io import atomic_directory, atomic_write_text, check_destination, exclusive_lock
 from glm3.tensor_files import SafetensorsWriter, safetensors_header_bound, storage_nbytes

@@ -203,7 +203,7 @@ class ChatGLM3Tokenizer:
         return [model_path, config_path]
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "ChatGLM3Tokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike) -> ChatGLM3Tokenizer:
         path = os.fspath(directory)
         if os.path.isdir(path):
             path = os.path.join(path, VOCAB_FILE)

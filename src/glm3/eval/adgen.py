@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from glm3.generation import generate
 from glm3.io import atomic_write_text
 
 METRIC_NAMES = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
@@ -65,7 +66,7 @@ def evaluate_adgen(model, tokenizer, data_path: str | os.PathLike, max_source_le
     stops = set(tokenizer.stop_token_ids) | {tokenizer.pad_id}
     for start in tqdm(range(0, len(examples), batch_size), desc="adgen eval", unit="batch", disable=not progress):
         batch = examples[start:start + batch_size]
-        out = model.generate([e.prompt_ids for e in batch], max_new_tokens=max_new_tokens, do_sample=False)
+        out = generate(model, [e.prompt_ids for e in batch], max_new_tokens=max_new_tokens, do_sample=False)
         width = max(len(e.prompt_ids) for e in batch)
         for row in out:
             new = [int(t) for t in row[width:]]

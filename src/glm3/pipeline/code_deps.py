@@ -120,7 +120,7 @@ def stage_code(name: str, project: str | os.PathLike) -> list[str]:
 
 
 if __name__ == "__main__":
-    from glm3.pipeline.layout import ORDER
+    from glm3.pipeline.stages import ORDER
 
     root = sys.argv[1] if len(sys.argv) > 1 else "."
     for stage in ORDER:

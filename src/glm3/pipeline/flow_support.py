@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from glm3.pipeline.layout import ORDER
+from glm3.pipeline.stages import ORDER
 
 RUNS = {"pipeline": ORDER,  # glm3/pipeline: everything
         "finetune": ("rank_table", "finetune", "merge", "export", "evaluate", "adgen_eval")}  # from models/ms

@@ -13,19 +13,7 @@ import json
 import os
 
 from glm3.pipeline.params import project_path
-
-# stage -> (params sections it reads, upstream stages whose outputs it reads, params keys that are data paths)
-STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "download": (("download",), (), ()),
-    "convert": (("convert",), ("download",), ()),
-    "rank_table": (("parallel",), (), ()),
-    "finetune": (("finetune", "parallel"), ("convert", "rank_table"), ("finetune.data",)),
-    "merge": (("merge", "parallel"), ("finetune", "convert"), ()),
-    "export": (("export",), ("merge",), ()),
-    "evaluate": (("evaluate",), ("export",), ("evaluate.data",)),
-    "adgen_eval": (("adgen_eval",), ("merge",), ("adgen_eval.data",)),
-}
-ORDER = tuple(STAGES)
+from glm3.pipeline.stages import ORDER, STAGES
 
 DVC_OUTPUTS = {"download": "models/hf", "convert": "models/ms", "rank_table": "models/rank_table",
                "finetune": "models/finetune", "merge": "models/merged", "export": "models/export",
@@ -41,12 +29,12 @@ class Layout:
     metrics_dir: str | None = None  # None: each stage's metrics go into its output directory
 
     @classmethod
-    def dvc(cls, root: str | os.PathLike = ".") -> "Layout":
+    def dvc(cls, root: str | os.PathLike = ".") -> Layout:
         root = os.path.abspath(root)
         return cls(root, {s: os.path.join(root, p) for s, p in DVC_OUTPUTS.items()}, os.path.join(root, METRICS_DIR))
 
     @classmethod
-    def keyed(cls, root: str | os.PathLike, params: dict, stages: tuple[str, ...] | list[str]) -> "Layout":
+    def keyed(cls, root: str | os.PathLike, params: dict, stages: tuple[str, ...] | list[str]) -> Layout:
         """`stages` get keyed directories; what they read from other stages comes from the DVC layout."""
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:

@@ -26,6 +26,9 @@ _SECTION_KEYS = {
 _STAGE_SET = ("model", "output", "tokenizer", "cache_dir", "resume", "device", "parallel", "progress",
               "stop_after", "timing_file")
 SERVER_KEYS = ("ip", "devices", "hccn_conf", "device_ips")
+# The parallel section's settings of glm3.parallel.ParallelConfig (device and servers aside).
+PARALLEL_KEYS = ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num", "optimizer_shard",
+                 "recompute", "master_port", "node_rank")
 
 
 class ParamsError(ValueError):
@@ -58,7 +61,6 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = 
 
 def known_keys() -> dict[str, set[str]]:
     """{section (or "finetune.lora"): the settings it may hold}."""
-    from glm3.pipeline.plan import PARALLEL_KEYS
     from glm3.train.settings import FinetuneConfig, LoraConfig
 
     keys = {section: set(names) for section, names in _SECTION_KEYS.items()}

@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 import os
 
-from glm3.pipeline.params import ParamsError
+from glm3.pipeline.params import PARALLEL_KEYS, ParamsError
 
 PLAN_FILE = "plan.json"  # rank_table's output: the resolved parallel layout and its nodes
 RANK_TABLE_FILE = "hccl.json"
-PARALLEL_KEYS = ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num", "optimizer_shard",
-                 "recompute", "master_port", "node_rank")
 
 
 def parallel_fields(p: dict) -> dict:

@@ -7,8 +7,9 @@ import os
 import sys
 import time
 
-from glm3.pipeline.layout import STAGES, Layout
+from glm3.pipeline.layout import Layout
 from glm3.pipeline.params import PARAMS_FILE, load_params
+from glm3.pipeline.stages import STAGES
 
 
 def run_stage(name: str, root: str | os.PathLike = ".", overrides: dict | None = None) -> int:

@@ -99,7 +99,7 @@ class FinetuneConfig:
             self.parallel = from_dict(ParallelConfig, self.parallel, "finetune.parallel")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "FinetuneConfig":
+    def from_dict(cls, values: dict) -> FinetuneConfig:
         return from_dict(cls, values, "finetune")
 
     def validate(self) -> None:

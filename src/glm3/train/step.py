@@ -66,7 +66,7 @@ class DynamicLossScale(nn.Cell):
         return finite
 
 
-class _Update(nn.Cell):
+class OptimizerUpdate(nn.Cell):
     """grads -> (all-reduce) -> unscale -> finite check -> clip -> optimizer; returns the pre-clip norm.
 
     On overflow (loss scaling only) the optimizer step is skipped and the scale halves.
@@ -103,7 +103,7 @@ class TrainStep(nn.Cell):
     """One micro-batch. mode "fused": mean loss, gradients and the update, returns (loss, tokens, grad norm).
     mode "accumulate": summed loss, gradients added to the buffers, returns (loss sum, tokens, 0)."""
 
-    def __init__(self, model: GLM3ForCausalLM, update: _Update, mode: str = "fused", buffers=None,
+    def __init__(self, model: GLM3ForCausalLM, update: OptimizerUpdate, mode: str = "fused", buffers=None,
                  loss_reducer=None, pipeline_micro_batches: int = 1):
         super().__init__(auto_prefix=False)  # keep the model's parameter names
         if mode not in ("fused", "accumulate"):
@@ -151,7 +151,7 @@ class GradientBuffers(nn.Cell):
 class ApplyAccumulated(nn.Cell):
     """The optimizer step over the accumulated gradients (divided by their token count); then zero them."""
 
-    def __init__(self, update: _Update, buffers: GradientBuffers):
+    def __init__(self, update: OptimizerUpdate, buffers: GradientBuffers):
         super().__init__(auto_prefix=False)  # keep the model's parameter names
         self.update = update
         self.accum = buffers

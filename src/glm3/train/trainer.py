@@ -23,8 +23,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from glm3.data.mindrecord import TrainData, batches_per_epoch, build_train_cache, train_dataset
 from glm3.config import GLM3Config, resolve_dtype
+from glm3.data.mindrecord import TrainData, batches_per_epoch, build_train_cache, train_dataset
 from glm3.io import atomic_write_text
 from glm3.lora import LoraDropout, apply_lora, save_adapter
 from glm3.parallel import apply_shard_strategies, init_parallel
@@ -32,9 +32,16 @@ from glm3.train import checkpoint as ckpt
 from glm3.train.schedule import lr_schedule
 from glm3.train.settings import FinetuneConfig
 from glm3.train.signals import StopRequests, signal_name
+from glm3.train.step import (
+    AdamW,
+    ApplyAccumulated,
+    DynamicLossScale,
+    GradientBuffers,
+    MeanAllReduce,
+    OptimizerUpdate,
+    TrainStep,
+)
 from glm3.train.timing import RunTiming
-from glm3.train.step import (AdamW, ApplyAccumulated, DynamicLossScale, GradientBuffers, MeanAllReduce, TrainStep,
-                             _Update)
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +146,7 @@ def _build_graphs(config: FinetuneConfig, model, steps: int, ranks: int) -> _Gra
     # Data parallel reduces explicitly; semi-auto parallel (Ascend) inserts its own communication.
     explicit_dp = ranks > 1 and not config.parallel.needs_auto_parallel
     reducer = ms.nn.DistributedGradReducer(optimizer.params, mean=True, degree=ranks) if explicit_dp else None
-    update = _Update(optimizer, config.max_grad_norm, reducer, loss_scale)
+    update = OptimizerUpdate(optimizer, config.max_grad_norm, reducer, loss_scale)
     loss_reducer = MeanAllReduce(ranks) if explicit_dp else None
     micro = config.parallel.micro_batch_num if config.parallel.pipeline_stage > 1 else 1
     if config.grad_accumulation == 1:

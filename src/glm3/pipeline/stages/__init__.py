@@ -10,7 +10,18 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from glm3.pipeline.layout import ORDER
+# stage -> (params sections it reads, upstream stages whose outputs it reads, params keys that are data paths)
+STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "download": (("download",), (), ()),
+    "convert": (("convert",), ("download",), ()),
+    "rank_table": (("parallel",), (), ()),
+    "finetune": (("finetune", "parallel"), ("convert", "rank_table"), ("finetune.data",)),
+    "merge": (("merge", "parallel"), ("finetune", "convert"), ()),
+    "export": (("export",), ("merge",), ()),
+    "evaluate": (("evaluate",), ("export",), ("evaluate.data",)),
+    "adgen_eval": (("adgen_eval",), ("merge",), ("adgen_eval.data",)),
+}
+ORDER = tuple(STAGES)
 
 
 def stage_module(name: str) -> str:
@@ -25,4 +36,4 @@ def stage_function(name: str) -> Callable[[dict, object], dict]:
     return importlib.import_module(stage_module(name)).run
 
 
-__all__ = ["stage_function", "stage_module"]
+__all__ = ["ORDER", "STAGES", "stage_function", "stage_module"]

@@ -1,0 +1,86 @@
+"""The compiled steps of inference: prompt prefill and one-token decode, over a static or a paged KV cache.
+
+Each is a Cell over the model's transformer calling one of its named entry points (glm3.model.ChatGLMModel),
+so it compiles into one graph, runs eagerly, or exports to MindIR (glm3.export) as it is. The caches are
+graph inputs and outputs, never hidden state. Host-side bookkeeping (which cache columns or blocks are in use)
+is glm3.kv_cache's.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from glm3 import kernels
+from glm3.model import GLM3ForCausalLM, positions_and_mask
+
+
+class PrefillStep(nn.Cell):
+    """(input_ids [b, s], attention_mask [b, s]) -> (last-position logits [b, V], caches padded to max_len:
+    2 x layers tensors [b, groups, max_len, d])."""
+
+    def __init__(self, model: GLM3ForCausalLM, max_len: int):
+        super().__init__(auto_prefix=False)  # share the model's parameters under their own names
+        self.transformer = model.transformer
+        self.max_len = max_len
+
+    def construct(self, input_ids, attention_mask):
+        seq_len = input_ids.shape[1]
+        positions, keep = positions_and_mask(attention_mask, seq_len)
+        logits, kv = self.transformer.prefill(input_ids, positions, keep)
+        caches = ()
+        for t in kv:
+            caches = caches + (ops.pad(t, (0, 0, 0, self.max_len - seq_len)),)
+        return logits, caches
+
+
+class DecodeStep(nn.Cell):
+    """(input_ids [b, 1], position_ids [b, 1], key_mask [b, max_len], write_index, caches) -> (logits [b, V],
+    caches): attends to every valid cache column and writes its own key/value at write_index."""
+
+    def __init__(self, model: GLM3ForCausalLM, max_len: int):
+        super().__init__(auto_prefix=False)
+        self.transformer = model.transformer
+        self.max_len = max_len
+
+    def construct(self, input_ids, position_ids, key_mask, write_index, caches):
+        b = input_ids.shape[0]
+        write_mask = (ops.arange(self.max_len, dtype=ms.int32) == write_index).reshape(1, 1, self.max_len, 1)
+        keep = key_mask.reshape(b, 1, 1, self.max_len)
+        return self.transformer.decode_static(input_ids, position_ids, keep, caches, write_mask)
+
+
+class PagedPrefillStep(nn.Cell):
+    """(input_ids [b, s], attention_mask [b, s], slot_mapping [b, s], caches) -> (last logits [b, V], caches).
+
+    Attention within the prompt is the ordinary causal one; the prompt's keys and values are then written
+    into the block caches at their slots (padding positions point at a scratch slot)."""
+
+    def __init__(self, model: GLM3ForCausalLM):
+        super().__init__(auto_prefix=False)
+        self.transformer = model.transformer
+        self.groups, self.head_dim = model.config.num_kv_groups, model.config.kv_channels
+
+    def construct(self, input_ids, attention_mask, slot_mapping, caches):
+        positions, keep = positions_and_mask(attention_mask, input_ids.shape[1])
+        logits, kv = self.transformer.prefill(input_ids, positions, keep)
+        slots = slot_mapping.reshape(-1)
+        new_caches = ()
+        for cache, t in zip(caches, kv):
+            rows = t.transpose(0, 2, 1, 3).reshape(-1, self.groups, self.head_dim)
+            new_caches = new_caches + (kernels.write_cache(cache, rows, slots),)
+        return logits, new_caches
+
+
+class PagedDecodeStep(nn.Cell):
+    """(input_ids [b, 1], position_ids [b, 1], slots [b], block_tables [b, max_blocks], context_lens [b], caches)
+    -> (logits [b, V], caches). fused_paged_attention: MindSpore's PagedAttention operator (MindSpore Lite on
+    Ascend only; see glm3.kernels.paged_attention)."""
+
+    def __init__(self, model: GLM3ForCausalLM, fused_paged_attention: bool = False):
+        super().__init__(auto_prefix=False)
+        self.transformer = model.transformer
+        self.fused_paged_attention = fused_paged_attention
+
+    def construct(self, input_ids, position_ids, slots, block_tables, context_lens, caches):
+        return self.transformer.decode_paged(input_ids, position_ids, caches, slots, block_tables, context_lens,
+                                             self.fused_paged_attention)
