@@ -16,52 +16,23 @@ from prefect.artifacts import create_markdown_artifact
 from glm3.pipeline import Layout, load_params
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from, run_stages, stage_cache_key
 from glm3.pipeline.params import PARAMS_FILE
-from glm3.pipeline.stages import stage_function
+from glm3.pipeline.stages import ORDER, stage_function
 
-CACHED = {"cache_key_fn": stage_cache_key, "persist_result": True}
-
-
-@task(name="download", retries=3, retry_delay_seconds=[10, 60, 300], **CACHED)
-def download(params: dict, layout: Layout) -> dict:
-    return stage_function("download")(params, layout)
+# Options a stage's task needs beyond the shared cache: the download talks to the Hub, which fails now and then.
+TASK_OPTIONS = {"download": {"retries": 3, "retry_delay_seconds": [10, 60, 300]}}
 
 
-@task(name="convert", **CACHED)
-def convert(params: dict, layout: Layout) -> dict:
-    return stage_function("convert")(params, layout)
+def stage_task(name: str):
+    """The Prefect task of stage `name`: the stage function, its result cached by the stage's key."""
+
+    def run(params: dict, layout: Layout) -> dict:
+        return stage_function(name)(params, layout)
+
+    run.__name__ = run.__qualname__ = f"stage_{name}"  # distinct task keys, one per stage
+    return task(run, name=name, cache_key_fn=stage_cache_key, persist_result=True, **TASK_OPTIONS.get(name, {}))
 
 
-@task(name="rank_table", **CACHED)
-def rank_table(params: dict, layout: Layout) -> dict:
-    return stage_function("rank_table")(params, layout)
-
-
-@task(name="finetune", **CACHED)
-def finetune(params: dict, layout: Layout) -> dict:
-    return stage_function("finetune")(params, layout)
-
-
-@task(name="merge", **CACHED)
-def merge(params: dict, layout: Layout) -> dict:
-    return stage_function("merge")(params, layout)
-
-
-@task(name="export", **CACHED)
-def export(params: dict, layout: Layout) -> dict:
-    return stage_function("export")(params, layout)
-
-
-@task(name="evaluate", **CACHED)
-def evaluate(params: dict, layout: Layout) -> dict:
-    return stage_function("evaluate")(params, layout)
-
-
-@task(name="adgen_eval", **CACHED)
-def adgen_eval(params: dict, layout: Layout) -> dict:
-    return stage_function("adgen_eval")(params, layout)
-
-
-TASKS = {t.name: t for t in (download, convert, rank_table, finetune, merge, export, evaluate, adgen_eval)}
+TASKS = {name: stage_task(name) for name in ORDER}
 
 
 @flow(name="glm3", log_prints=True)

@@ -122,7 +122,7 @@ def test_rank_table_stage_refuses_a_mismatch_and_leaves_the_previous_output(tmp_
     assert json.loads(before)["rank_table"] is None
 
     params = _params_with(SERVERS[:1], device="Ascend", data_parallel=8)
-    with pytest.raises(ParamsError, match="servers have 2 devices but .* is 8"):
+    with pytest.raises(ValueError, match="servers have 2 devices but .* is 8"):
         rank_table(params, layout)
     with pytest.raises(ParamsError, match=r"servers\[0\] must hold ip"):  # checked with the params, first
         check_params(_params_with([{"address": "x"}], device="Ascend"), "params.yaml")

@@ -126,6 +126,27 @@ def merge_rank_tables(tables: list[dict]) -> dict:
     return merged
 
 
+def build_cluster_table(servers: list[dict]) -> dict:
+    """The rank table of every server, in order: each {"ip", "devices" (default all 8), "hccn_conf" or
+    "device_ips"} (params.yaml's parallel.servers)."""
+    return merge_rank_tables([build_rank_table(s["ip"], s.get("devices", "[0,8)"), device_ips=s.get("device_ips"),
+                                               hccn_conf=s.get("hccn_conf")) for s in servers])
+
+
+def launch_nodes(world_size: int, table: dict | None = None) -> list[dict]:
+    """Where msrun starts the workers: [{"ip", "local_workers", "node_rank"}], one node per server of `table`
+    with as many workers as it has devices (they must add up to `world_size`), or this host alone."""
+    if table is None:
+        nodes = [{"ip": "127.0.0.1", "local_workers": world_size}]
+    else:
+        nodes = [{"ip": s["server_id"], "local_workers": len(s["device"])} for s in table["server_list"]]
+        devices = sum(n["local_workers"] for n in nodes)
+        if devices != world_size:
+            raise RankTableError(f"the servers have {devices} devices but data_parallel*model_parallel*"
+                                 f"pipeline_stage is {world_size}")
+    return [{**node, "node_rank": rank} for rank, node in enumerate(nodes)]
+
+
 def validate_rank_table(table: dict) -> None:
     """Raise RankTableError naming the first problem: missing keys, bad IPs, duplicates, counts that disagree."""
     for key in ("version", "server_count", "server_list", "status"):
