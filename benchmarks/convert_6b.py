@@ -10,6 +10,7 @@ Targets: convert peak RSS <= 3 GiB and wall <= 2x the copy; load peak RSS <= 1.3
 
     .venv/bin/python benchmarks/convert_6b.py [--keep]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 
-GIB = 2 ** 30
+GIB = 2**30
 LOAD_SCRIPT = """
 import json, sys, time
 import mindspore as ms
@@ -55,8 +56,9 @@ def dir_bytes(path: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", default=os.environ.get("GLM3_BENCH_CACHE",
-                                                          os.path.expanduser("~/.cache/glm3/bench")))
+    parser.add_argument(
+        "--cache", default=os.environ.get("GLM3_BENCH_CACHE", os.path.expanduser("~/.cache/glm3/bench"))
+    )
     parser.add_argument("--keep", action="store_true", help="keep the converted directory")
     args = parser.parse_args()
 
@@ -66,8 +68,9 @@ def main() -> int:
     src = os.path.join(args.cache, "glm3_6b-bin-float16")
     created = None
     if not os.path.isfile(os.path.join(src, "pytorch_model.bin.index.json")):
-        created = run_measured(glm3_cli + ["download", "--synthetic", "glm3_6b", "--format", "bin", "--dst", src,
-                                           "--overwrite"])["seconds"]
+        created = run_measured(
+            glm3_cli + ["download", "--synthetic", "glm3_6b", "--format", "bin", "--dst", src, "--overwrite"]
+        )["seconds"]
     work = os.path.join(args.cache, "run")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -94,16 +97,25 @@ def main() -> int:
         "benchmark": "convert_6b",
         "source": {"path": src, "files": len(shards), "bytes": src_bytes, "created_seconds": created},
         "copy_seconds": round(copy["seconds"], 2),
-        "convert": {"seconds": round(conv["seconds"], 2), "peak_rss_gib": round(conv["peak_rss_bytes"] / GIB, 3),
-                    "wall_vs_copy": round(conv["seconds"] / copy["seconds"], 3),
-                    "summary": conv["stdout"].strip(), "output_ckpt_bytes": ckpt_bytes},
-        "load_float16": {"seconds": round(loaded["seconds"], 2), "parameters": loaded["parameters"],
-                         "peak_rss_gib": round(load["peak_rss_bytes"] / GIB, 3),
-                         "peak_rss_vs_checkpoint": round(load["peak_rss_bytes"] / ckpt_bytes, 3),
-                         "import_baseline_rss_gib": round(baseline["peak_rss_bytes"] / GIB, 3)},
-        "targets": {"convert_peak_rss_le_3gib": conv["peak_rss_bytes"] <= 3 * GIB,
-                    "convert_wall_le_2x_copy": conv["seconds"] <= 2 * copy["seconds"],
-                    "load_peak_rss_le_1.3x_checkpoint": load["peak_rss_bytes"] <= 1.3 * ckpt_bytes},
+        "convert": {
+            "seconds": round(conv["seconds"], 2),
+            "peak_rss_gib": round(conv["peak_rss_bytes"] / GIB, 3),
+            "wall_vs_copy": round(conv["seconds"] / copy["seconds"], 3),
+            "summary": conv["stdout"].strip(),
+            "output_ckpt_bytes": ckpt_bytes,
+        },
+        "load_float16": {
+            "seconds": round(loaded["seconds"], 2),
+            "parameters": loaded["parameters"],
+            "peak_rss_gib": round(load["peak_rss_bytes"] / GIB, 3),
+            "peak_rss_vs_checkpoint": round(load["peak_rss_bytes"] / ckpt_bytes, 3),
+            "import_baseline_rss_gib": round(baseline["peak_rss_bytes"] / GIB, 3),
+        },
+        "targets": {
+            "convert_peak_rss_le_3gib": conv["peak_rss_bytes"] <= 3 * GIB,
+            "convert_wall_le_2x_copy": conv["seconds"] <= 2 * copy["seconds"],
+            "load_peak_rss_le_1.3x_checkpoint": load["peak_rss_bytes"] <= 1.3 * ckpt_bytes,
+        },
     }
     print(json.dumps(result, indent=2))
     return 0

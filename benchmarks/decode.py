@@ -6,6 +6,7 @@ graph mode, batch 1 and 4; compile time separately; the result also as a fractio
 
 Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,11 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> dict:
         start = time.perf_counter()
         matrix @ vector
         best_gemv = max(best_gemv, matrix.nbytes / (time.perf_counter() - start))
-    return {"threads_sum_GBps": best_sum / 1e9, "blas_gemv_GBps": best_gemv / 1e9,
-            "limit_GBps": max(best_sum, best_gemv) / 1e9}
+    return {
+        "threads_sum_GBps": best_sum / 1e9,
+        "blas_gemv_GBps": best_gemv / 1e9,
+        "limit_GBps": max(best_sum, best_gemv) / 1e9,
+    }
 
 
 def weight_bytes_per_token(model) -> int:
@@ -65,8 +69,14 @@ def weight_bytes_per_token(model) -> int:
 def run_generation(model, ids):
     stamps = []
     start = time.perf_counter()
-    glm3.generate(model, ids, max_new_tokens=NEW, do_sample=False, eos_token_id=[],
-                   streamer=lambda t: stamps.append(time.perf_counter()))
+    glm3.generate(
+        model,
+        ids,
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=[],
+        streamer=lambda t: stamps.append(time.perf_counter()),
+    )
     return start, stamps
 
 
@@ -81,9 +91,14 @@ def measure(model, batch: int, repeats: int) -> dict:
         decode.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
     prefill_s, step_s = min(prefill), min(decode)
     steady_wall = prefill_s + step_s * (NEW - 1)
-    return {"batch": batch, "prefill_tokens_per_s": batch * PROMPT / prefill_s, "prefill_s": prefill_s,
-            "decode_tokens_per_s": batch / step_s, "decode_step_ms": step_s * 1e3,
-            "compile_s": max(0.0, first_wall - steady_wall)}
+    return {
+        "batch": batch,
+        "prefill_tokens_per_s": batch * PROMPT / prefill_s,
+        "prefill_s": prefill_s,
+        "decode_tokens_per_s": batch / step_s,
+        "decode_step_ms": step_s * 1e3,
+        "compile_s": max(0.0, first_wall - steady_wall),
+    }
 
 
 def main() -> int:
@@ -110,11 +125,23 @@ def main() -> int:
             r["fraction_of_weight_read_limit"] = r["decode_tokens_per_s"] / (limit_tps * batch)
             results.append(r)
         del model
-    print(json.dumps({"benchmark": "decode", "preset": "bench", "dtype": "float32", "mode": "graph",
-                      "prompt_tokens": PROMPT, "new_tokens": NEW, "weight_bytes_per_token": per_token,
-                      "memory_read": bandwidth, "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                                                            "platform": platform.platform()},
-                      "results": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "decode",
+                "preset": "bench",
+                "dtype": "float32",
+                "mode": "graph",
+                "prompt_tokens": PROMPT,
+                "new_tokens": NEW,
+                "weight_bytes_per_token": per_token,
+                "memory_read": bandwidth,
+                "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

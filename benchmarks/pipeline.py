@@ -1,6 +1,7 @@
 """The DVC pipeline's wall times from a fresh `git clone` of this repository (its last commit), offline:
 the first `dvc repro` of the embedded default, a second (no-op) one, and one after a finetune.lr change.
 Prints one JSON object. Run from the repository with the venv's bin on PATH (`make bench` does)."""
+
 import json
 import os
 import re
@@ -37,10 +38,21 @@ def main() -> None:
         changed, changed_ran = timed(["dvc", "repro"], clone, env)
         with open(os.path.join(clone, "models", "finetune.timing.json"), encoding="utf-8") as f:
             finetune = json.load(f)  # the stage's speeds, kept out of its output and metrics
-    print(json.dumps({"cores": os.cpu_count(), "fresh_repro_s": fresh, "fresh_stages": fresh_ran,
-                      "noop_repro_s": noop, "noop_stages": noop_ran, "lr_change_repro_s": changed,
-                      "lr_change_stages": changed_ran, "finetune_tokens_per_second": finetune["tokens_per_second"],
-                      "finetune_real_tokens_per_second": finetune["real_tokens_per_second"]}))
+    print(
+        json.dumps(
+            {
+                "cores": os.cpu_count(),
+                "fresh_repro_s": fresh,
+                "fresh_stages": fresh_ran,
+                "noop_repro_s": noop,
+                "noop_stages": noop_ran,
+                "lr_change_repro_s": changed,
+                "lr_change_stages": changed_ran,
+                "finetune_tokens_per_second": finetune["tokens_per_second"],
+                "finetune_real_tokens_per_second": finetune["real_tokens_per_second"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

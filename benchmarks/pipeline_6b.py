@@ -14,6 +14,7 @@ cache included (hard links counted once). Targets: every stage <= 16 GiB peak RS
 inference stages (evaluate, adgen_eval) <= 1.15x the checkpoint, no float32 weights written, the run's disk <= 4x
 the checkpoint. `--report-only --workdir DIR` measures a kept run again without re-running it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,17 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = 2 ** 30
-STAGE_OUTPUTS = {"download": "models/hf", "convert": "models/ms", "rank_table": "models/rank_table",
-                 "finetune": "models/finetune", "merge": "models/merged", "export": "models/export",
-                 "evaluate": "models/ceval", "adgen_eval": "models/adgen_eval"}
+GIB = 2**30
+STAGE_OUTPUTS = {
+    "download": "models/hf",
+    "convert": "models/ms",
+    "rank_table": "models/rank_table",
+    "finetune": "models/finetune",
+    "merge": "models/merged",
+    "export": "models/export",
+    "evaluate": "models/ceval",
+    "adgen_eval": "models/adgen_eval",
+}
 DECODE_SCRIPT = r"""
 import json, os, sys, time
 import numpy as np
@@ -111,8 +119,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", help="where the scratch clone goes (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch clone")
-    parser.add_argument("--report-only", action="store_true",
-                        help="measure and report the finished run kept in --workdir instead of running it again")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure and report the finished run kept in --workdir instead of running it again",
+    )
     args = parser.parse_args()
     if args.report_only and not args.workdir:
         parser.error("--report-only needs the --workdir of a kept run")
@@ -126,8 +137,9 @@ def main() -> int:
         subprocess.run(["git", "clone", "-q", REPO, clone], check=True)
         if os.path.exists(stats):
             os.unlink(stats)
-    overrides = subprocess.run(["make", "-s", "rehearsal-6b-args"], cwd=clone, capture_output=True, text=True,
-                               check=True).stdout.split()
+    overrides = subprocess.run(
+        ["make", "-s", "rehearsal-6b-args"], cwd=clone, capture_output=True, text=True, check=True
+    ).stdout.split()
     env["GLM3_STAGE_STATS"] = stats
     log = os.path.join(work, "rehearsal.log")
     wall_file = os.path.join(work, "wall_seconds")
@@ -147,13 +159,20 @@ def main() -> int:
         output_bytes, new_bytes = output_sizes(out, seen)
         # The stage's own process (VmHWM). Its children's ru_maxrss is reported apart: for msrun workers it is
         # theirs, but a child forked from a loaded stage (MindSpore forks helpers) shows the parent's pages.
-        stages[r["stage"]] = {"seconds": r["seconds"], "peak_rss_gib": round(r["peak_rss_bytes"] / GIB, 2),
-                              "peak_rss_vs_checkpoint": None,
-                              "children_peak_rss_gib": round(r["children_peak_rss_bytes"] / GIB, 2),
-                              "output_bytes": output_bytes, "new_bytes": new_bytes,
-                              "dtypes_written": tensor_dtypes(out)}
-    checkpoint = sum(os.path.getsize(os.path.join(clone, "models", "ms", n))
-                     for n in os.listdir(os.path.join(clone, "models", "ms")) if n.endswith(".ckpt"))
+        stages[r["stage"]] = {
+            "seconds": r["seconds"],
+            "peak_rss_gib": round(r["peak_rss_bytes"] / GIB, 2),
+            "peak_rss_vs_checkpoint": None,
+            "children_peak_rss_gib": round(r["children_peak_rss_bytes"] / GIB, 2),
+            "output_bytes": output_bytes,
+            "new_bytes": new_bytes,
+            "dtypes_written": tensor_dtypes(out),
+        }
+    checkpoint = sum(
+        os.path.getsize(os.path.join(clone, "models", "ms", n))
+        for n in os.listdir(os.path.join(clone, "models", "ms"))
+        if n.endswith(".ckpt")
+    )
     for stage in stages.values():
         stage["peak_rss_vs_checkpoint"] = round(stage["peak_rss_gib"] * GIB / checkpoint, 3)
     with open(os.path.join(clone, "models", "finetune", "metrics.json"), encoding="utf-8") as f:
@@ -162,28 +181,50 @@ def main() -> int:
         timing = json.load(f)  # its speeds, beside the output
     with open(os.path.join(clone, "models", "finetune", "train_log.tsv"), encoding="utf-8") as f:
         steps = [line.split("\t") for line in f.read().splitlines()[1:]]
-    decode = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, os.path.join(clone, "models", "merged"),
-                             os.path.dirname(os.path.abspath(__file__))], capture_output=True, text=True, env=env)
+    decode = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            DECODE_SCRIPT,
+            os.path.join(clone, "models", "merged"),
+            os.path.dirname(os.path.abspath(__file__)),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if decode.returncode != 0:
         sys.exit(f"decode measurement failed:\n{decode.stderr[-3000:]}")
     run_disk = disk_bytes(clone)
     result = {
-        "benchmark": "pipeline_6b", "overrides": overrides, "cores": os.cpu_count(),
+        "benchmark": "pipeline_6b",
+        "overrides": overrides,
+        "cores": os.cpu_count(),
         "wall_seconds": round(wall, 1),
-        "checkpoint_bytes": checkpoint, "stages": stages,
-        "lora": {"steps": finetune["steps"], "trainable_parameters": finetune["trainable_parameters"],
-                 "step_seconds_after_first": timing["step_seconds"], "tokens_per_second": timing["tokens_per_second"],
-                 "real_tokens_per_second": timing["real_tokens_per_second"],
-                 "losses": [float(s[2]) for s in steps]},
+        "checkpoint_bytes": checkpoint,
+        "stages": stages,
+        "lora": {
+            "steps": finetune["steps"],
+            "trainable_parameters": finetune["trainable_parameters"],
+            "step_seconds_after_first": timing["step_seconds"],
+            "tokens_per_second": timing["tokens_per_second"],
+            "real_tokens_per_second": timing["real_tokens_per_second"],
+            "losses": [float(s[2]) for s in steps],
+        },
         "decode_6b_batch1": json.loads(decode.stdout.strip().splitlines()[-1]),
         "disk": {"run_bytes_incl_dvc_cache": run_disk, "vs_checkpoint": round(run_disk / checkpoint, 2)},
     }
     result["targets"] = {
         "every_stage_peak_rss_le_16gib": all(s["peak_rss_gib"] <= 16 for s in stages.values()),
-        "inference_peak_rss_le_1.15x_checkpoint": all(stages[s]["peak_rss_vs_checkpoint"] <= 1.15
-                                                      for s in ("evaluate", "adgen_eval")),
-        "no_float32_artifact": not any(t.lower().startswith(("float32", "f32")) for stage, s in stages.items()
-                                       if stage != "finetune" for t in s["dtypes_written"]),
+        "inference_peak_rss_le_1.15x_checkpoint": all(
+            stages[s]["peak_rss_vs_checkpoint"] <= 1.15 for s in ("evaluate", "adgen_eval")
+        ),
+        "no_float32_artifact": not any(
+            t.lower().startswith(("float32", "f32"))
+            for stage, s in stages.items()
+            if stage != "finetune"
+            for t in s["dtypes_written"]
+        ),
         "run_disk_le_4x_checkpoint": run_disk <= 4 * checkpoint,
     }
     print(json.dumps(result, indent=2))

@@ -5,6 +5,7 @@ the converted model in models/ms (rank_table, finetune, merge, export, evaluate,
 override params.yaml. Each run writes to models/prefect/<stage>-<key> (see glm3.pipeline.layout), so a
 task whose params, inputs and code are unchanged is a cache hit and is not run again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,9 +37,16 @@ TASKS = {name: stage_task(name) for name in ORDER}
 
 
 @flow(name="glm3", log_prints=True)
-def glm3(run: str = "pipeline", lr: float | None = None, steps: int | None = None, batch_size: int | None = None,
-         seq_length: int | None = None, lora: bool | None = None, overrides: dict | None = None,
-         project: str | None = None) -> dict:
+def glm3(
+    run: str = "pipeline",
+    lr: float | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seq_length: int | None = None,
+    lora: bool | None = None,
+    overrides: dict | None = None,
+    project: str | None = None,
+) -> dict:
     """run: "pipeline" (every stage) or "finetune" (from models/ms, made first if missing). lr, steps, batch_size,
     seq_length and lora override params.yaml's finetune section; `overrides` sets any other
     ({"export.paged": true})."""
@@ -47,9 +55,10 @@ def glm3(run: str = "pipeline", lr: float | None = None, steps: int | None = Non
     if run not in RUNS:
         raise ValueError(f"run must be one of {', '.join(RUNS)}, got {run!r}")
     root = os.path.abspath(project or os.getcwd())
-    params = load_params(os.path.join(root, PARAMS_FILE),
-                         overrides_from(overrides, lr=lr, steps=steps, batch_size=batch_size,
-                                        seq_length=seq_length, lora=lora))
+    params = load_params(
+        os.path.join(root, PARAMS_FILE),
+        overrides_from(overrides, lr=lr, steps=steps, batch_size=batch_size, seq_length=seq_length, lora=lora),
+    )
     stages, why = run_stages(run, root)
     if why:
         logger.info(why)
@@ -61,6 +70,9 @@ def glm3(run: str = "pipeline", lr: float | None = None, steps: int | None = Non
         if not os.path.isdir(layout.outputs[name]):  # nothing on disk to reuse: run it and record it anew
             stage_task = stage_task.with_options(refresh_cache=True)
         results[name] = stage_task(params, layout)
-    create_markdown_artifact(key="glm3-metrics", markdown=metrics_markdown(run, results, layout),
-                             description=f"glm3 {run}: metrics and outputs")
+    create_markdown_artifact(
+        key="glm3-metrics",
+        markdown=metrics_markdown(run, results, layout),
+        description=f"glm3 {run}: metrics and outputs",
+    )
     return {"outputs": {name: layout.outputs[name] for name in stages}, "metrics": results}

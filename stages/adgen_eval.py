@@ -1,4 +1,5 @@
 """DVC stage `adgen_eval`: BLEU/ROUGE of the merged model on ADGEN records (metrics/adgen.json); params: adgen_eval."""
+
 import sys
 
 from glm3.pipeline.run import run_stage

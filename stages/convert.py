@@ -1,4 +1,5 @@
 """DVC stage `convert`: models/hf -> MindSpore shards in models/ms; params: convert."""
+
 import sys
 
 from glm3.pipeline.run import run_stage

@@ -1,4 +1,5 @@
 """DVC stage `download`: the base checkpoint (HuggingFace layout) into models/hf; params: download."""
+
 import sys
 
 from glm3.pipeline.run import run_stage

@@ -1,4 +1,5 @@
 """DVC stage `evaluate`: C-Eval accuracy of the exported model (metrics/ceval.json); params: evaluate."""
+
 import sys
 
 from glm3.pipeline.run import run_stage

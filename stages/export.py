@@ -1,4 +1,5 @@
 """DVC stage `export`: MindIR prefill/decode graphs of models/merged into models/export; params: export."""
+
 import sys
 
 from glm3.pipeline.run import run_stage

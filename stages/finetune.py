@@ -1,4 +1,5 @@
 """DVC stage `finetune`: fine-tune models/ms on the ADGEN data into models/finetune; params: finetune, parallel."""
+
 import sys
 
 from glm3.pipeline.run import run_stage

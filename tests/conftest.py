@@ -19,9 +19,17 @@ ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE)
 
 # A config whose attention width differs from hidden_size and whose groups are not 2.
-ODD_CONFIG = {"num_layers": 2, "hidden_size": 48, "ffn_hidden_size": 72, "num_attention_heads": 8,
-              "kv_channels": 8, "multi_query_group_num": 4, "padded_vocab_size": 1536, "seq_length": 256,
-              "torch_dtype": "float32"}
+ODD_CONFIG = {
+    "num_layers": 2,
+    "hidden_size": 48,
+    "ffn_hidden_size": 72,
+    "num_attention_heads": 8,
+    "kv_channels": 8,
+    "multi_query_group_num": 4,
+    "padded_vocab_size": 1536,
+    "seq_length": 256,
+    "torch_dtype": "float32",
+}
 
 
 def free_port() -> int:
@@ -37,15 +45,27 @@ def subprocess_env(**extra) -> dict:
     return e
 
 
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "glm3 tests", "GIT_AUTHOR_EMAIL": "tests@glm3.invalid",
-                "GIT_COMMITTER_NAME": "glm3 tests", "GIT_COMMITTER_EMAIL": "tests@glm3.invalid"}
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "glm3 tests",
+    "GIT_AUTHOR_EMAIL": "tests@glm3.invalid",
+    "GIT_COMMITTER_NAME": "glm3 tests",
+    "GIT_COMMITTER_EMAIL": "tests@glm3.invalid",
+}
 
 
 def project_clone(dst) -> str:
     """A fresh git repository holding the project's tracked and new (not ignored) files as they are now,
     committed: what a clean clone of this working tree would be, without models/, caches or the venv."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = os.path.join(REPO, rel)
         if os.path.isfile(src):
@@ -73,8 +93,9 @@ def tiny_dir(tmp_path_factory):
 def odd_bin_dir(tmp_path_factory):
     """An unusual shape in HuggingFace layout, pytorch_model-*.bin shards + index."""
     cfg = glm3.GLM3Config(**ODD_CONFIG)
-    return glm3.write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "odd", cfg, seed=2, fmt="bin",
-                                           num_shards=3)
+    return glm3.write_synthetic_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "odd", cfg, seed=2, fmt="bin", num_shards=3
+    )
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ Faults can be switched on per file: a connection cut halfway through the first G
 that differ from the published sha256; or for everything: an outage (503) for a while. Every request is
 recorded for assertions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,13 @@ class HubRepo:
             with open(path, "rb") as f:
                 data = f.read()
             lfs = name.endswith((".bin", ".safetensors", ".model"))
-            self.files[name] = {"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                                "oid": hashlib.sha1(data).hexdigest(), "lfs": lfs}
+            self.files[name] = {
+                "path": path,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "oid": hashlib.sha1(data).hexdigest(),
+                "lfs": lfs,
+            }
 
 
 class FakeHub:
@@ -79,8 +85,11 @@ class FakeHub:
                 self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json"})
 
             def _error(self, status: int, code: str):
-                self._send(status, json.dumps({"error": code}).encode(),
-                           {"Content-Type": "application/json", "X-Error-Code": code})
+                self._send(
+                    status,
+                    json.dumps({"error": code}).encode(),
+                    {"Content-Type": "application/json", "X-Error-Code": code},
+                )
 
             def _repo(self, repo_id: str, revision: str):
                 repo = hub.repos.get(repo_id)
@@ -111,19 +120,49 @@ class FakeHub:
                 if m:
                     repo = self._repo(m.group(1), m.group(2))
                     if repo:
-                        siblings = [{"rfilename": n, "size": f["size"], "blobId": f["oid"],
-                                     **({"lfs": {"sha256": f["sha256"], "size": f["size"], "pointerSize": 134}}
-                                        if f["lfs"] else {})} for n, f in repo.files.items()]
-                        self._json({"id": m.group(1), "modelId": m.group(1), "sha": repo.commit,
-                                    "private": repo.private, "siblings": siblings})
+                        siblings = [
+                            {
+                                "rfilename": n,
+                                "size": f["size"],
+                                "blobId": f["oid"],
+                                **(
+                                    {"lfs": {"sha256": f["sha256"], "size": f["size"], "pointerSize": 134}}
+                                    if f["lfs"]
+                                    else {}
+                                ),
+                            }
+                            for n, f in repo.files.items()
+                        ]
+                        self._json(
+                            {
+                                "id": m.group(1),
+                                "modelId": m.group(1),
+                                "sha": repo.commit,
+                                "private": repo.private,
+                                "siblings": siblings,
+                            }
+                        )
                     return
                 m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
                 if m:
                     repo = self._repo(m.group(1), m.group(2))
                     if repo:
-                        self._json([{"type": "file", "path": n, "size": f["size"], "oid": f["oid"],
-                                     **({"lfs": {"oid": f["sha256"], "size": f["size"], "pointerSize": 134}}
-                                        if f["lfs"] else {})} for n, f in repo.files.items()])
+                        self._json(
+                            [
+                                {
+                                    "type": "file",
+                                    "path": n,
+                                    "size": f["size"],
+                                    "oid": f["oid"],
+                                    **(
+                                        {"lfs": {"oid": f["sha256"], "size": f["size"], "pointerSize": 134}}
+                                        if f["lfs"]
+                                        else {}
+                                    ),
+                                }
+                                for n, f in repo.files.items()
+                            ]
+                        )
                     return
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if m:
@@ -143,8 +182,12 @@ class FakeHub:
                 if name in hub.corrupt:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
                 etag = info["sha256"] if info["lfs"] else info["oid"]
-                headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
-                           "Content-Type": "application/octet-stream"}
+                headers = {
+                    "X-Repo-Commit": repo.commit,
+                    "ETag": f'"{etag}"',
+                    "Accept-Ranges": "bytes",
+                    "Content-Type": "application/octet-stream",
+                }
                 if info["lfs"]:
                     headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(info["size"])})
                 start = 0

@@ -1,5 +1,6 @@
 """An independent PyTorch reference of ChatGLM3's forward pass, written from the architecture facts only
 (it shares no code with glm3): float64 math over HuggingFace-named weights."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ def _rope(x, positions, base):
     d = x.shape[-1]
     rot = d // 2
     theta = base ** (-torch.arange(0, rot, 2, dtype=torch.float64) / rot)
-    ang = positions[:, None].double() * theta[None, :]          # [s, rot/2]
+    ang = positions[:, None].double() * theta[None, :]  # [s, rot/2]
     cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
@@ -42,8 +43,8 @@ def forward(weights: dict[str, torch.Tensor], cfg: dict, ids: list[int]) -> torc
         h = _rms(x, w[p + "input_layernorm.weight"], eps)
         qkv = h @ w[p + "self_attention.query_key_value.weight"].T + w[p + "self_attention.query_key_value.bias"]
         q = qkv[:, : heads * d].reshape(s, heads, d)
-        k = qkv[:, heads * d: heads * d + groups * d].reshape(s, groups, d)
-        v = qkv[:, heads * d + groups * d:].reshape(s, groups, d)
+        k = qkv[:, heads * d : heads * d + groups * d].reshape(s, groups, d)
+        v = qkv[:, heads * d + groups * d :].reshape(s, groups, d)
         q, k = _rope(q, pos, base), _rope(k, pos, base)
         outs = []
         for head in range(heads):
@@ -64,4 +65,4 @@ def greedy(weights, cfg, ids: list[int], steps: int) -> list[int]:
     out = list(ids)
     for _ in range(steps):
         out.append(int(forward(weights, cfg, out)[-1].argmax()))
-    return out[len(ids):]
+    return out[len(ids) :]

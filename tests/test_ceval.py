@@ -1,5 +1,6 @@
 """C-Eval: the reader, the prompt, the scorer with stand-in logits sources, and a tiny real model against a
 brute-force recomputation of its answers."""
+
 import csv
 import json
 import os
@@ -50,7 +51,8 @@ def test_reader_and_prompt():
     assert build_prompt("civil_servant", q, shots) == (
         "以下是中国关于公务员考试的单项选择题，请选出其中的正确答案。\n\n"
         "我国的根本大法是\nA. 刑法\nB. 民法典\nC. 宪法\nD. 行政法\n答案：C\n\n"
-        "3、6、9、12，下一个数是\nA. 13\nB. 14\nC. 15\nD. 16")
+        "3、6、9、12，下一个数是\nA. 13\nB. 14\nC. 15\nD. 16"
+    )
 
 
 def test_reader_errors(tmp_path):
@@ -89,12 +91,14 @@ def _decode_source(tokenizer, choose, vocab=2048):
 
 
 def test_planted_answers_score_100_and_always_a_scores_the_share_of_a(tokenizer):
-    perfect = evaluate_ceval(_decode_source(tokenizer, lambda q: q.answer), tokenizer, CEVAL, "val", shots=5,
-                             batch_size=3, progress=False)
+    perfect = evaluate_ceval(
+        _decode_source(tokenizer, lambda q: q.answer), tokenizer, CEVAL, "val", shots=5, batch_size=3, progress=False
+    )
     assert perfect["average"] == 100.0 and perfect["questions"] == 16
     assert all(v == 100.0 for v in perfect["categories"].values())
-    always_a = evaluate_ceval(_decode_source(tokenizer, lambda q: "A"), tokenizer, CEVAL, "val", shots=0,
-                              batch_size=4, progress=False)
+    always_a = evaluate_ceval(
+        _decode_source(tokenizer, lambda q: "A"), tokenizer, CEVAL, "val", shots=0, batch_size=4, progress=False
+    )
     truth = answers()
     for subject, letters in truth.items():
         assert always_a["subjects"][subject]["accuracy"] == pytest.approx(100.0 * letters.count("A") / len(letters))
@@ -105,8 +109,16 @@ def test_planted_answers_score_100_and_always_a_scores_the_share_of_a(tokenizer)
 
 
 def test_tiny_model_accuracy_equals_a_brute_force_recomputation(tiny_model, tokenizer, tmp_path):
-    metrics = evaluate_ceval(eager_logits(tiny_model), tokenizer, CEVAL, "val", shots=1, batch_size=5,
-                             predictions_path=tmp_path / "pred.json", progress=False)
+    metrics = evaluate_ceval(
+        eager_logits(tiny_model),
+        tokenizer,
+        CEVAL,
+        "val",
+        shots=1,
+        batch_size=5,
+        predictions_path=tmp_path / "pred.json",
+        progress=False,
+    )
     letters = letter_token_ids(tokenizer)
     hits, total = {}, 0
     for subject in SAMPLE_SUBJECTS:  # one question at a time, no padding, full forward
@@ -124,9 +136,27 @@ def test_tiny_model_accuracy_equals_a_brute_force_recomputation(tiny_model, toke
 
 
 def test_cli_eval_ceval_test_split_writes_submission(tiny_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "glm3.cli", "eval", "ceval", "--model", tiny_dir, "--data", CEVAL,
-                             "--split", "test", "--predictions", str(tmp_path / "sub.json"), "--quiet"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glm3.cli",
+            "eval",
+            "ceval",
+            "--model",
+            tiny_dir,
+            "--data",
+            CEVAL,
+            "--split",
+            "test",
+            "--predictions",
+            str(tmp_path / "sub.json"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     submission = json.loads((tmp_path / "sub.json").read_text(encoding="utf-8"))
     assert {s: sorted(v) for s, v in submission.items()} == {s: ["0", "1", "2"] for s in SAMPLE_SUBJECTS}
@@ -137,8 +167,7 @@ def test_exported_model_scores_like_the_eager_model(tiny_dir, tiny_model, tokeni
     from glm3.export import export_model
     from glm3.infer import MindIRRunner
 
-    exported = MindIRRunner(export_model(tiny_dir, tmp_path / "exp", batch_size=4, prompt_length=224,
-                                         seq_length=256))
+    exported = MindIRRunner(export_model(tiny_dir, tmp_path / "exp", batch_size=4, prompt_length=224, seq_length=256))
     eager = evaluate_ceval(eager_logits(tiny_model), tokenizer, CEVAL, "val", shots=1, batch_size=4, progress=False)
     mindir = evaluate_ceval(exported.last_logits, tokenizer, CEVAL, "val", shots=1, batch_size=3, progress=False)
     assert mindir["subjects"] == eager["subjects"] and mindir["average"] == eager["average"]

@@ -1,4 +1,5 @@
 """Chat protocol, reply parsing, and tool calls parsed without executing anything."""
+
 import json
 import os
 import shutil
@@ -16,22 +17,30 @@ SYSTEM = {"role": "system", "content": "You can use tools.", "tools": TOOLS}
 
 def test_plain_call_with_literals():
     body = '```python\ntool_call(city="杭州", days=3, opts={"unit": "C", "hourly": [1, 2]}, ok=True, x=None)\n```'
-    assert parse_tool_call(body) == {"city": "杭州", "days": 3, "opts": {"unit": "C", "hourly": [1, 2]},
-                                     "ok": True, "x": None}
+    assert parse_tool_call(body) == {
+        "city": "杭州",
+        "days": 3,
+        "opts": {"unit": "C", "hourly": [1, 2]},
+        "ok": True,
+        "x": None,
+    }
 
 
-@pytest.mark.parametrize("body", [
-    'tool_call(__import__("os").system("touch pwned"))',
-    'tool_call(x=__import__("os").system("touch pwned"))',
-    'tool_call(x=open("pwned", "w"))',
-    '__import__("os").system("touch pwned")',
-    'tool_call(**{"x": 1})',
-    'tool_call(x=(lambda: 1)())',
-    'tool_call(x=[i for i in range(10**9)])',
-    'other_call(x=1)',
-    'tool_call(x=1); import os',
-    'tool_call(x=1',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        'tool_call(__import__("os").system("touch pwned"))',
+        'tool_call(x=__import__("os").system("touch pwned"))',
+        'tool_call(x=open("pwned", "w"))',
+        '__import__("os").system("touch pwned")',
+        'tool_call(**{"x": 1})',
+        "tool_call(x=(lambda: 1)())",
+        "tool_call(x=[i for i in range(10**9)])",
+        "other_call(x=1)",
+        "tool_call(x=1); import os",
+        "tool_call(x=1",
+    ],
+)
 def test_hostile_or_malformed_calls_are_rejected_and_nothing_runs(body, tmp_path):
     with pytest.raises(ToolCallError):
         parse_tool_call(f"```python\n{body}\n```")
@@ -43,12 +52,26 @@ HUGE_SUM = "tool_call(a=" + "+".join(["1"] * 40000) + ")"  # MemoryError in Pyth
 MINUSES = "tool_call(a=" + "-" * 5000 + "1)"
 
 
-@pytest.mark.parametrize("body", [LONG_SUM, HUGE_SUM, MINUSES, "tool_call(a={1, 2})", "tool_call(a=b'x')",
-                                  "tool_call(a=1j)", "tool_call(a=1, a=2)", 'tool_call(a={"k": 1, "k": 2})',
-                                  "tool_call(a=" + "[" * 200 + "]" * 200 + ")", "tool_call(a=1e999)",
-                                  "tool_call(a={1: 2})", "tool_call(a=0x" + "f" * 3000 + ")",
-                                  "tool_call(a=" + "1" * 5000 + ")", "tool_call(a=" + "x" * 200_000 + ")"],
-                         ids=lambda b: b[:24])
+@pytest.mark.parametrize(
+    "body",
+    [
+        LONG_SUM,
+        HUGE_SUM,
+        MINUSES,
+        "tool_call(a={1, 2})",
+        "tool_call(a=b'x')",
+        "tool_call(a=1j)",
+        "tool_call(a=1, a=2)",
+        'tool_call(a={"k": 1, "k": 2})',
+        "tool_call(a=" + "[" * 200 + "]" * 200 + ")",
+        "tool_call(a=1e999)",
+        "tool_call(a={1: 2})",
+        "tool_call(a=0x" + "f" * 3000 + ")",
+        "tool_call(a=" + "1" * 5000 + ")",
+        "tool_call(a=" + "x" * 200_000 + ")",
+    ],
+    ids=lambda b: b[:24],
+)
 def test_a_hostile_reply_is_marked_text_that_prints_as_json(body):
     """What the model writes never raises: a call that is not plain JSON-compatible literals comes back as
     marked text, and whatever comes back prints as JSON (what `glm3 chat` does with a tool call)."""
@@ -61,8 +84,10 @@ def test_a_hostile_reply_is_marked_text_that_prints_as_json(body):
 def test_accepted_calls_hold_only_json_values():
     call = 'get_weather\n```python\ntool_call(days=(1, -2), t=-0.5, deep=[[{"k": [None, True]}]])\n```'
     content, _ = process_response(call, [SYSTEM])
-    assert content == {"name": "get_weather", "parameters": {"days": [1, -2], "t": -0.5,
-                                                             "deep": [[{"k": [None, True]}]]}}
+    assert content == {
+        "name": "get_weather",
+        "parameters": {"days": [1, -2], "t": -0.5, "deep": [[{"k": [None, True]}]]},
+    }
     assert json.loads(json.dumps(content)) == content  # tuples became lists; nothing JSON cannot hold
 
 
@@ -92,16 +117,25 @@ def test_chat_turn_with_tiny_model(tiny_model, tokenizer):
     assert history[2]["role"] == "assistant" and len(history) >= 3
     # the reply is what greedy/sampled generation produced, decoded and parsed
     ids = tokenizer.build_chat_input("你好", [SYSTEM])["input_ids"]
-    out = glm3.generate(tiny_model, ids, max_new_tokens=12, do_sample=True, top_p=0.8, temperature=0.8, seed=3,
-                              eos_token_id=list(tokenizer.stop_token_ids))
-    new = out[0, len(ids[0]):].tolist()
+    out = glm3.generate(
+        tiny_model,
+        ids,
+        max_new_tokens=12,
+        do_sample=True,
+        top_p=0.8,
+        temperature=0.8,
+        seed=3,
+        eos_token_id=list(tokenizer.stop_token_ids),
+    )
+    new = out[0, len(ids[0]) :].tolist()
     if new[-1] in tokenizer.stop_token_ids:
         new = new[:-1]
     expected, _ = process_response(tokenizer.decode(new), history[:2])
     assert response == expected
     # an observation turn continues the same history
-    _, history2 = glm3.chat(tiny_model, tokenizer, '{"weather": "晴"}', history, role="observation",
-                            max_new_tokens=4, do_sample=False)
+    _, history2 = glm3.chat(
+        tiny_model, tokenizer, '{"weather": "晴"}', history, role="observation", max_new_tokens=4, do_sample=False
+    )
     assert history2[len(history)] == {"role": "observation", "content": '{"weather": "晴"}'}
 
 
@@ -113,9 +147,13 @@ def scripted_model(tiny_dir, tokenizer, tmp_path_factory):
     byte-fallback pieces (a character that arrives in parts), then eos."""
     from safetensors.numpy import load_file, save_file
 
-    script = [tokenizer.get_command("<|assistant|>"), tokenizer.sp.piece_to_id("<0x0A>"),
-              tokenizer.sp.piece_to_id("好"), *[tokenizer.sp.piece_to_id(f"<0x{b:02X}>") for b in "龘".encode()],
-              tokenizer.eos_id]
+    script = [
+        tokenizer.get_command("<|assistant|>"),
+        tokenizer.sp.piece_to_id("<0x0A>"),
+        tokenizer.sp.piece_to_id("好"),
+        *[tokenizer.sp.piece_to_id(f"<0x{b:02X}>") for b in "龘".encode()],
+        tokenizer.eos_id,
+    ]
     assert len(set(script)) == len(script) and 0 not in script  # every step has one successor
     weights = {}
     for name in sorted(os.listdir(tiny_dir)):

@@ -1,4 +1,5 @@
 """The glm3 command line, run as real subprocesses."""
+
 import json
 import os
 import subprocess
@@ -21,8 +22,22 @@ def run(*args, stdin=None, check=True):
 
 def test_help_lists_commands():
     out = run("--help").stdout
-    for command in ("chat", "generate", "score", "download", "convert", "train-tokenizer", "finetune", "rank-table",
-                    "merge", "split", "strategy", "export", "infer", "eval"):
+    for command in (
+        "chat",
+        "generate",
+        "score",
+        "download",
+        "convert",
+        "train-tokenizer",
+        "finetune",
+        "rank-table",
+        "merge",
+        "split",
+        "strategy",
+        "export",
+        "infer",
+        "eval",
+    ):
         assert command in out
     assert "--synthetic" in run("download", "--help").stdout and "--to" in run("convert", "--help").stdout
 
@@ -31,9 +46,14 @@ def test_download_synthetic_convert_then_score_generate_chat(tmp_path):
     """The offline path of a fresh clone: download --synthetic, convert, then use the MindSpore directory."""
     hf = tmp_path / "hf"
     run("download", "--synthetic", "tiny", "--dst", str(hf), "--format", "bin", "--seed", "5")
-    assert sorted(os.listdir(hf)) == ["config.json", "pytorch_model-00001-of-00002.bin",
-                                      "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-                                      "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(hf)) == [
+        "config.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     again = run("download", "--synthetic", "tiny", "--dst", str(hf), check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
     model = tmp_path / "ms"
@@ -49,19 +69,40 @@ def test_download_synthetic_convert_then_score_generate_chat(tmp_path):
     expected = forward(hf_weights(hf), hf_config(hf), ids).numpy()
     np.testing.assert_allclose(scored["logits"][0], expected, atol=1e-4)
 
-    out = run("generate", "--model", str(model), "--prompt", "你好", "--prompt", "Hello world", "--max-new-tokens",
-              "5", "--json").stdout.strip().splitlines()
+    out = (
+        run(
+            "generate",
+            "--model",
+            str(model),
+            "--prompt",
+            "你好",
+            "--prompt",
+            "Hello world",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     rows = [json.loads(line) for line in out]
     assert [r["prompt"] for r in rows] == ["你好", "Hello world"] and all(len(r["ids"]) <= 5 for r in rows)
 
-    chat = run("chat", "--model", str(model), "--seed", "1", "--max-new-tokens", "6",
-               stdin="你好\nclear\n再见\nexit\nnot read\n").stdout
+    chat = run(
+        "chat",
+        "--model",
+        str(model),
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "6",
+        stdin="你好\nclear\n再见\nexit\nnot read\n",
+    ).stdout
     assert chat.count("ChatGLM: ") == 2 and "(history cleared)" in chat and "not read" not in chat
 
 
 def test_bad_model_dir_is_a_clear_error(tmp_path):
-    result = run("score", "--model", str(tmp_path), "--ids", str(tmp_path / "x.json"), "--out", "o.npz",
-                 check=False)
+    result = run("score", "--model", str(tmp_path), "--ids", str(tmp_path / "x.json"), "--out", "o.npz", check=False)
     assert result.returncode != 0
     result = run("generate", "--model", str(tmp_path), "--prompt", "x", check=False)
     assert result.returncode == 2 and "no config.json" in result.stderr

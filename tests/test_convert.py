@@ -1,4 +1,5 @@
 """glm3 convert: HF/MindFormers -> MindSpore -> HF, parity with the reference, and every kind of bad input."""
+
 import json
 import os
 import shutil
@@ -102,14 +103,15 @@ def test_mindformers_single_ckpt_with_optimizer_state(tiny_dir, tmp_path):
     out = convert(str(src), tmp_path / "ms", config="tiny", tokenizer=tiny_dir, dtype="float32")
     assert out.skipped_training_state == len(weights) + 1 and out.tokenizer
     bf16_reference = {k: torch.from_numpy(v).bfloat16().float() for k, v in weights.items()}
-    bf16_reference[glm3.ms_to_hf_name("transformer.embedding.embedding_table")] = \
-        bf16_reference.pop("transformer.embedding.embedding_table")
+    bf16_reference[glm3.ms_to_hf_name("transformer.embedding.embedding_table")] = bf16_reference.pop(
+        "transformer.embedding.embedding_table"
+    )
     expected = forward(bf16_reference, hf_config(tiny_dir), IDS).numpy()
     np.testing.assert_allclose(logits(out.dst), expected, atol=1e-4)
 
 
 def test_parse_size():
-    assert parse_size("2GB") == 2 * 10 ** 9 and parse_size("500MiB") == 500 * 2 ** 20 and parse_size("0") == 0
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("0") == 0
     with pytest.raises(ValueError, match="invalid size"):
         parse_size("lots")
 
@@ -242,8 +244,19 @@ def test_destination_problems_fail_before_any_work(tiny_dir, tmp_path):
 def test_kill_9_leaves_nothing_and_rerun_succeeds(tmp_path):
     """A converter killed mid-way leaves no destination; the next run cleans its temporary and succeeds."""
     src = glm3.write_synthetic_checkpoint(tmp_path / "hf", "bench", seed=0, dtype="float16", num_shards=4)
-    cmd = [sys.executable, "-m", "glm3.cli", "convert", "--src", src, "--dst", str(tmp_path / "ms"),
-           "--shard-size", "20MB", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "glm3.cli",
+        "convert",
+        "--src",
+        src,
+        "--dst",
+        str(tmp_path / "ms"),
+        "--shard-size",
+        "20MB",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     killed = False

@@ -1,4 +1,5 @@
 """ADGEN loading and the two exact preprocessing formats, on the shipped sample and on the real ADGEN dev set."""
+
 import json
 import os
 
@@ -17,8 +18,11 @@ def test_loader_formats_and_errors(tmp_path):
     assert load_adgen(array)[0] == records[:3]
 
     bad = tmp_path / "bad.json"
-    bad.write_text('{"content": "a", "summary": "b"}\n{"content": "a", \n\n{"content": 1, "summary": "x"}\n'
-                   '{"content": "", "summary": "y"}\n', encoding="utf-8")
+    bad.write_text(
+        '{"content": "a", "summary": "b"}\n{"content": "a", \n\n{"content": 1, "summary": "x"}\n'
+        '{"content": "", "summary": "y"}\n',
+        encoding="utf-8",
+    )
     with pytest.raises(AdgenError, match=r"bad.json:2: invalid JSON"):
         load_adgen(bad)
     kept, report = load_adgen(bad, skip_bad_lines=True)
@@ -38,11 +42,10 @@ def test_mindformers_v3_layout(tokenizer):
     assert ex.input_ids[:n].tolist() == [gmask, sop] + c + s + [eos]
     assert (ex.input_ids[n:] == 0).all()
     # labels[i] is the token after input_ids[i]: -100 over the prompt but its last token, then answer + eos.
-    assert ex.labels[:2 + len(c) - 1].tolist() == [-100] * (2 + len(c) - 1)
-    assert ex.labels[2 + len(c) - 1:n - 1].tolist() == s + [eos]
-    assert (ex.labels[n - 1:] == -100).all()
-    (raw,), _ = preprocess_train([{"content": content, "summary": summary}], tokenizer,
-                                 ignore_pad_token_for_loss=False)
+    assert ex.labels[: 2 + len(c) - 1].tolist() == [-100] * (2 + len(c) - 1)
+    assert ex.labels[2 + len(c) - 1 : n - 1].tolist() == s + [eos]
+    assert (ex.labels[n - 1 :] == -100).all()
+    (raw,), _ = preprocess_train([{"content": content, "summary": summary}], tokenizer, ignore_pad_token_for_loss=False)
     assert raw.labels[0] == 0 and raw.labels[-1] == 0
 
 
@@ -50,13 +53,16 @@ def test_truncation_seq_length_and_blank_records(tokenizer):
     long = {"content": "连衣裙" * 200, "summary": "很好看" * 300}
     (ex,), _ = preprocess_train([long], tokenizer, max_source_length=16, max_target_length=8, seq_length=25)
     assert ex.input_ids.shape == (25,) and ex.input_ids[24] == tokenizer.eos_id  # 16 prompt + 8 answer + eos
-    assert ex.input_ids[:16].tolist() == [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")] + \
-        tokenizer.encode(long["content"])[:14]
+    assert (
+        ex.input_ids[:16].tolist()
+        == [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")] + tokenizer.encode(long["content"])[:14]
+    )
     for wrong in (100, 256):  # shorter, or longer (what was once silently ignored): the arithmetic, refused
         with pytest.raises(PreprocessError, match=f"seq_length {wrong} must equal .* = 64 \\+ 128 \\+ 1 = 193"):
             preprocess_train([long], tokenizer, seq_length=wrong)
-    examples, skipped = preprocess_train([long, {"content": " ", "summary": "x"}, {"content": "x", "summary": ""}],
-                                         tokenizer)
+    examples, skipped = preprocess_train(
+        [long, {"content": " ", "summary": "x"}, {"content": "x", "summary": ""}], tokenizer
+    )
     assert len(examples) == 1 and skipped == 2
 
 
@@ -66,14 +72,14 @@ def test_chat_template_trains_only_the_reply(tokenizer):
     ids = ex.input_ids.tolist()
     assistant = ids.index(tokenizer.get_command("<|assistant|>"))
     # The prompt is exactly what chat inference feeds the model for this query.
-    assert ids[:assistant + 1] == list(tokenizer.build_chat_input(record["content"])["input_ids"][0])
+    assert ids[: assistant + 1] == list(tokenizer.build_chat_input(record["content"])["input_ids"][0])
     reply = tokenizer.encode("\n") + tokenizer.encode(record["summary"]) + [tokenizer.eos_id]
-    assert ids[assistant + 1:assistant + 1 + len(reply)] == reply
+    assert ids[assistant + 1 : assistant + 1 + len(reply)] == reply
     supervised = [i for i, t in enumerate(ex.labels) if t != -100]
     assert supervised == list(range(assistant, assistant + len(reply)))
     assert [ex.labels[i] for i in supervised] == reply
     (prompt,), _ = preprocess_eval([record], tokenizer, style="chat")
-    assert prompt.prompt_ids == ids[:assistant + 1] and prompt.reference == record["summary"]
+    assert prompt.prompt_ids == ids[: assistant + 1] and prompt.reference == record["summary"]
 
 
 def test_real_adgen_dev_set(tokenizer):
@@ -138,8 +144,9 @@ def _order(data, **kwargs):
 
     rows = {r.tobytes(): i for i, r in enumerate(read_examples(data.path)["input_ids"])}
     dataset = train_dataset(data, 2, **kwargs)
-    return [[rows[r.tobytes()] for r in ids] for ids, _ in dataset.create_tuple_iterator(output_numpy=True,
-                                                                                         num_epochs=1)]
+    return [
+        [rows[r.tobytes()] for r in ids] for ids, _ in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
+    ]
 
 
 def test_dataset_shards_shuffles_by_seed_and_epoch_and_resumes(tokenizer, tmp_path):

@@ -1,4 +1,5 @@
 """Hub downloads through the real huggingface_hub client against a local Hub-protocol server (tests/hub_server.py)."""
+
 import json
 import os
 import socket
@@ -31,8 +32,15 @@ def test_download_verifies_records_and_loads(hub, tiny_dir, tmp_path):
     summary = download_from_hub(tmp_path / "m", cache_dir=str(tmp_path / "cache"), progress=False)
     assert summary.commit == COMMIT and "not pinned" in summary.describe()
     files = sorted(os.listdir(tmp_path / "m"))
-    assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                     "model.safetensors.index.json", "source.json", "tokenizer.model", "tokenizer_config.json"]
+    assert files == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "source.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     record = json.load(open(tmp_path / "m" / "source.json"))
     assert record["commit"] == COMMIT and record["revision"] == "main"
     for name, sha in record["files"].items():
@@ -58,8 +66,9 @@ def test_interrupted_transfer_resumes_with_a_range_request(hub, tmp_path, monkey
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
     hub.cut_once.add("model-00002-of-00002.safetensors")
     download_from_hub(tmp_path / "m", revision=COMMIT, cache_dir=str(tmp_path / "cache"), progress=False)
-    ranged = [h for m, p, h in hub.requests
-              if m == "GET" and p.endswith("model-00002-of-00002.safetensors") and "Range" in h]
+    ranged = [
+        h for m, p, h in hub.requests if m == "GET" and p.endswith("model-00002-of-00002.safetensors") and "Range" in h
+    ]
     assert ranged and ranged[0]["Range"] != "bytes=0-"
     assert json.load(open(tmp_path / "m" / "source.json"))["revision"] == COMMIT
 
@@ -71,8 +80,10 @@ def test_checksum_mismatch_is_refused_and_nothing_is_published(hub, tmp_path):
     assert not [e for e in os.listdir(tmp_path) if e == "m" or e.startswith(".m.")]
     hub.corrupt.clear()  # the fault is gone: the same command now succeeds (the bad copy was not kept)
     summary = download_from_hub(tmp_path / "m", cache_dir=str(tmp_path / "cache"), progress=False)
-    assert summary.files["model-00001-of-00002.safetensors"] == \
-        hub.repos[REPO].files["model-00001-of-00002.safetensors"]["sha256"]
+    assert (
+        summary.files["model-00001-of-00002.safetensors"]
+        == hub.repos[REPO].files["model-00001-of-00002.safetensors"]["sha256"]
+    )
 
 
 def test_private_repo_needs_hf_token(hub, tiny_dir, tmp_path, monkeypatch):
@@ -81,8 +92,9 @@ def test_private_repo_needs_hf_token(hub, tiny_dir, tmp_path, monkeypatch):
         download_from_hub(tmp_path / "m", repo_id="org/private-glm3", cache_dir=str(tmp_path / "c"), progress=False)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     download_from_hub(tmp_path / "m", repo_id="org/private-glm3", cache_dir=str(tmp_path / "c"), progress=False)
-    assert any({k.lower(): v for k, v in h.items()}.get("authorization") == "Bearer hf_test_token"
-               for _, _, h in hub.requests)
+    assert any(
+        {k.lower(): v for k, v in h.items()}.get("authorization") == "Bearer hf_test_token" for _, _, h in hub.requests
+    )
 
 
 def test_unknown_revision_and_offline_cache(hub, tmp_path, monkeypatch):
@@ -92,11 +104,12 @@ def test_unknown_revision_and_offline_cache(hub, tmp_path, monkeypatch):
     # Offline afterwards: the same commit comes from the cache, checked against the cache's blob names.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = len(hub.requests)
-    summary = download_from_hub(tmp_path / "again", revision=COMMIT, cache_dir=str(tmp_path / "cache"),
-                                progress=False)
+    summary = download_from_hub(tmp_path / "again", revision=COMMIT, cache_dir=str(tmp_path / "cache"), progress=False)
     assert len(hub.requests) == before and summary.commit == COMMIT
-    assert summary.files["model-00001-of-00002.safetensors"] == \
-        hub.repos[REPO].files["model-00001-of-00002.safetensors"]["sha256"]
+    assert (
+        summary.files["model-00001-of-00002.safetensors"]
+        == hub.repos[REPO].files["model-00001-of-00002.safetensors"]["sha256"]
+    )
     with pytest.raises(DownloadError, match="not .*in the HuggingFace cache"):
         download_from_hub(tmp_path / "x", repo_id="other/repo", cache_dir=str(tmp_path / "cache"), progress=False)
 
@@ -108,17 +121,32 @@ def test_no_network_fails_fast_naming_the_offline_alternative(tmp_path):
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
     env.pop("HF_HUB_OFFLINE", None)
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "glm3.cli", "download", "--dst", str(tmp_path / "m")],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "glm3.cli", "download", "--dst", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "cannot reach" in result.stderr and "glm3 download --synthetic tiny" in result.stderr
     assert time.time() - start < 30 and not os.path.exists(tmp_path / "m")
 
 
 def test_select_files_prefers_one_weight_format():
-    names = ["config.json", "tokenizer.model", "tokenizer_config.json", "README.md", "modeling_chatglm.py",
-             "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-             "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    names = [
+        "config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "README.md",
+        "modeling_chatglm.py",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
     assert select_files(names) == sorted(names[:3] + names[8:])
     assert select_files(names, prefer="bin") == sorted(names[:3] + names[5:8])
     assert select_files(names[:8]) == sorted(names[:3] + names[5:8])  # falls back to what exists

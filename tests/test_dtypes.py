@@ -1,5 +1,6 @@
 """A half-precision checkpoint stays half precision through every stage of the pipeline (the real stage
 functions, on the tiny shape): every tensor each stage writes is read back with MindSpore and its dtype checked."""
+
 import glob
 import json
 import os
@@ -46,9 +47,18 @@ def test_every_stage_keeps_the_checkpoints_half_precision(dtype, tmp_path):
 
     shutil.copy(os.path.join(REPO, "params.yaml"), tmp_path / "params.yaml")
     shutil.copytree(os.path.join(REPO, "data"), tmp_path / "data")
-    params = load_params(tmp_path / "params.yaml", {
-        "convert.dtype": dtype, "finetune.lora.enabled": True, "finetune.steps": 3, "finetune.save_every": 0,
-        "adgen_eval.limit": 2, "adgen_eval.max_new_tokens": 4, "evaluate.subjects": ["civil_servant"]})
+    params = load_params(
+        tmp_path / "params.yaml",
+        {
+            "convert.dtype": dtype,
+            "finetune.lora.enabled": True,
+            "finetune.steps": 3,
+            "finetune.save_every": 0,
+            "adgen_eval.limit": 2,
+            "adgen_eval.max_new_tokens": 4,
+            "evaluate.subjects": ["civil_servant"],
+        },
+    )
     layout = Layout.dvc(tmp_path)
     want = MS_DTYPES[dtype]
     for stage in ("download", "convert", "rank_table", "finetune", "merge", "export", "evaluate", "adgen_eval"):
@@ -77,8 +87,19 @@ def test_full_fine_tuning_of_a_float16_checkpoint_writes_float16(tiny_dir, tmp_p
     from glm3.merge import merge_run
 
     base = convert_checkpoint(tiny_dir, tmp_path / "f16", dtype="float16", progress=False).dst
-    result = finetune(FinetuneConfig(model=base, data=SAMPLE, output=str(tmp_path / "run"), max_source_length=32,
-                                     max_target_length=32, seq_length=65, batch_size=2, steps=2, progress=False))
+    result = finetune(
+        FinetuneConfig(
+            model=base,
+            data=SAMPLE,
+            output=str(tmp_path / "run"),
+            max_source_length=32,
+            max_target_length=32,
+            seq_length=65,
+            batch_size=2,
+            steps=2,
+            progress=False,
+        )
+    )
     assert set(stored_dtypes(result.weights).values()) == {ms.float16}  # trained in float32, written as the base
     state = ms.load_checkpoint(os.path.join(result.checkpoint, "state.ckpt"))
     assert state["transformer.output_layer.weight"].dtype == ms.float32  # the master weights, to resume exactly

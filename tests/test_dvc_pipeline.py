@@ -1,5 +1,6 @@
 """The DVC pipeline for real: `dvc repro` in a fresh clone, offline, then no-op, params changes, an
 interrupted stage, experiments, metrics, plots, push and pull."""
+
 import glob
 import json
 import os
@@ -24,8 +25,9 @@ ENV = subprocess_env(DVC_NO_ANALYTICS="1", **GIT_IDENTITY)
 def dvc(*args, cwd, timeout=900, check=True):
     proc = subprocess.run(["dvc", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"dvc {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -63,10 +65,18 @@ def test_committed_lock_describes_the_committed_code_and_params(project):
     before = project[3]
     assert set(before) == set(ORDER)
     outputs = set(DVC_OUTPUTS.values())
-    stale = {stage: change for stage, changes in before.items() for change in changes
-             if not isinstance(change, dict) or set(change) - {"changed outs", "changed deps"}
-             or any(state not in ("deleted", "not in cache") or path not in outputs
-                    for kind in change.values() for path, state in kind.items())}
+    stale = {
+        stage: change
+        for stage, changes in before.items()
+        for change in changes
+        if not isinstance(change, dict)
+        or set(change) - {"changed outs", "changed deps"}
+        or any(
+            state not in ("deleted", "not in cache") or path not in outputs
+            for kind in change.values()
+            for path, state in kind.items()
+        )
+    }
     assert not stale, f"dvc.lock is stale (run `make run` and commit dvc.lock and metrics/): {stale}"
 
 
@@ -118,8 +128,9 @@ def test_a_repro_from_scratch_writes_the_same_lock_metrics_and_plots(project):
     with open(timing_path, encoding="utf-8") as f:
         assert json.load(f)["timed_steps"] == 29
     # What does not depend on floating-point training is the same on every machine, so equal to the commit's.
-    committed = _outs(subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True,
-                                     check=True).stdout)
+    committed = _outs(
+        subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True, check=True).stdout
+    )
     with open(os.path.join(root, "dvc.lock"), encoding="utf-8") as f:
         now = _outs(f.read())
     for stage in ("download", "convert", "rank_table"):
@@ -134,15 +145,19 @@ def test_metrics_and_plots_show_the_run(project):
     assert set(data["metrics/ceval.json"]["data"]["categories"]) == {"STEM", "Social Science", "Humanities", "Other"}
     assert "bleu-4" in data["metrics/adgen.json"]["data"]
     plots = json.loads(dvc("plots", "show", "--json", cwd=root).stdout)["data"]
-    assert {path: [p["type"] for p in plot] for path, plot in plots.items()} == \
-        {"metrics/loss.png": ["image"], "metrics/ceval_categories.png": ["image"]}
+    assert {path: [p["type"] for p in plot] for path, plot in plots.items()} == {
+        "metrics/loss.png": ["image"],
+        "metrics/ceval_categories.png": ["image"],
+    }
     dvc("plots", "show", cwd=root)
     with open(os.path.join(root, "dvc_plots", "index.html"), encoding="utf-8") as f:
         page = f.read()
     # Viewable offline: the page loads nothing from the internet and shows both images.
     assert "<script" not in page and not re.search(r"(src|href)=\"?https?:", page)
-    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == ["static/workspace_metrics_ceval_categories.png",
-                                                                "static/workspace_metrics_loss.png"]
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == [
+        "static/workspace_metrics_ceval_categories.png",
+        "static/workspace_metrics_loss.png",
+    ]
     from PIL import Image
 
     for name in ("loss.png", "ceval_categories.png"):
@@ -193,8 +208,14 @@ def test_lr_change_reruns_finetune_onward_and_an_interrupted_finetune_leaves_not
 
     # Kill `dvc repro` while finetune trains, once it has saved a checkpoint (every 10 steps).
     work = os.path.join(root, "models", ".work")
-    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         runs = [d for d in os.listdir(work) if d.startswith("finetune-")] if os.path.isdir(work) else []

@@ -1,5 +1,6 @@
 """MindIR export (prefill + decode graphs, KV cache as graph inputs/outputs) and the MindIR runner, against the
 eager model, token for token."""
+
 import os
 import subprocess
 import sys
@@ -18,10 +19,20 @@ PROMPTS = ["这款连衣裙", "Hello there, how are you", "黑色长裙优雅大
 @pytest.fixture(scope="module")
 def exports(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
-    return {"static": export_model(tiny_dir, root / "static", batch_size=2, prompt_length=32, seq_length=96),
-            "dynamic": export_model(tiny_dir, root / "dynamic", batch_size=None, prompt_length=32, seq_length=96),
-            "paged": export_model(tiny_dir, root / "paged", batch_size=None, prompt_length=32, seq_length=96,
-                                  paged=True, block_size=16, num_blocks=24)}
+    return {
+        "static": export_model(tiny_dir, root / "static", batch_size=2, prompt_length=32, seq_length=96),
+        "dynamic": export_model(tiny_dir, root / "dynamic", batch_size=None, prompt_length=32, seq_length=96),
+        "paged": export_model(
+            tiny_dir,
+            root / "paged",
+            batch_size=None,
+            prompt_length=32,
+            seq_length=96,
+            paged=True,
+            block_size=16,
+            num_blocks=24,
+        ),
+    }
 
 
 def prompt_rows(tokenizer):
@@ -32,9 +43,9 @@ def eager_tokens(model, tokenizer, rows, **kwargs):
     """New tokens per prompt from the eager model, each prompt alone, cut after the first stop token."""
     out = []
     for row in rows:
-        new = glm3.generate(model, [row], max_new_tokens=12, **kwargs)[0, len(row):].tolist()
+        new = glm3.generate(model, [row], max_new_tokens=12, **kwargs)[0, len(row) :].tolist()
         stop = next((i for i, t in enumerate(new) if t in {tokenizer.eos_id, *model.stop_token_ids}), None)
-        out.append(new if stop is None else new[:stop + 1])
+        out.append(new if stop is None else new[: stop + 1])
     return out
 
 
@@ -45,8 +56,7 @@ def test_runner_matches_the_eager_model_token_for_token(exports, kind, tiny_mode
     rows = prompt_rows(tokenizer)
     assert runner.generate(rows, max_new_tokens=12) == eager_tokens(tiny_model, tokenizer, rows)
     sampled = runner.generate(rows[:1], max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.8, seed=3)
-    assert sampled == eager_tokens(tiny_model, tokenizer, rows[:1], do_sample=True, temperature=0.8, top_p=0.8,
-                                   seed=3)
+    assert sampled == eager_tokens(tiny_model, tokenizer, rows[:1], do_sample=True, temperature=0.8, top_p=0.8, seed=3)
 
 
 def test_exported_graphs_compute_the_eager_logits(exports, tiny_model):
@@ -86,25 +96,70 @@ def test_bad_inputs(exports, tiny_dir, tmp_path, tokenizer):
 
 def test_cli_export_and_interactive_infer(tiny_dir, tmp_path):
     glm3_cli = [sys.executable, "-m", "glm3.cli"]
-    done = subprocess.run([*glm3_cli, "export", "--model", tiny_dir, "--dst", str(tmp_path / "exp"),
-                           "--dynamic-batch", "--prompt-length", "32", "--seq-length", "64"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            *glm3_cli,
+            "export",
+            "--model",
+            tiny_dir,
+            "--dst",
+            str(tmp_path / "exp"),
+            "--dynamic-batch",
+            "--prompt-length",
+            "32",
+            "--seq-length",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    session = subprocess.run([*glm3_cli, "infer", "--model", str(tmp_path / "exp"), "--max-new-tokens", "4"],
-                             input="你好\n\nexit\nnot read\n", capture_output=True, text=True, timeout=600)
+    session = subprocess.run(
+        [*glm3_cli, "infer", "--model", str(tmp_path / "exp"), "--max-new-tokens", "4"],
+        input="你好\n\nexit\nnot read\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert session.returncode == 0, session.stderr[-2000:]
     lines = session.stdout.splitlines()
     assert lines[0] == PROMPT_MARKER and lines.count(PROMPT_MARKER) == 3 and "not read" not in session.stdout
-    batch = subprocess.run([*glm3_cli, "infer", "--model", str(tmp_path / "exp"), "--prompt", "a", "--prompt", "b",
-                            "--json", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=600)
+    batch = subprocess.run(
+        [
+            *glm3_cli,
+            "infer",
+            "--model",
+            str(tmp_path / "exp"),
+            "--prompt",
+            "a",
+            "--prompt",
+            "b",
+            "--json",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert batch.returncode == 0 and len(batch.stdout.splitlines()) == 2
 
 
 def test_fused_paged_attention_export_emits_the_lite_operator(tiny_dir, tmp_path):
-    plain = export_model(tiny_dir, tmp_path / "plain", batch_size=1, prompt_length=16, seq_length=64, paged=True,
-                         num_blocks=8)
-    fused = export_model(tiny_dir, tmp_path / "fused", batch_size=1, prompt_length=16, seq_length=64, paged=True,
-                         num_blocks=8, fused_paged_attention=True)
+    plain = export_model(
+        tiny_dir, tmp_path / "plain", batch_size=1, prompt_length=16, seq_length=64, paged=True, num_blocks=8
+    )
+    fused = export_model(
+        tiny_dir,
+        tmp_path / "fused",
+        batch_size=1,
+        prompt_length=16,
+        seq_length=64,
+        paged=True,
+        num_blocks=8,
+        fused_paged_attention=True,
+    )
     assert b"PagedAttention" in (tmp_path / "fused" / "decode.mindir").read_bytes()
     assert b"PagedAttention" not in (tmp_path / "plain" / "decode.mindir").read_bytes()
     assert ExportConfig.load(fused).fused_paged_attention and not ExportConfig.load(plain).fused_paged_attention
@@ -126,23 +181,23 @@ def test_weights_are_stored_once_beside_weightless_graphs(tiny_dir, tmp_path, to
     for graph in ("prefill.mindir", "decode.mindir"):  # the graphs hold no weight data
         assert os.path.getsize(tmp_path / "exp" / graph) < os.path.getsize(weights) / 4
     row = prompt_rows(tokenizer)[:1]
-    assert MindIRRunner(out).generate(row, max_new_tokens=8) == \
-        MindIRRunner(export_model(model, tmp_path / "emb", batch_size=1, prompt_length=32, seq_length=64,
-                                  weights="embedded")).generate(row, max_new_tokens=8)
+    assert MindIRRunner(out).generate(row, max_new_tokens=8) == MindIRRunner(
+        export_model(model, tmp_path / "emb", batch_size=1, prompt_length=32, seq_length=64, weights="embedded")
+    ).generate(row, max_new_tokens=8)
 
 
-def test_an_embedded_export_above_mindspores_single_file_size_uses_external_weight_data(tiny_dir, tmp_path,
-                                                                                         monkeypatch, tiny_model,
-                                                                                         tokenizer):
+def test_an_embedded_export_above_mindspores_single_file_size_uses_external_weight_data(
+    tiny_dir, tmp_path, monkeypatch, tiny_model, tokenizer
+):
     import mindspore.train.serialization as serialization
 
     # MindSpore writes <graph>_graph.mindir + <graph>_variables/ above 1 GiB of weights; lower its threshold so
     # the tiny model takes that path (the 6B float16 export is 12.5 GB).
     monkeypatch.setattr(serialization, "TOTAL_SAVE", 1)
-    out = export_model(tiny_dir, tmp_path / "big", batch_size=None, prompt_length=32, seq_length=64,
-                       weights="embedded")
+    out = export_model(tiny_dir, tmp_path / "big", batch_size=None, prompt_length=32, seq_length=64, weights="embedded")
     names = set(os.listdir(out))
     assert {"prefill_graph.mindir", "decode_graph.mindir", "prefill_variables", "decode_variables"} <= names
     rows = prompt_rows(tokenizer)
-    assert MindIRRunner(out).generate(rows, max_new_tokens=6) == \
-        [t[:6] for t in eager_tokens(tiny_model, tokenizer, rows)]
+    assert MindIRRunner(out).generate(rows, max_new_tokens=6) == [
+        t[:6] for t in eager_tokens(tiny_model, tokenizer, rows)
+    ]

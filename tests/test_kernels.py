@@ -1,5 +1,6 @@
 """The CPU linear-layer kernels (glm3/kernels/csrc/linear.cc) against numpy, at every row count and weight dtype
 they handle, as MindSpore custom operators in compiled graphs; and the frozen-weight product's backward."""
+
 import mindspore as ms
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
 """Loading every layout, and clear errors for every kind of bad checkpoint."""
+
 import json
 import os
 import shutil
@@ -38,8 +39,12 @@ def test_all_hf_layouts_load_the_same_model(tiny_dir, tiny_model, tmp_path, fmt,
 
 def test_save_model_round_trip_and_mindformers_names(tiny_dir, tiny_model, tmp_path):
     out = glm3.save_model(tiny_model, tmp_path / "ms", tokenizer_dir=tiny_dir)
-    assert sorted(os.listdir(out)) == ["config.json", "mindspore_model.ckpt", "tokenizer.model",
-                                       "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "mindspore_model.ckpt",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     names = set(ms.load_checkpoint(os.path.join(out, "mindspore_model.ckpt")))
     assert names == set(expected_shapes(tiny_model.config))
     np.testing.assert_array_equal(logits(glm3.load_model(out)), logits(tiny_model))
@@ -79,23 +84,27 @@ def test_missing_tensor(tiny_dir, tmp_path):
 def test_unexpected_tensor(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path / "m")
     _edit_first_shard(d, lambda t: t.update({"transformer.encoder.layers.9.mlp.extra": np.zeros(3, np.float32)}))
-    with pytest.raises(CheckpointError, match="layers.9.mlp.extra is in model-00001-of-00002.safetensors but the "
-                       "index does not list it"):
+    with pytest.raises(
+        CheckpointError,
+        match="layers.9.mlp.extra is in model-00001-of-00002.safetensors but the index does not list it",
+    ):
         glm3.load_model(d)
     index_path = os.path.join(d, "model.safetensors.index.json")
     index = json.load(open(index_path))
     index["weight_map"]["transformer.encoder.layers.9.mlp.extra"] = _shards(d)[0]
     json.dump(index, open(index_path, "w"))
-    with pytest.raises(CheckpointError,
-                       match="unexpected tensor transformer.encoder.layers.9.mlp.extra in model-00001"):
+    with pytest.raises(
+        CheckpointError, match="unexpected tensor transformer.encoder.layers.9.mlp.extra in model-00001"
+    ):
         glm3.load_model(d)
 
 
 def test_wrong_shape(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path / "m")
     _edit_first_shard(d, lambda t: t.update({EMB: t[EMB][:100]}))
-    with pytest.raises(CheckpointError,
-                       match=r"word_embeddings.weight in model-00001-of-00002.safetensors has shape \(100, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"word_embeddings.weight in model-00001-of-00002.safetensors has shape \(100, 64\)"
+    ):
         glm3.load_model(d)
 
 

@@ -1,5 +1,6 @@
 """Fail fast on what cannot fit: the memory estimates refuse what this host cannot hold and accept what it can,
 before any weight is read; and the streaming merge's peak memory does not grow with the model."""
+
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from glm3.memory import (
 from glm3.tensor_files import MsCkptWriter
 
 GLM3 = [sys.executable, "-m", "glm3.cli"]
-GIB = 2 ** 30
+GIB = 2**30
 SIX_B = glm3.GLM3Config.from_name("glm3_6b")
 
 
@@ -61,10 +62,12 @@ def _config_only(directory, **shape):
 def test_commands_refuse_what_cannot_fit_in_seconds_before_reading_weights(tmp_path):
     # 2,800 layers: about 620 B parameters, more than any host holds, LoRA or not.
     huge = _config_only(tmp_path / "huge", num_layers=2800)
-    for args in (["finetune", "--model", huge, "--data", SAMPLE, "--output", str(tmp_path / "run"), "--full"],
-                 ["finetune", "--model", huge, "--data", SAMPLE, "--output", str(tmp_path / "run"), "--lora"],
-                 ["generate", "--model", huge, "--prompt", "hi"],
-                 ["eval", "ceval", "--model", huge, "--data", str(tmp_path)]):
+    for args in (
+        ["finetune", "--model", huge, "--data", SAMPLE, "--output", str(tmp_path / "run"), "--full"],
+        ["finetune", "--model", huge, "--data", SAMPLE, "--output", str(tmp_path / "run"), "--lora"],
+        ["generate", "--model", huge, "--prompt", "hi"],
+        ["eval", "ceval", "--model", huge, "--data", str(tmp_path)],
+    ):
         start = time.monotonic()
         done = subprocess.run([*GLM3, *args], capture_output=True, text=True, env=subprocess_env(), timeout=120)
         assert done.returncode == 2, done.stderr[-2000:]
@@ -74,18 +77,26 @@ def test_commands_refuse_what_cannot_fit_in_seconds_before_reading_weights(tmp_p
     assert not (tmp_path / "run" / "checkpoint").exists()
     # The streaming stages hold one tensor at a time: refused only when one tensor cannot fit (a 17 GB one here).
     wide = _config_only(tmp_path / "wide", hidden_size=1 << 17)
-    for args, out in ((["merge", "--adapter", str(tmp_path / "adapter"), "--base", wide, "--dst"], "merged"),
-                      (["export", "--model", wide, "--prompt-length", "8", "--seq-length", "16", "--dst"], "export")):
-        done = subprocess.run([*GLM3, *args, str(tmp_path / out)], capture_output=True, text=True,
-                              env=subprocess_env(), timeout=120)
+    for args, out in (
+        (["merge", "--adapter", str(tmp_path / "adapter"), "--base", wide, "--dst"], "merged"),
+        (["export", "--model", wide, "--prompt-length", "8", "--seq-length", "16", "--dst"], "export"),
+    ):
+        done = subprocess.run(
+            [*GLM3, *args, str(tmp_path / out)], capture_output=True, text=True, env=subprocess_env(), timeout=120
+        )
         assert done.returncode == 2, done.stderr[-2000:]
         assert "needs about" in done.stderr and "largest tensor float16" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and not (tmp_path / out).exists()
 
 
 def test_what_fits_is_accepted(tiny_dir, tmp_path):
-    done = subprocess.run([*GLM3, "generate", "--model", tiny_dir, "--prompt", "hi", "--max-new-tokens", "2"],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    done = subprocess.run(
+        [*GLM3, "generate", "--model", tiny_dir, "--prompt", "hi", "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loading" in done.stderr and "GB available" in done.stderr  # the estimate is logged
 
@@ -95,8 +106,17 @@ def _adapter(directory, config, rank=4):
     lora = LoraConfig(rank=rank, alpha=8.0, dropout=0.0, targets=("query_key_value", "dense_h_to_4h"))
     os.makedirs(directory)
     with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"peft_type": "LORA", "rank": rank, "alpha": 8.0, "dropout": 0.0, "targets": list(lora.targets),
-                   "base_config": config.to_hf()}, f)
+        json.dump(
+            {
+                "peft_type": "LORA",
+                "rank": rank,
+                "alpha": 8.0,
+                "dropout": 0.0,
+                "targets": list(lora.targets),
+                "base_config": config.to_hf(),
+            },
+            f,
+        )
     rng = np.random.default_rng(0)
     writer = MsCkptWriter(os.path.join(directory, "adapter_model.ckpt"))
     for name, shape in adapter_shapes(config, lora).items():
@@ -126,9 +146,13 @@ def test_streaming_merge_peak_memory_does_not_grow_with_the_number_of_layers(tmp
         base = glm3.convert_checkpoint(hf, tmp_path / f"base{layers}", progress=False).dst  # as the pipeline has it
         adapter = _adapter(tmp_path / f"adapter{layers}", config)
         outputs[layers] = str(tmp_path / f"merged{layers}")
-        done = subprocess.run([sys.executable, "-c", _MEASURED, "merge", "--adapter", adapter, "--base", base,
-                               "--dst", outputs[layers]], capture_output=True, text=True, env=subprocess_env(),
-                              timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURED, "merge", "--adapter", adapter, "--base", base, "--dst", outputs[layers]],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[layers] = int(done.stdout.strip().splitlines()[-1])
         sizes[layers] = weight_bytes(config, "float16")

@@ -1,5 +1,6 @@
 """Merging per-rank checkpoints: tensor-parallel split -> merge round trip, data-parallel verified selection,
 LoRA folding, and clear errors for mismatches."""
+
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ def test_tensor_parallel_split_then_merge_is_bit_exact(tiny_dir, tmp_path):
     config = glm3.GLM3Config.from_hf(tiny_dir)
     strategy = write_tensor_parallel_strategy(tmp_path / "tp2.ckpt", config, model_parallel=2)
     layout = read_strategy_file(strategy)
-    assert layout["transformer.encoder.layers.0.self_attention.dense.weight"] == {"dev_matrix": [1, 2],
-                                                                                  "tensor_map": [-1, 0]}
+    assert layout["transformer.encoder.layers.0.self_attention.dense.weight"] == {
+        "dev_matrix": [1, 2],
+        "tensor_map": [-1, 0],
+    }
     files = split_model(tiny_dir, strategy, tmp_path / "split")
     assert [os.path.relpath(f, tmp_path / "split") for f in files] == ["rank_0/model.ckpt", "rank_1/model.ckpt"]
     full = original(tiny_dir)
@@ -36,22 +39,30 @@ def test_tensor_parallel_split_then_merge_is_bit_exact(tiny_dir, tmp_path):
     half_qkv, half_ffn = full[p + "self_attention.query_key_value.weight"].shape[0] // 2, config.ffn_hidden_size
     for rank, shard in enumerate(shards):  # the Megatron layout, checked by slicing the full tensors here
         rows = slice(rank * half_qkv, (rank + 1) * half_qkv)
-        np.testing.assert_array_equal(shard[p + "self_attention.query_key_value.weight"],
-                                      full[p + "self_attention.query_key_value.weight"][rows])
-        np.testing.assert_array_equal(shard[p + "self_attention.query_key_value.bias"],
-                                      full[p + "self_attention.query_key_value.bias"][rows])
-        np.testing.assert_array_equal(shard[p + "mlp.dense_h_to_4h.weight"],
-                                      full[p + "mlp.dense_h_to_4h.weight"][rank * half_ffn:(rank + 1) * half_ffn])
+        np.testing.assert_array_equal(
+            shard[p + "self_attention.query_key_value.weight"], full[p + "self_attention.query_key_value.weight"][rows]
+        )
+        np.testing.assert_array_equal(
+            shard[p + "self_attention.query_key_value.bias"], full[p + "self_attention.query_key_value.bias"][rows]
+        )
+        np.testing.assert_array_equal(
+            shard[p + "mlp.dense_h_to_4h.weight"],
+            full[p + "mlp.dense_h_to_4h.weight"][rank * half_ffn : (rank + 1) * half_ffn],
+        )
         cols = slice(rank * 32, (rank + 1) * 32)
-        np.testing.assert_array_equal(shard[p + "self_attention.dense.weight"],
-                                      full[p + "self_attention.dense.weight"][:, cols])
-        np.testing.assert_array_equal(shard[p + "mlp.dense_4h_to_h.weight"],
-                                      full[p + "mlp.dense_4h_to_h.weight"][:, rank * 80:(rank + 1) * 80])
+        np.testing.assert_array_equal(
+            shard[p + "self_attention.dense.weight"], full[p + "self_attention.dense.weight"][:, cols]
+        )
+        np.testing.assert_array_equal(
+            shard[p + "mlp.dense_4h_to_h.weight"], full[p + "mlp.dense_4h_to_h.weight"][:, rank * 80 : (rank + 1) * 80]
+        )
         vocab = slice(rank * 1024, (rank + 1) * 1024)
-        np.testing.assert_array_equal(shard["transformer.embedding.embedding_table"],
-                                      full["transformer.embedding.embedding_table"][vocab])
-        np.testing.assert_array_equal(shard["transformer.output_layer.weight"],
-                                      full["transformer.output_layer.weight"][vocab])
+        np.testing.assert_array_equal(
+            shard["transformer.embedding.embedding_table"], full["transformer.embedding.embedding_table"][vocab]
+        )
+        np.testing.assert_array_equal(
+            shard["transformer.output_layer.weight"], full["transformer.output_layer.weight"][vocab]
+        )
         np.testing.assert_array_equal(shard[p + "input_layernorm.weight"], full[p + "input_layernorm.weight"])
 
     summary = merge_run(tmp_path / "split", tmp_path / "merged", tiny_dir, strategy=strategy)
@@ -98,8 +109,18 @@ def test_strategy_mismatches_are_clear_errors(tiny_dir, tmp_path):
 
 
 def _run(tiny_dir, out, **overrides):
-    values = {"model": str(tiny_dir), "data": SAMPLE, "output": str(out), "max_source_length": 32,
-              "max_target_length": 32, "seq_length": 65, "batch_size": 2, "steps": 3, "lr": 1e-3, "progress": False}
+    values = {
+        "model": str(tiny_dir),
+        "data": SAMPLE,
+        "output": str(out),
+        "max_source_length": 32,
+        "max_target_length": 32,
+        "seq_length": 65,
+        "batch_size": 2,
+        "steps": 3,
+        "lr": 1e-3,
+        "progress": False,
+    }
     return finetune(FinetuneConfig(**{**values, **overrides}))
 
 
@@ -128,10 +149,17 @@ def test_data_parallel_ranks_merge_by_verified_selection(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_lora_merge_gives_the_adapter_models_logits(dtype, tiny_dir, tmp_path):
-    base_dir = tiny_dir if dtype == "float32" else \
-        glm3.convert_checkpoint(tiny_dir, tmp_path / "f16", dtype="float16", progress=False).dst
-    lora = {"rank": 4, "alpha": 16, "dropout": 0.0, "targets": ["query_key_value", "dense", "dense_h_to_4h",
-                                                                "dense_4h_to_h"]}
+    base_dir = (
+        tiny_dir
+        if dtype == "float32"
+        else glm3.convert_checkpoint(tiny_dir, tmp_path / "f16", dtype="float16", progress=False).dst
+    )
+    lora = {
+        "rank": 4,
+        "alpha": 16,
+        "dropout": 0.0,
+        "targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    }
     result = _run(base_dir, tmp_path / "run", lora=lora, steps=4, lr=5e-3)
     ids = Tensor(np.array([[64790, 64792, 30, 31, 32, 33, 34]], np.int32) % 2048)
     adapted = glm3.load_adapter(glm3.load_model(base_dir, kernels_backend="plain"), result.weights)
@@ -139,8 +167,10 @@ def test_lora_merge_gives_the_adapter_models_logits(dtype, tiny_dir, tmp_path):
     base = glm3.load_model(base_dir)(ids).asnumpy()
     changed = np.abs(expected - base).max()
     assert changed > 1e-3  # the adapter changed something
-    for summary in (merge_adapter(base_dir, result.weights, tmp_path / "from_adapter"),
-                    merge_run(tmp_path / "run", tmp_path / "from_run", base_dir)):
+    for summary in (
+        merge_adapter(base_dir, result.weights, tmp_path / "from_adapter"),
+        merge_run(tmp_path / "run", tmp_path / "from_run", base_dir),
+    ):
         assert summary.method == "lora"
         merged = glm3.load_model(summary.dst)
         assert merged.dtype == glm3.model.to_ms_dtype(dtype)  # stored back in the base's dtype
@@ -162,13 +192,23 @@ def test_cli_strategy_split_merge(tiny_dir, tmp_path):
 
     run("strategy", "--model", tiny_dir, "--model-parallel", "2", "--out", str(tmp_path / "tp.ckpt"))
     run("split", "--model", tiny_dir, "--strategy", str(tmp_path / "tp.ckpt"), "--dst", str(tmp_path / "split"))
-    out = run("merge", "--run", str(tmp_path / "split"), "--strategy", str(tmp_path / "tp.ckpt"), "--base", tiny_dir,
-              "--dst", str(tmp_path / "merged"))
+    out = run(
+        "merge",
+        "--run",
+        str(tmp_path / "split"),
+        "--strategy",
+        str(tmp_path / "tp.ckpt"),
+        "--base",
+        tiny_dir,
+        "--dst",
+        str(tmp_path / "merged"),
+    )
     assert "merged 2 rank(s) by strategy" in out
     merged, full = original(tmp_path / "merged"), original(tiny_dir)
     assert all(np.array_equal(merged[k], full[k]) for k in full)
-    bad = subprocess.run([*glm3_cli, "merge", "--base", tiny_dir, "--dst", str(tmp_path / "x")], capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [*glm3_cli, "merge", "--base", tiny_dir, "--dst", str(tmp_path / "x")], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "exactly one of --run" in bad.stderr
 
 
@@ -203,26 +243,32 @@ def test_lora_fold_is_w_plus_b_a_times_alpha_over_rank_computed_by_hand(tiny_dir
     lora = LoraConfig(rank=4, alpha=12.0, dropout=0.0, targets=("query_key_value", "dense_4h_to_h"))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"rank": 4, "alpha": 12.0, "dropout": 0.0, "targets": list(lora.targets), "base_config": config.to_hf()}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {"rank": 4, "alpha": 12.0, "dropout": 0.0, "targets": list(lora.targets), "base_config": config.to_hf()}
+        )
+    )
     rng = np.random.default_rng(0)
-    tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in adapter_shapes(config,
-                                                                                                     lora).items()}
+    tensors = {
+        name: rng.standard_normal(shape).astype(np.float32) for name, shape in adapter_shapes(config, lora).items()
+    }
     writer = MsCkptWriter(str(adapter / "adapter_model.ckpt"))
     for name, value in tensors.items():
         writer.add(name, value, "float32")
     writer.close()
 
-    merged = ckpt_arrays(os.path.join(merge_adapter(tiny_dir, adapter, tmp_path / "merged").dst,
-                                      "mindspore_model.ckpt"))
+    merged = ckpt_arrays(
+        os.path.join(merge_adapter(tiny_dir, adapter, tmp_path / "merged").dst, "mindspore_model.ckpt")
+    )
     base = original(tiny_dir)
     folded = 0
     for name, w in base.items():
-        prefix = name[:-len(".weight")]
+        prefix = name[: -len(".weight")]
         if f"{prefix}.lora_a" in tensors:
             a, b = tensors[f"{prefix}.lora_a"].astype(np.float64), tensors[f"{prefix}.lora_b"].astype(np.float64)
-            np.testing.assert_allclose(merged[name], w.astype(np.float64) + 3.0 * (b @ a), rtol=1e-6, atol=1e-6,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                merged[name], w.astype(np.float64) + 3.0 * (b @ a), rtol=1e-6, atol=1e-6, err_msg=name
+            )
             folded += 1
         else:
             np.testing.assert_array_equal(merged[name], w, err_msg=name)

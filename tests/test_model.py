@@ -1,4 +1,5 @@
 """Model parity against an independent PyTorch reference, KV cache, modes, dtypes, padding, kernels."""
+
 import os
 
 import mindspore as ms
@@ -37,7 +38,7 @@ def test_greedy_generation_matches_reference(odd_bin_dir):
     expected = greedy(hf_weights(odd_bin_dir), cfg, ids, 8)
     model = glm3.load_model(odd_bin_dir)
     out = glm3.generate(model, [ids], max_new_tokens=8, do_sample=False, eos_token_id=[])
-    assert out[0, len(ids):].tolist() == expected
+    assert out[0, len(ids) :].tolist() == expected
 
 
 def test_kv_cache_decode_equals_full_forward(tiny_model):
@@ -52,8 +53,9 @@ def test_kv_cache_decode_equals_full_forward(tiny_model):
     cache = StaticKVCache(caches, mask, 64)
     for step in range(4):
         position_ids, key_mask, write_index = cache.step_inputs()
-        logits, caches = compiled_step(tiny_model, "decode", 64)(ms.Tensor(extra[:, step:step + 1]), position_ids,
-                                                           key_mask, write_index, ms.mutable(caches))
+        logits, caches = compiled_step(tiny_model, "decode", 64)(
+            ms.Tensor(extra[:, step : step + 1]), position_ids, key_mask, write_index, ms.mutable(caches)
+        )
         cache.advance(caches)
         np.testing.assert_allclose(logits.asnumpy(), full[:, 9 + step], atol=1e-5)
 
@@ -105,8 +107,10 @@ def test_cpu_kernel_matches_plain_matmul(tiny_dir, tiny_model):
     plain = glm3.load_model(tiny_dir, kernels_backend="plain")
     # Decode steps multiply 1, 3 and 8 rows (the streaming path); the prefill, 32 rows per prompt (the tiled one).
     for batch in ([IDS], [IDS, IDS[::-1], IDS[3:]], [IDS[i:] + IDS[:i] for i in range(8)]):
-        assert glm3.generate(plain, batch, max_new_tokens=6, eos_token_id=[]).tolist() == \
-            glm3.generate(tiny_model, batch, max_new_tokens=6, eos_token_id=[]).tolist()
+        assert (
+            glm3.generate(plain, batch, max_new_tokens=6, eos_token_id=[]).tolist()
+            == glm3.generate(tiny_model, batch, max_new_tokens=6, eos_token_id=[]).tolist()
+        )
 
 
 def test_seeded_sampling_is_reproducible(tiny_model):
@@ -119,10 +123,10 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 
 
 def test_generation_stops_and_pads(tiny_model):
-    greedy_out = glm3.generate(tiny_model, [IDS], max_new_tokens=6, eos_token_id=[])[0, len(IDS):].tolist()
+    greedy_out = glm3.generate(tiny_model, [IDS], max_new_tokens=6, eos_token_id=[])[0, len(IDS) :].tolist()
     stop = greedy_out[2]
     out = glm3.generate(tiny_model, [IDS], max_new_tokens=6, eos_token_id=[stop], pad_token_id=0)
-    assert out[0, len(IDS):].tolist()[:3] == greedy_out[:3]
+    assert out[0, len(IDS) :].tolist()[:3] == greedy_out[:3]
     assert out.shape[1] == len(IDS) + 3  # every row stopped: no further steps
     streamed = []
     glm3.generate(tiny_model, [IDS], max_new_tokens=4, eos_token_id=[], streamer=lambda t: streamed.append(t.tolist()))
@@ -158,7 +162,6 @@ def test_lazy_parameters_are_not_allocated():
     assert grown_mb < 500, grown_mb
 
 
-
 def test_32k_rope_ratio_matches_the_reference_thousands_of_positions_in(tmp_path):
     """rope_ratio 50 (ChatGLM3-6B-32k: base 500000) against the float64 reference, at positions past 4000, where
     a wrong base shows; the checkpoint's inv_freq buffer is at base 10000, as the 32k release stores it."""
@@ -168,10 +171,15 @@ def test_32k_rope_ratio_matches_the_reference_thousands_of_positions_in(tmp_path
     hf = glm3.write_synthetic_checkpoint(tmp_path / "hf32k", cfg, seed=5)
     stored = load_file(os.path.join(hf, "model-00001-of-00002.safetensors"))["transformer.rotary_pos_emb.inv_freq"]
     np.testing.assert_array_equal(stored, glm3.config.rope_inv_freq(cfg.rotary_dim, 10000.0))
-    again = glm3.convert_checkpoint(glm3.convert_checkpoint(hf, tmp_path / "ms", progress=False).dst,
-                                    tmp_path / "hf_again", to="hf", progress=False).dst
-    written = {k: v for name in os.listdir(again) if name.endswith(".safetensors")
-               for k, v in load_file(os.path.join(again, name)).items()}
+    again = glm3.convert_checkpoint(
+        glm3.convert_checkpoint(hf, tmp_path / "ms", progress=False).dst, tmp_path / "hf_again", to="hf", progress=False
+    ).dst
+    written = {
+        k: v
+        for name in os.listdir(again)
+        if name.endswith(".safetensors")
+        for k, v in load_file(os.path.join(again, name)).items()
+    }
     np.testing.assert_array_equal(written["transformer.rotary_pos_emb.inv_freq"], stored)  # as released
 
     ids = np.random.default_rng(0).integers(3, 1500, size=4160).tolist()

@@ -1,4 +1,5 @@
 """The paged KV cache: block manager bookkeeping, and paged attention against dense attention in numpy."""
+
 import numpy as np
 import pytest
 from mindspore import Tensor
@@ -50,8 +51,14 @@ def test_paged_attention_equals_dense_attention():
                 dense[seq] = [np.concatenate([dense[seq][0], k]), np.concatenate([dense[seq][1], v])]
     seqs = list(lengths)
     q = rng.standard_normal((len(seqs), 1, heads, d)).astype(np.float32)  # the projection's layout
-    out = paged_attention(Tensor(q), key_cache, value_cache, Tensor(bm.block_tables(seqs)),
-                          Tensor(np.array([lengths[s] for s in seqs], np.int32)), 0.5).asnumpy()
+    out = paged_attention(
+        Tensor(q),
+        key_cache,
+        value_cache,
+        Tensor(bm.block_tables(seqs)),
+        Tensor(np.array([lengths[s] for s in seqs], np.int32)),
+        0.5,
+    ).asnumpy()
     assert out.shape == (len(seqs), 1, heads * d)  # heads side by side, in order
     for row, seq in enumerate(seqs):
         keys, values = dense[seq]  # [n, groups, d]
@@ -60,4 +67,4 @@ def test_paged_attention_equals_dense_attention():
             scores = keys[:, g] @ q[row, 0, h] * 0.5
             probs = np.exp(scores - scores.max())
             probs /= probs.sum()
-            np.testing.assert_allclose(out[row, 0, h * d:(h + 1) * d], probs @ values[:, g], atol=1e-5)
+            np.testing.assert_allclose(out[row, 0, h * d : (h + 1) * d], probs @ values[:, g], atol=1e-5)

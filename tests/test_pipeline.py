@@ -1,5 +1,6 @@
 """The pipeline library: params, dvc.yaml against the stage table, the rank_table stage, keyed layouts for
 Prefect, the finetune config a stage builds, and `glm3 stage` errors."""
+
 import json
 import os
 import re
@@ -78,8 +79,10 @@ def test_dvc_yaml_declares_what_the_stage_table_says():
     assert dvc["evaluate"]["plots"] == [{"metrics/ceval_categories.png": {"cache": False}}]
 
 
-SERVERS = [{"ip": "192.168.1.10", "devices": "[0,2)", "device_ips": ["10.0.0.1", "10.0.0.2"]},
-           {"ip": "192.168.1.11", "devices": "[0,2)", "hccn_conf": "HCCN"}]
+SERVERS = [
+    {"ip": "192.168.1.10", "devices": "[0,2)", "device_ips": ["10.0.0.1", "10.0.0.2"]},
+    {"ip": "192.168.1.11", "devices": "[0,2)", "hccn_conf": "HCCN"},
+]
 
 
 def _params_with(servers, **parallel):
@@ -99,13 +102,19 @@ def test_rank_table_stage_builds_the_hccl_table_and_the_launch_plan(tmp_path):
     out = layout.outputs["rank_table"]
     table = load_rank_table(os.path.join(out, RANK_TABLE_FILE))
     assert [s["server_id"] for s in table["server_list"]] == ["192.168.1.10", "192.168.1.11"]
-    assert [d["device_ip"] for s in table["server_list"] for d in s["device"]] == \
-        ["10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2"]
+    assert [d["device_ip"] for s in table["server_list"] for d in s["device"]] == [
+        "10.0.0.1",
+        "10.0.0.2",
+        "10.0.1.1",
+        "10.0.1.2",
+    ]
     assert [d["rank_id"] for s in table["server_list"] for d in s["device"]] == ["0", "1", "2", "3"]
     with open(os.path.join(out, PLAN_FILE), encoding="utf-8") as f:
         plan = json.load(f)
-    assert plan["nodes"] == [{"ip": "192.168.1.10", "local_workers": 2, "node_rank": 0},
-                             {"ip": "192.168.1.11", "local_workers": 2, "node_rank": 1}]
+    assert plan["nodes"] == [
+        {"ip": "192.168.1.10", "local_workers": 2, "node_rank": 0},
+        {"ip": "192.168.1.11", "local_workers": 2, "node_rank": 1},
+    ]
 
     # What finetune launches on this host (node 1): msrun over all 4 ranks, 2 here, master on node 0.
     parallel = parallel_config(params, out)
@@ -159,13 +168,24 @@ def test_keyed_layout_changes_exactly_the_affected_stages(project):
     assert changed(**{"finetune.lr": 1e-3}) == {"finetune", "merge", "export", "evaluate", "adgen_eval"}
     assert changed(**{"evaluate.shots": 2}) == {"evaluate"}
     assert changed(**{"export.paged": True}) == {"export", "evaluate"}
-    assert changed(**{"parallel.master_port": 9000}) == {"rank_table", "finetune", "merge", "export", "evaluate",
-                                                         "adgen_eval"}
+    assert changed(**{"parallel.master_port": 9000}) == {
+        "rank_table",
+        "finetune",
+        "merge",
+        "export",
+        "evaluate",
+        "adgen_eval",
+    }
 
     with open(project / "data" / "adgen_sample.json", "a", encoding="utf-8") as f:
         f.write("\n")  # the training data changed
-    assert {s for s in stages if Layout.keyed(project, params, stages).outputs[s] != base.outputs[s]} == \
-        {"finetune", "merge", "export", "evaluate", "adgen_eval"}
+    assert {s for s in stages if Layout.keyed(project, params, stages).outputs[s] != base.outputs[s]} == {
+        "finetune",
+        "merge",
+        "export",
+        "evaluate",
+        "adgen_eval",
+    }
     (project / DVC_OUTPUTS["convert"] / "file").write_text("another model")
     assert Layout.keyed(project, params, stages).outputs["rank_table"] == base.outputs["rank_table"]
     assert Layout.keyed(project, params, stages).outputs["finetune"] != base.outputs["finetune"]
@@ -192,12 +212,20 @@ def test_finetune_stage_config_from_params(project):
 
 
 def test_flow_overrides_and_metrics_artifact(project):
-    assert overrides_from({"export.paged": True}, lr=1e-3, steps=None, lora=True) == \
-        {"export.paged": True, "finetune.lr": 1e-3, "finetune.lora.enabled": True}
+    assert overrides_from({"export.paged": True}, lr=1e-3, steps=None, lora=True) == {
+        "export.paged": True,
+        "finetune.lr": 1e-3,
+        "finetune.lora.enabled": True,
+    }
     layout = Layout.dvc(project)
-    text = metrics_markdown("finetune", {"finetune": {"steps": 6, "final_loss": 5.123456, "mode": "full"},
-                                         "evaluate": {"average": 25.0, "categories": {"STEM": 50.0, "Other": 0.0}}},
-                            layout)
+    text = metrics_markdown(
+        "finetune",
+        {
+            "finetune": {"steps": 6, "final_loss": 5.123456, "mode": "full"},
+            "evaluate": {"average": 25.0, "categories": {"STEM": 50.0, "Other": 0.0}},
+        },
+        layout,
+    )
     assert "| finetune | `models/finetune` | steps=6, final_loss=5.123, mode=full |" in text
     assert "| STEM | 50.0 |" in text and "| Other | 0.0 |" in text
 
@@ -208,8 +236,15 @@ def test_a_work_directory_is_locked_while_a_stage_trains_in_it(tmp_path):
         with pytest.raises(FileExistsError, match="the work directory is in use by another process"):
             with exclusive_lock(lock, "the work directory"):
                 pass
-        holder = subprocess.run([sys.executable, "-c", "import sys; from glm3.io import exclusive_lock\n"
-                                 f"with exclusive_lock({str(lock)!r}, 'it'): pass"], capture_output=True, text=True)
+        holder = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; from glm3.io import exclusive_lock\nwith exclusive_lock({str(lock)!r}, 'it'): pass",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert holder.returncode == 1 and "FileExistsError: it is in use" in holder.stderr
     with exclusive_lock(lock, "the work directory"):  # released when its holder is done
         pass
@@ -220,8 +255,13 @@ def test_an_interrupted_finetune_stage_publishes_nothing_and_resumes(project):
     shutil.rmtree(project / "models")
     stage = [sys.executable, "-m", "glm3.cli", "stage"]
     for name in ("download", "convert", "rank_table"):
-        subprocess.run([*stage, name, "--project", str(project)], env=subprocess_env(), check=True,
-                       capture_output=True, timeout=300)
+        subprocess.run(
+            [*stage, name, "--project", str(project)],
+            env=subprocess_env(),
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     cmd = [*stage, "finetune", "--project", str(project), "-S", "finetune.steps=200"]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     work = project / "models" / ".work"
@@ -250,11 +290,19 @@ def test_an_interrupted_finetune_stage_publishes_nothing_and_resumes(project):
 def test_glm3_stage_reports_bad_parameters(tmp_path):
     shutil.copy(PARAMS, tmp_path / "params.yaml")
     run = [sys.executable, "-m", "glm3.cli", "stage"]
-    proc = subprocess.run([*run, "rank_table", "--project", str(tmp_path), "-S", "parallel.data_paralel=2"],
-                          capture_output=True, text=True, env=subprocess_env())
+    proc = subprocess.run(
+        [*run, "rank_table", "--project", str(tmp_path), "-S", "parallel.data_paralel=2"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 2 and "unknown parameter 'parallel.data_paralel'" in proc.stderr
-    proc = subprocess.run([*run, "download", "--project", str(tmp_path), "-S", "download.source=ftp"],
-                          capture_output=True, text=True, env=subprocess_env())
+    proc = subprocess.run(
+        [*run, "download", "--project", str(tmp_path), "-S", "download.source=ftp"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 2 and "download.source must be 'synthetic' or 'hub'" in proc.stderr
     assert not os.path.exists(tmp_path / "models")
 
@@ -263,10 +311,13 @@ def test_params_refuse_unknown_keys_everywhere(tmp_path):
     text = open(PARAMS, encoding="utf-8").read()
     server = "\n  servers:\n    - {ip: 10.0.0.1, devices: '[0,8)', hccn: /etc/hccn.conf}\n"
     cases = {  # one typo each, written as a user would
-        r"unknown section\(s\) finetuning; the sections are download, convert": text.replace("\nfinetune:",
-                                                                                            "\nfinetuning:"),
-        r"unknown setting\(s\) finetune.lora.rnak; finetune.lora takes alpha, dropout, enabled, rank, targets":
-            text.replace("    rank: 8", "    rnak: 8"),  # LoRA is disabled in the file: still refused
+        r"unknown section\(s\) finetuning; the sections are download, convert": text.replace(
+            "\nfinetune:", "\nfinetuning:"
+        ),
+        # LoRA is disabled in the file: still refused
+        r"unknown setting\(s\) finetune.lora.rnak; finetune.lora takes alpha, dropout, enabled, rank": text.replace(
+            "    rank: 8", "    rnak: 8"
+        ),
         r"unknown setting\(s\) export.pagd; export takes .*paged": text.replace("  paged: false", "  pagd: false"),
         r"parallel.servers\[0\] must hold ip and devices": re.sub(r"\n  servers: \[\][^\n]*\n", server, text),
     }
@@ -288,19 +339,29 @@ def test_bad_finetune_params_fail_before_mindspore_and_leave_nothing(tmp_path):
     shutil.copy(PARAMS, tmp_path / "params.yaml")
     shutil.copytree(os.path.join(REPO, "data"), tmp_path / "data")
     run = [sys.executable, "-m", "glm3.cli", "stage"]
-    done = subprocess.run([*run, "rank_table", "--project", str(tmp_path)], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=120)
+    done = subprocess.run(
+        [*run, "rank_table", "--project", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     (tmp_path / "fake" / "mindspore").mkdir(parents=True)
     (tmp_path / "fake" / "mindspore" / "__init__.py").write_text(NO_MINDSPORE)
     env = subprocess_env(PYTHONPATH=str(tmp_path / "fake"))
-    for overrides, message in ((["finetune.seq_length=128"], "seq_length (128) must equal max_source_length + "
-                                                             "max_target_length + 1 = 32 + 32 + 1 = 65"),
-                               (["finetune.warmup_steps=40"], "warmup_steps must be in [0, steps=30], got 40"),
-                               (["finetune.lora.enabled=true", "finetune.lora.rank=0"], "LoRA rank must be >= 1")):
+    for overrides, message in (
+        (
+            ["finetune.seq_length=128"],
+            "seq_length (128) must equal max_source_length + max_target_length + 1 = 32 + 32 + 1 = 65",
+        ),
+        (["finetune.warmup_steps=40"], "warmup_steps must be in [0, steps=30], got 40"),
+        (["finetune.lora.enabled=true", "finetune.lora.rank=0"], "LoRA rank must be >= 1"),
+    ):
         sets = [arg for override in overrides for arg in ("-S", override)]
-        done = subprocess.run([*run, "finetune", "--project", str(tmp_path), *sets], capture_output=True,
-                              text=True, env=env, timeout=120)
+        done = subprocess.run(
+            [*run, "finetune", "--project", str(tmp_path), *sets], capture_output=True, text=True, env=env, timeout=120
+        )
         assert done.returncode == 2 and message in done.stderr, (overrides, done.stderr[-2000:])
         assert "Traceback" not in done.stderr and "MindSpore was imported" not in done.stderr
     assert sorted(os.listdir(tmp_path / "models")) == ["rank_table"]  # no work directory, no lock file

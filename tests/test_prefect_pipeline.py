@@ -1,5 +1,6 @@
 """`glm3 prefect up` for real: a local Prefect server on a free loopback port serving the glm3 deployments;
 `prefect deployment run` to Completed, task caching, artifacts and logs read back from the server's API."""
+
 import glob
 import json
 import os
@@ -20,8 +21,9 @@ pytestmark = pytest.mark.integration  # real DVC / a real Prefect server: minute
 
 
 def api(url, path, body):
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}{path}", data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 
@@ -32,8 +34,14 @@ def served(tmp_path_factory):
     root = project_clone(base / "glm3-pipeline")  # a clean project: no models/ at all
     env = subprocess_env(PREFECT_HOME=str(base / "prefect-home"))
     port = free_port()
-    proc = subprocess.Popen(["glm3", "prefect", "up", "--project", root, "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["glm3", "prefect", "up", "--project", root, "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     url, seen, deadline = f"http://127.0.0.1:{port}/api", [], time.monotonic() + 240
@@ -62,8 +70,13 @@ def served(tmp_path_factory):
 
 def run_deployment(env, name, *params):
     args = [a for p in params for a in ("--param", p)]
-    proc = subprocess.run(["prefect", "deployment", "run", name, *args, "--watch", "--watch-timeout", "900"],
-                          env=env, capture_output=True, text=True, timeout=960)
+    proc = subprocess.run(
+        ["prefect", "deployment", "run", name, *args, "--watch", "--watch-timeout", "900"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=960,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
 
@@ -81,8 +94,10 @@ def test_finetune_deployment_completes_with_metrics_artifact_and_logs(served):
     flow_run = run_deployment(env, "glm3/finetune", "lr=0.001", "steps=6")
     run = api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}}})[0]
     assert run["state"]["type"] == "COMPLETED" and run["parameters"]["lr"] == 0.001
-    assert task_states(url, flow_run) == {s: "Completed" for s in ("download", "convert", "rank_table", "finetune",
-                                                                   "merge", "export", "evaluate", "adgen_eval")}
+    assert task_states(url, flow_run) == {
+        s: "Completed"
+        for s in ("download", "convert", "rank_table", "finetune", "merge", "export", "evaluate", "adgen_eval")
+    }
 
     [finetune] = [d for d in glob.glob(os.path.join(root, "models", "prefect", "finetune-*")) if os.path.isdir(d)]
     with open(os.path.join(finetune, "train_log.tsv"), encoding="utf-8") as f:
@@ -127,8 +142,16 @@ def test_pipeline_deployment_runs_every_stage(served):
     artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["glm3-metrics"]}}})
     markdown = next(a["data"] for a in artifacts if a["flow_run_id"] == flow_run)
     outputs = dict(re.findall(r"^\| (\w+) \| `([^`]+)` \|", markdown, re.M))  # stage -> its output directory
-    assert list(outputs) == ["download", "convert", "rank_table", "finetune", "merge", "export", "evaluate",
-                             "adgen_eval"]
+    assert list(outputs) == [
+        "download",
+        "convert",
+        "rank_table",
+        "finetune",
+        "merge",
+        "export",
+        "evaluate",
+        "adgen_eval",
+    ]
     assert "mode=lora" in markdown
     assert os.path.isfile(os.path.join(root, outputs["finetune"], "adapter", "adapter_config.json"))
     assert os.path.isfile(os.path.join(root, outputs["merge"], "config.json"))  # the adapter folded in
@@ -160,8 +183,13 @@ def test_a_failed_download_is_retried_and_the_retry_succeeds(served, tiny_dir, t
     with FakeHub() as hub:
         hub.add_repo("THUDM/chatglm3-6b", tiny_dir, "0123456789abcdef0123456789abcdef01234567")
         hub.down_until = time.monotonic() + 5  # the first attempt meets an outage; the retry, 10 s later, not
-        done = subprocess.run([sys.executable, "-c", RETRY_FLOW, root], capture_output=True, text=True, timeout=300,
-                              env=dict(env, HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf-home")))
+        done = subprocess.run(
+            [sys.executable, "-c", RETRY_FLOW, root],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(env, HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf-home")),
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["source"] == "hub"
     assert "503" in done.stdout + done.stderr  # the first attempt's failure, logged

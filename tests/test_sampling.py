@@ -1,6 +1,7 @@
 """Sampling transforms (glm3.generation.process_logits) against their definitions, on logits built by hand:
 repetition penalty (CTRL: a seen token's positive logit divided by the penalty, a negative one multiplied),
 temperature, top-k and top-p (nucleus: the smallest set of the most likely tokens whose mass reaches p)."""
+
 import numpy as np
 import pytest
 
@@ -79,9 +80,21 @@ def test_sampling_draws_tokens_with_the_transformed_probabilities():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     draws = []
     for seed in range(3000):
-        steps = decode_loop(_FixedLogits(logits), np.array([[7]], np.int32), np.ones((1, 1), np.int32), 1, 1,
-                            do_sample=True, temperature=1.0, top_k=0, top_p=0.75, repetition_penalty=1.0,
-                            stop_ids=[], pad=0, seed=seed)
+        steps = decode_loop(
+            _FixedLogits(logits),
+            np.array([[7]], np.int32),
+            np.ones((1, 1), np.int32),
+            1,
+            1,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=0.75,
+            repetition_penalty=1.0,
+            stop_ids=[],
+            pad=0,
+            seed=seed,
+        )
         draws.append(int(next(steps)[0]))
     frequency = np.bincount(draws, minlength=4) / len(draws)
     # top_p 0.75 keeps tokens 0 and 1, renormalised to 0.625 and 0.375.

@@ -1,4 +1,5 @@
 """Streaming .ckpt / safetensors codecs, checked against MindSpore's and safetensors' own readers/writers."""
+
 import json
 import struct
 
@@ -36,8 +37,9 @@ def test_our_ckpt_loads_in_mindspore(tmp_path):
     np.testing.assert_array_equal(loaded["a"].asnumpy(), A)
     np.testing.assert_array_equal(loaded["b"].asnumpy(), B)
     # Our float32 -> bfloat16 rounding equals MindSpore's cast, bit for bit.
-    np.testing.assert_array_equal(loaded["c"].astype(ms.float32).asnumpy(),
-                                  ms.Tensor(A).astype(ms.bfloat16).astype(ms.float32).asnumpy())
+    np.testing.assert_array_equal(
+        loaded["c"].astype(ms.float32).asnumpy(), ms.Tensor(A).astype(ms.bfloat16).astype(ms.float32).asnumpy()
+    )
     assert {n: a.dtype for n, a in iter_ms_ckpt(path)} == {"a": np.float32, "b": np.float16, "c": np.float32}
 
 
@@ -46,9 +48,15 @@ def test_mindspore_ckpt_with_slices_and_crc_streams(tmp_path, monkeypatch):
     monkeypatch.setattr(ms_serialization, "SLICE_SIZE", 1)  # 1 KB slices
     big = RNG.standard_normal((1000, 300)).astype(np.float32)
     path = str(tmp_path / "theirs.ckpt")
-    ms.save_checkpoint([{"name": "big", "data": ms.Tensor(big)},
-                        {"name": "bf", "data": ms.Tensor(A).astype(ms.bfloat16)},
-                        {"name": "global_step", "data": ms.Tensor(np.array([3], np.int32))}], path, crc_check=True)
+    ms.save_checkpoint(
+        [
+            {"name": "big", "data": ms.Tensor(big)},
+            {"name": "bf", "data": ms.Tensor(A).astype(ms.bfloat16)},
+            {"name": "global_step", "data": ms.Tensor(np.array([3], np.int32))},
+        ],
+        path,
+        crc_check=True,
+    )
     out = dict(iter_ms_ckpt(path))
     np.testing.assert_array_equal(out["big"], big)
     np.testing.assert_array_equal(out["bf"], ms.Tensor(A).astype(ms.bfloat16).astype(ms.float32).asnumpy())
@@ -89,8 +97,8 @@ def test_safetensors_writer_is_standard(tmp_path):
 
 
 def test_bfloat16_rounding_edges():
-    x = np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -0.0, np.inf, np.nan, 3.0e38], np.float32)
+    x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0, np.inf, np.nan, 3.0e38], np.float32)
     y = bfloat16_to_float32(bfloat16_bits(x))
     assert y[0] == 1.0 and y[1] == 1.0  # a tie rounds to even
-    assert y[2] == 1.0 + 2 ** -6  # a tie rounds to even (up)
+    assert y[2] == 1.0 + 2**-6  # a tie rounds to even (up)
     assert np.signbit(y[3]) and np.isinf(y[4]) and np.isnan(y[5]) and np.isfinite(y[6])

@@ -1,4 +1,5 @@
 """Tokenizer ids and text, checked against SentencePiece itself and the release's documented behaviour."""
+
 import hashlib
 
 import numpy as np
@@ -29,24 +30,40 @@ def test_encode_is_plain_sentencepiece(tokenizer, sp):
     for text in ["你好", "Hello world", "a\n\nb  c", "", "123 + 456 = 579"]:
         assert tokenizer.encode(text) == sp.encode(text)
         assert tokenizer.tokenize(text) == sp.encode(text, out_type=str)
-    assert tokenizer.convert_tokens_to_ids(["<|user|>", "▁你好"]) == [tokenizer.get_command("<|user|>"),
-                                                                       sp.piece_to_id("▁你好")]
+    assert tokenizer.convert_tokens_to_ids(["<|user|>", "▁你好"]) == [
+        tokenizer.get_command("<|user|>"),
+        sp.piece_to_id("▁你好"),
+    ]
 
 
 def test_chat_input_layout(tokenizer, sp):
     g = tokenizer.get_command
-    history = [{"role": "system", "content": "Tools:", "tools": [{"name": "get_weather"}]},
-               {"role": "user", "content": "天气"},
-               {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city=\"杭州\")\n```"},
-               {"role": "observation", "content": "{\"weather\": \"小雨\"}"}]
+    history = [
+        {"role": "system", "content": "Tools:", "tools": [{"name": "get_weather"}]},
+        {"role": "user", "content": "天气"},
+        {"role": "assistant", "metadata": "get_weather", "content": '```python\ntool_call(city="杭州")\n```'},
+        {"role": "observation", "content": '{"weather": "小雨"}'},
+    ]
     got = tokenizer.build_chat_input("谢谢", history)
     tools_text = 'Tools:\n[\n    {\n        "name": "get_weather"\n    }\n]'
-    expected = [g("[gMASK]"), g("sop"),
-                g("<|system|>")] + sp.encode("\n") + sp.encode(tools_text) + [
-                g("<|user|>")] + sp.encode("\n") + sp.encode("天气") + [
-                g("<|assistant|>")] + sp.encode("get_weather\n") + sp.encode(history[2]["content"]) + [
-                g("<|observation|>")] + sp.encode("\n") + sp.encode(history[3]["content"]) + [
-                g("<|user|>")] + sp.encode("\n") + sp.encode("谢谢") + [g("<|assistant|>")]
+    expected = (
+        [g("[gMASK]"), g("sop"), g("<|system|>")]
+        + sp.encode("\n")
+        + sp.encode(tools_text)
+        + [g("<|user|>")]
+        + sp.encode("\n")
+        + sp.encode("天气")
+        + [g("<|assistant|>")]
+        + sp.encode("get_weather\n")
+        + sp.encode(history[2]["content"])
+        + [g("<|observation|>")]
+        + sp.encode("\n")
+        + sp.encode(history[3]["content"])
+        + [g("<|user|>")]
+        + sp.encode("\n")
+        + sp.encode("谢谢")
+        + [g("<|assistant|>")]
+    )
     assert got["input_ids"] == [expected]
     assert got["attention_mask"] == [[1] * len(expected)]
     obs = tokenizer.build_chat_input("{}", [], role="observation")["input_ids"][0]

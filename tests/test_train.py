@@ -1,4 +1,5 @@
 """Fine-tuning on the tiny preset: loss, schedules, accumulation, LoRA, loss scaling and exact resume, in-process."""
+
 import csv
 import json
 import os
@@ -17,16 +18,24 @@ from glm3.train.step import CausalLMLoss
 
 
 def make_config(model_dir, output, **overrides):
-    values = {"model": str(model_dir), "data": SAMPLE, "output": str(output), "max_source_length": 32,
-              "max_target_length": 32, "seq_length": 65, "batch_size": 2, "steps": 4, "lr": 1e-3,
-              "progress": False}
+    values = {
+        "model": str(model_dir),
+        "data": SAMPLE,
+        "output": str(output),
+        "max_source_length": 32,
+        "max_target_length": 32,
+        "seq_length": 65,
+        "batch_size": 2,
+        "steps": 4,
+        "lr": 1e-3,
+        "progress": False,
+    }
     return FinetuneConfig(**{**values, **overrides})
 
 
 def read_log(output):
     with open(os.path.join(output, "train_log.tsv"), encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
-
 
 
 def test_lr_schedules():
@@ -50,8 +59,11 @@ def test_loss_is_the_mean_cross_entropy_over_labelled_tokens(tiny_model):
     labels[:, -1] = -100
     loss = float(CausalLMLoss(tiny_model)(Tensor(ids), Tensor(labels)).asnumpy())
     logits = tiny_model(Tensor(ids)).asnumpy().astype(np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     picked = [-logp[b, s, labels[b, s]] for b in range(2) for s in range(9) if labels[b, s] != -100]
     assert abs(loss - np.mean(picked)) < 1e-5
 
@@ -98,10 +110,34 @@ def test_accumulation_equals_the_larger_batch(tiny_dir, tmp_path):
 
 
 def test_gradient_clipping_caps_the_update(tiny_dir, tmp_path):
-    finetune(make_config(tiny_dir, tmp_path / "a", steps=1, lr=1e-2, max_grad_norm=0.0, lr_schedule="constant",
-                         weight_decay=0.0, adam_beta1=0.5, adam_beta2=0.5, adam_eps=1e-3))
-    finetune(make_config(tiny_dir, tmp_path / "b", steps=1, lr=1e-2, max_grad_norm=1e-3, lr_schedule="constant",
-                         weight_decay=0.0, adam_beta1=0.5, adam_beta2=0.5, adam_eps=1e-3))
+    finetune(
+        make_config(
+            tiny_dir,
+            tmp_path / "a",
+            steps=1,
+            lr=1e-2,
+            max_grad_norm=0.0,
+            lr_schedule="constant",
+            weight_decay=0.0,
+            adam_beta1=0.5,
+            adam_beta2=0.5,
+            adam_eps=1e-3,
+        )
+    )
+    finetune(
+        make_config(
+            tiny_dir,
+            tmp_path / "b",
+            steps=1,
+            lr=1e-2,
+            max_grad_norm=1e-3,
+            lr_schedule="constant",
+            weight_decay=0.0,
+            adam_beta1=0.5,
+            adam_beta2=0.5,
+            adam_eps=1e-3,
+        )
+    )
     base = glm3.load_model(tiny_dir)
     name = "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"
     w0 = {p.name: p.asnumpy() for p in base.get_parameters()}[name]
@@ -109,8 +145,9 @@ def test_gradient_clipping_caps_the_update(tiny_dir, tmp_path):
     step_b = np.abs(ckpt_arrays(str(tmp_path / "b" / "model" / "mindspore_model.ckpt"))[name] - w0).max()
     # The first Adam step is about lr * g / (|g| + eps): clipping g to a tiny norm makes eps dominate.
     assert step_b < 0.2 * step_a
-    assert float(read_log(tmp_path / "b")[0]["grad_norm"]) == pytest.approx(float(read_log(tmp_path / "a")[0]
-                                                                                   ["grad_norm"]), rel=1e-5)
+    assert float(read_log(tmp_path / "b")[0]["grad_norm"]) == pytest.approx(
+        float(read_log(tmp_path / "a")[0]["grad_norm"]), rel=1e-5
+    )
 
 
 def test_lora_adapter_starts_as_identity_saves_loads_and_merges(tiny_dir, tmp_path):
@@ -118,8 +155,9 @@ def test_lora_adapter_starts_as_identity_saves_loads_and_merges(tiny_dir, tmp_pa
     model = glm3.load_model(tiny_dir, kernels_backend="plain")
     ids = Tensor(np.array([[5, 6, 7, 8, 9, 10]], np.int32))
     base = model(ids).asnumpy()
-    names = apply_lora(model, LoraConfig(4, 8.0, 0.0, ("query_key_value", "dense", "dense_h_to_4h",
-                                                       "dense_4h_to_h")), seed=0)
+    names = apply_lora(
+        model, LoraConfig(4, 8.0, 0.0, ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")), seed=0
+    )
     assert len(names) == 2 * 4 * 2 and all(".encoder.layers." in n for n in names)
     assert {p.name for p in model.trainable_params()} == set(names)
     np.testing.assert_array_equal(model(ids).asnumpy(), base)  # B = 0: no change yet
@@ -156,8 +194,14 @@ def test_lora_finetune_trains_only_adapters(tiny_dir, tmp_path):
 def test_resume_gives_the_same_losses_and_weights(tiny_dir, tmp_path):
     # LoRA with dropout and accumulation, stopping mid-epoch: data position, dropout RNG, optimizer state and
     # the accumulation all have to come back exactly.
-    settings = {"steps": 9, "grad_accumulation": 2, "batch_size": 2, "warmup_steps": 2, "save_every": 4,
-                "lora": {"rank": 4, "alpha": 8, "dropout": 0.2, "targets": ["query_key_value", "dense_h_to_4h"]}}
+    settings = {
+        "steps": 9,
+        "grad_accumulation": 2,
+        "batch_size": 2,
+        "warmup_steps": 2,
+        "save_every": 4,
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.2, "targets": ["query_key_value", "dense_h_to_4h"]},
+    }
     finetune(make_config(tiny_dir, tmp_path / "straight", **settings))
     with pytest.raises(TrainingInterrupted) as stopped:
         finetune(make_config(tiny_dir, tmp_path / "resumed", stop_after=5, **settings))
@@ -165,8 +209,9 @@ def test_resume_gives_the_same_losses_and_weights(tiny_dir, tmp_path):
     assert len(read_log(tmp_path / "resumed")) == 5
     finetune(make_config(tiny_dir, tmp_path / "resumed", **settings))
     straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
-    assert [(r["step"], r["epoch"], r["loss"], r["lr"], r["grad_norm"]) for r in straight] == \
-        [(r["step"], r["epoch"], r["loss"], r["lr"], r["grad_norm"]) for r in resumed]
+    assert [(r["step"], r["epoch"], r["loss"], r["lr"], r["grad_norm"]) for r in straight] == [
+        (r["step"], r["epoch"], r["loss"], r["lr"], r["grad_norm"]) for r in resumed
+    ]
     a = ckpt_arrays(str(tmp_path / "straight" / "adapter" / "adapter_model.ckpt"))
     b = ckpt_arrays(str(tmp_path / "resumed" / "adapter" / "adapter_model.ckpt"))
     for name in a:
@@ -197,13 +242,18 @@ def test_the_same_run_in_another_place_writes_the_same_files(tiny_dir, tmp_path)
     moved = tmp_path / "elsewhere"
     shutil.copytree(tiny_dir, moved / "model")
     shutil.copy(SAMPLE, moved / "data.json")
-    runs = [finetune(make_config(tiny_dir, tmp_path / "a", steps=4, save_every=2)),
-            finetune(make_config(moved / "model", moved / "b", data=str(moved / "data.json"), steps=4,
-                                 save_every=2))]
+    runs = [
+        finetune(make_config(tiny_dir, tmp_path / "a", steps=4, save_every=2)),
+        finetune(make_config(moved / "model", moved / "b", data=str(moved / "data.json"), steps=4, save_every=2)),
+    ]
 
     def files(root):
-        return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
-                for d, _, names in os.walk(root) for n in names if "data_cache" not in d}
+        return {
+            os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root)
+            for n in names
+            if "data_cache" not in d
+        }
 
     a, b = (files(r.output) for r in runs)
     assert set(a) == set(b) and "timing.json" in a and any(name.endswith("state.ckpt") for name in a)
@@ -235,7 +285,19 @@ def test_bad_settings_fail_before_training(tiny_dir, tmp_path):
 
 def test_loss_falls_on_real_adgen_records(tiny_dir, tmp_path):
     assert os.path.isfile(ADGEN_DEV), f"ADGEN dev set not found at {ADGEN_DEV} (set GLM3_ADGEN_DEV)"
-    finetune(make_config(tiny_dir, tmp_path / "adgen", data=ADGEN_DEV, max_source_length=64, max_target_length=64,
-                         seq_length=129, batch_size=4, steps=40, lr=2e-3, warmup_steps=4))
+    finetune(
+        make_config(
+            tiny_dir,
+            tmp_path / "adgen",
+            data=ADGEN_DEV,
+            max_source_length=64,
+            max_target_length=64,
+            seq_length=129,
+            batch_size=4,
+            steps=40,
+            lr=2e-3,
+            warmup_steps=4,
+        )
+    )
     losses = [float(r["loss"]) for r in read_log(tmp_path / "adgen")]
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5

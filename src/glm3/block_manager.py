@@ -7,9 +7,15 @@ Prefill writes a prompt through its slot mapping (one slot per token); each deco
 taking a new block when the last one is full. Freed blocks return to the pool. Running out of blocks raises
 OutOfBlocks (callers that can wait check `can_allocate` first).
 """
+
 from __future__ import annotations
 
 import numpy as np
+
+# The paged cache's default shape: MindFormers' ChatGLM3 setting for seq_length 2048 on one device
+# (16 tokens per block, 224 blocks). Every default of the project (export, CLI) refers to these.
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_NUM_BLOCKS = 224
 
 
 class OutOfBlocks(RuntimeError):
@@ -17,7 +23,7 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int = 224, block_size: int = 16):
+    def __init__(self, num_blocks: int = DEFAULT_NUM_BLOCKS, block_size: int = DEFAULT_BLOCK_SIZE):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -37,9 +43,11 @@ class BlockManager:
 
     def _take(self, count: int, seq_id: int) -> list[int]:
         if count > len(self._free):
-            raise OutOfBlocks(f"sequence {seq_id} needs {count} more cache block(s) of {self.block_size} tokens, "
-                              f"{len(self._free)} of {self.num_blocks} are free; free finished sequences, wait, "
-                              "or raise num_blocks")
+            raise OutOfBlocks(
+                f"sequence {seq_id} needs {count} more cache block(s) of {self.block_size} tokens, "
+                f"{len(self._free)} of {self.num_blocks} are free; free finished sequences, wait, "
+                "or raise num_blocks"
+            )
         return [self._free.pop() for _ in range(count)]
 
     def allocate(self, seq_id: int, num_tokens: int) -> np.ndarray:
@@ -77,5 +85,5 @@ class BlockManager:
             table = self.tables[s]
             if len(table) > width:
                 raise ValueError(f"sequence {s} holds {len(table)} blocks, more than the table width {width}")
-            out[row, :len(table)] = table
+            out[row, : len(table)] = table
         return out

@@ -7,6 +7,7 @@ for shape and skipped (the model derives RoPE tables from the config).
 iter_checkpoint yields (name, numpy array) one tensor at a time and holds at most one source shard
 open (see glm3.tensor_files), so loading or converting a 6B checkpoint never needs a second copy in memory.
 """
+
 from __future__ import annotations
 
 import glob
@@ -86,11 +87,32 @@ def hf_tensor_shapes(config: GLM3Config) -> list[tuple[str, tuple[int, ...]]]:
 
 # Entries of training checkpoints (MindFormers/MindSpore optimizer and loss-scale state) that carry no
 # model weight; a converter skips them instead of failing on them.
-_TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accumulated_grads.",
-                            "global_norm", "lamb_m.", "lamb_v.", "accum.")
-_TRAINING_STATE_NAMES = {"global_step", "learning_rate", "beta1_power", "beta2_power", "scale_sense",
-                         "current_iterator_step", "last_overflow_iterator_step", "epoch_num", "step_num",
-                         "loss_scale", "loss_scale_value", "loss_scale_clean_steps"}
+_TRAINING_STATE_PREFIXES = (
+    "adam_m.",
+    "adam_v.",
+    "moment1.",
+    "moment2.",
+    "accu_grads.",
+    "accumulated_grads.",
+    "global_norm",
+    "lamb_m.",
+    "lamb_v.",
+    "accum.",
+)
+_TRAINING_STATE_NAMES = {
+    "global_step",
+    "learning_rate",
+    "beta1_power",
+    "beta2_power",
+    "scale_sense",
+    "current_iterator_step",
+    "last_overflow_iterator_step",
+    "epoch_num",
+    "step_num",
+    "loss_scale",
+    "loss_scale_value",
+    "loss_scale_clean_steps",
+}
 
 
 def is_training_state(name: str) -> bool:
@@ -98,8 +120,12 @@ def is_training_state(name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- layout
-_INDEXED = (("ms_ckpt", MS_CKPT_INDEX), ("safetensors", MS_ST_INDEX), ("safetensors", HF_ST_INDEX),
-            ("torch_bin", HF_BIN_INDEX))
+_INDEXED = (
+    ("ms_ckpt", MS_CKPT_INDEX),
+    ("safetensors", MS_ST_INDEX),
+    ("safetensors", HF_ST_INDEX),
+    ("torch_bin", HF_BIN_INDEX),
+)
 
 
 def detect_layout(directory: str) -> tuple[str, list[str], dict[str, str] | None]:
@@ -123,8 +149,10 @@ def detect_layout(directory: str) -> tuple[str, list[str], dict[str, str] | None
     ckpts = sorted(glob.glob(os.path.join(directory, "*.ckpt")))
     if ckpts:
         if len(ckpts) > 1:
-            raise CheckpointError(f"{directory} holds several .ckpt files and no {MS_CKPT_INDEX}: "
-                                  f"{', '.join(os.path.basename(c) for c in ckpts)}")
+            raise CheckpointError(
+                f"{directory} holds several .ckpt files and no {MS_CKPT_INDEX}: "
+                f"{', '.join(os.path.basename(c) for c in ckpts)}"
+            )
         return "ms_ckpt", ckpts, None
     sts = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if sts:
@@ -136,8 +164,10 @@ def detect_layout(directory: str) -> tuple[str, list[str], dict[str, str] | None
         if len(bins) > 1:
             raise CheckpointError(f"{directory} holds several pytorch_model*.bin shards but no {HF_BIN_INDEX}")
         return "torch_bin", bins, None
-    raise CheckpointError(f"no checkpoint in {directory}: expected {MS_CKPT}, *.ckpt, *.safetensors "
-                          "(with or without model.safetensors.index.json) or pytorch_model*.bin")
+    raise CheckpointError(
+        f"no checkpoint in {directory}: expected {MS_CKPT}, *.ckpt, *.safetensors "
+        "(with or without model.safetensors.index.json) or pytorch_model*.bin"
+    )
 
 
 def read_index(index_path: str) -> dict[str, str]:
@@ -159,11 +189,13 @@ def read_index(index_path: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- reading
 def _read_file(kind: str, path: str, skip_training_state: bool, skipped: list[str]):
     if kind == "ms_ckpt":
+
         def want(name: str) -> bool:
             if skip_training_state and is_training_state(name):
                 skipped.append(name)
                 return False
             return True
+
         return iter_ms_ckpt(path, want=want)
     return iter_safetensors(path) if kind == "safetensors" else iter_torch_bin(path)
 
@@ -181,19 +213,29 @@ def _check_inv_freq(array: np.ndarray, config: GLM3Config, where: str) -> None:
     It cannot tell a lost rope_ratio (the 32k release's buffer is at base 10000 too): config.json decides.
     """
     if tuple(array.shape) != inv_freq_shape(config):
-        raise CheckpointError(f"{HF_INV_FREQ} in {where} has shape {tuple(array.shape)}, expected "
-                              f"{inv_freq_shape(config)} for kv_channels={config.kv_channels}")
+        raise CheckpointError(
+            f"{HF_INV_FREQ} in {where} has shape {tuple(array.shape)}, expected "
+            f"{inv_freq_shape(config)} for kv_channels={config.kv_channels}"
+        )
     got = array.astype(np.float32)
-    if not any(np.allclose(got, rope_inv_freq(config.rotary_dim, base), rtol=2e-3, atol=0)
-               for base in (RELEASE_INV_FREQ_BASE, config.rope_base)):
-        raise CheckpointError(f"{HF_INV_FREQ} in {where} is not a RoPE buffer of this model (base "
-                              f"{RELEASE_INV_FREQ_BASE:g}, as released, or {config.rope_base:g}, rope_ratio "
-                              f"{config.rope_ratio:g}): the checkpoint and config.json disagree")
+    if not any(
+        np.allclose(got, rope_inv_freq(config.rotary_dim, base), rtol=2e-3, atol=0)
+        for base in (RELEASE_INV_FREQ_BASE, config.rope_base)
+    ):
+        raise CheckpointError(
+            f"{HF_INV_FREQ} in {where} is not a RoPE buffer of this model (base "
+            f"{RELEASE_INV_FREQ_BASE:g}, as released, or {config.rope_base:g}, rope_ratio "
+            f"{config.rope_ratio:g}): the checkpoint and config.json disagree"
+        )
 
 
-def iter_checkpoint(directory: str, config: GLM3Config, files: list[str] | None = None,
-                    skip_training_state: bool = False,
-                    skipped: list[str] | None = None) -> Iterator[tuple[str, np.ndarray, str]]:
+def iter_checkpoint(
+    directory: str,
+    config: GLM3Config,
+    files: list[str] | None = None,
+    skip_training_state: bool = False,
+    skipped: list[str] | None = None,
+) -> Iterator[tuple[str, np.ndarray, str]]:
     """Yield (ms_name, array, source_file) for every weight of a model directory, validated.
 
     Raises CheckpointError naming the tensor and file for an unexpected or duplicated name, a wrong
@@ -215,32 +257,41 @@ def iter_checkpoint(directory: str, config: GLM3Config, files: list[str] | None 
             for raw_name, array in _read_file(kind, path, skip_training_state, skipped):
                 if weight_map is not None and weight_map.get(raw_name) != where:
                     listed = weight_map.get(raw_name)
-                    raise CheckpointError(f"tensor {raw_name} is in {where} but the index "
-                                          + (f"maps it to {listed}" if listed else "does not list it"))
+                    raise CheckpointError(
+                        f"tensor {raw_name} is in {where} but the index "
+                        + (f"maps it to {listed}" if listed else "does not list it")
+                    )
                 if raw_name == HF_INV_FREQ:
                     _check_inv_freq(array, config, where)
                     continue
                 name = hf_to_ms_name(raw_name)
                 if name not in expected:
-                    raise CheckpointError(f"unexpected tensor {raw_name} in {where} (not part of a "
-                                          f"{config.num_layers}-layer ChatGLM3 with this config)")
+                    raise CheckpointError(
+                        f"unexpected tensor {raw_name} in {where} (not part of a "
+                        f"{config.num_layers}-layer ChatGLM3 with this config)"
+                    )
                 if name in seen:
                     raise CheckpointError(f"tensor {raw_name} appears twice: in {seen[name]} and in {where}")
                 if tuple(array.shape) != expected[name]:
-                    raise CheckpointError(f"tensor {raw_name} in {where} has shape {tuple(array.shape)}, "
-                                          f"expected {expected[name]}")
+                    raise CheckpointError(
+                        f"tensor {raw_name} in {where} has shape {tuple(array.shape)}, expected {expected[name]}"
+                    )
                 if array.dtype.kind != "f":
-                    raise CheckpointError(f"tensor {raw_name} in {where} has dtype {array.dtype}, "
-                                          "expected a float type")
+                    raise CheckpointError(
+                        f"tensor {raw_name} in {where} has dtype {array.dtype}, expected a float type"
+                    )
                 seen[name] = where
                 yield name, array, where
         except TensorFileError as exc:
             raise CheckpointError(str(exc)) from exc
     missing = [n for n in expected if n not in seen]
     if missing:
+
         def place(n: str) -> str:
             listed = weight_map.get(ms_to_hf_name(n)) if weight_map else None
             return f"{ms_to_hf_name(n)} (the index puts it in {listed})" if listed else ms_to_hf_name(n)
+
         shown = ", ".join(place(n) for n in missing[:5])
-        raise CheckpointError(f"{len(missing)} tensor(s) missing from {directory}: {shown}"
-                              + (" ..." if len(missing) > 5 else ""))
+        raise CheckpointError(
+            f"{len(missing)} tensor(s) missing from {directory}: {shown}" + (" ..." if len(missing) > 5 else "")
+        )

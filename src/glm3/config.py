@@ -1,4 +1,5 @@
 """GLM3Config: the ChatGLM3 hyper-parameters, HuggingFace config.json round trip, and named presets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -123,8 +124,16 @@ class GLM3Config:
 
     # -------------------------------------------------------------------------------- validation
     def validate(self) -> None:
-        positive = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-                    "multi_query_group_num", "padded_vocab_size", "seq_length")
+        positive = (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "kv_channels",
+            "multi_query_group_num",
+            "padded_vocab_size",
+            "seq_length",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -136,14 +145,17 @@ class GLM3Config:
         if self.multi_query_attention and self.num_attention_heads % self.multi_query_group_num:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                f"multi_query_group_num ({self.multi_query_group_num})")
+                f"multi_query_group_num ({self.multi_query_group_num})"
+            )
         if self.kv_channels % 4:
             raise ConfigError(
                 f"kv_channels ({self.kv_channels}) must be a multiple of 4: RoPE rotates the first half of "
-                "each head in pairs of channels")
+                "each head in pairs of channels"
+            )
         if not self.rmsnorm:
-            raise ConfigError("rmsnorm=false (LayerNorm, as in ChatGLM2 variants) is not supported: ChatGLM3 uses "
-                              "RMSNorm")
+            raise ConfigError(
+                "rmsnorm=false (LayerNorm, as in ChatGLM2 variants) is not supported: ChatGLM3 uses RMSNorm"
+            )
         if not self.original_rope:
             raise ConfigError("original_rope=false is not supported: ChatGLM3 uses the original (interleaved) RoPE")
         if self.torch_dtype not in _DTYPES:
@@ -218,10 +230,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     # THUDM/chatglm3-6b-32k: same weights layout, RoPE base scaled by rope_ratio, longer context.
     "glm3_6b_32k": {"rope_ratio": 50.0, "seq_length": 32768},
     # Benchmark shape: the real vocabulary and head size, four layers.
-    "bench": {"num_layers": 4, "hidden_size": 1024, "ffn_hidden_size": 2816, "num_attention_heads": 16,
-              "kv_channels": 64, "multi_query_group_num": 2, "padded_vocab_size": 65024, "torch_dtype": "float32"},
+    "bench": {
+        "num_layers": 4,
+        "hidden_size": 1024,
+        "ffn_hidden_size": 2816,
+        "num_attention_heads": 16,
+        "kv_channels": 64,
+        "multi_query_group_num": 2,
+        "padded_vocab_size": 65024,
+        "torch_dtype": "float32",
+    },
     # Tests and the embedded default: a few MB, the tokenizer trained from the shipped corpus fits in its vocab.
-    "tiny": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 160, "num_attention_heads": 4,
-             "kv_channels": 16, "multi_query_group_num": 2, "padded_vocab_size": 2048, "seq_length": 1024,
-             "torch_dtype": "float32"},
+    "tiny": {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "ffn_hidden_size": 160,
+        "num_attention_heads": 4,
+        "kv_channels": 16,
+        "multi_query_group_num": 2,
+        "padded_vocab_size": 2048,
+        "seq_length": 1024,
+        "torch_dtype": "float32",
+    },
 }

@@ -7,6 +7,7 @@ system message: a tool call, returned as {"name": metadata, "parameters": {...}}
 executing anything); a call that is not a plain literal call is returned as text starting with
 INVALID_TOOL_CALL_MARKER. Metadata without tools: {"name": metadata, "content": text}.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,14 @@ def _reply_ids(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] in stops else tokens
 
 
-def stream_chat(model, tokenizer: ChatGLM3Tokenizer, query: str, history: list[dict[str, Any]] | None = None,
-                role: str = "user", **gen) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+def stream_chat(
+    model,
+    tokenizer: ChatGLM3Tokenizer,
+    query: str,
+    history: list[dict[str, Any]] | None = None,
+    role: str = "user",
+    **gen,
+) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
     """Yield (partial response text, history) as tokens arrive, then the final (response, history)."""
     history = list(history or [])
     inputs = tokenizer.build_chat_input(query, history, role)
@@ -83,8 +90,14 @@ def stream_chat(model, tokenizer: ChatGLM3Tokenizer, query: str, history: list[d
     yield process_response(tokenizer.decode(_reply_ids(tokens, stops)), new_history)
 
 
-def chat(model, tokenizer: ChatGLM3Tokenizer, query: str, history: list[dict[str, Any]] | None = None,
-         role: str = "user", **gen) -> tuple[Any, list[dict[str, Any]]]:
+def chat(
+    model,
+    tokenizer: ChatGLM3Tokenizer,
+    query: str,
+    history: list[dict[str, Any]] | None = None,
+    role: str = "user",
+    **gen,
+) -> tuple[Any, list[dict[str, Any]]]:
     """One conversation turn: (response, updated history). gen: generation settings (see generate)."""
     *_, last = stream_chat(model, tokenizer, query, history, role, **gen)  # the final (response, history)
     return last

@@ -9,6 +9,7 @@ Memory stays at one source shard plus one tensor: tensors are validated and writ
 (glm3.checkpoint.iter_checkpoint, glm3.tensor_files). The destination is built in a temporary directory
 beside it and renamed into place only when complete, so a failure or a kill leaves no partial result.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,10 @@ class ConvertSummary:
 
     def describe(self) -> str:
         rate = self.bytes / max(self.seconds, 1e-9) / 1e6
-        text = (f"converted {self.tensors} tensors, {self.bytes / 1e9:.3f} GB as {self.dtype}, into "
-                f"{len(self.files)} {self.format} file(s) in {self.seconds:.1f} s ({rate:.0f} MB/s): {self.dst}")
+        text = (
+            f"converted {self.tensors} tensors, {self.bytes / 1e9:.3f} GB as {self.dtype}, into "
+            f"{len(self.files)} {self.format} file(s) in {self.seconds:.1f} s ({rate:.0f} MB/s): {self.dst}"
+        )
         if self.skipped_training_state:
             text += f"\nskipped {self.skipped_training_state} optimizer/training-state entries of the source"
         if not self.tokenizer:
@@ -70,8 +73,10 @@ def resolve_config(spec: str | GLM3Config | None, directory: str) -> GLM3Config:
         return spec
     if spec is None:
         if not os.path.isfile(os.path.join(directory, "config.json")):
-            raise ConfigError(f"no config.json in {directory}; pass --config with a preset "
-                              f"({', '.join(sorted(PRESETS))}) or the path of a config.json")
+            raise ConfigError(
+                f"no config.json in {directory}; pass --config with a preset "
+                f"({', '.join(sorted(PRESETS))}) or the path of a config.json"
+            )
         return GLM3Config.from_hf(directory)
     if spec in PRESETS:
         return GLM3Config.from_name(spec)
@@ -91,10 +96,19 @@ def _source(src: str) -> tuple[str, list[str] | None]:
     return src, None
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "mindspore",
-                       dtype: str = "auto", fmt: str = "ckpt", shard_size: str | int = DEFAULT_SHARD_SIZE,
-                       config: str | GLM3Config | None = None, tokenizer: str | os.PathLike | None = None,
-                       overwrite: bool = False, progress: bool = True) -> ConvertSummary:
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str = "mindspore",
+    dtype: str = "auto",
+    fmt: str = "ckpt",
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    config: str | GLM3Config | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConvertSummary:
     """Convert a checkpoint directory (or a MindFormers .ckpt file) and return what was done.
 
     to: "mindspore" (fmt "ckpt" or "safetensors") or "hf" (always safetensors). dtype: "auto" keeps the
@@ -137,10 +151,19 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         out = ShardedWriter(tmp, stem, fmt, shard_bytes, header_bound, metadata)
         try:
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"convert to {to}",
-                      disable=not progress, file=sys.stderr, mininterval=0.5) as bar:
-                for name, array, _ in iter_checkpoint(directory, cfg, files=files, skip_training_state=True,
-                                                      skipped=skipped):
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"convert to {to}",
+                disable=not progress,
+                file=sys.stderr,
+                mininterval=0.5,
+            ) as bar:
+                for name, array, _ in iter_checkpoint(
+                    directory, cfg, files=files, skip_training_state=True, skipped=skipped
+                ):
                     out.add(name if to == "mindspore" else ms_to_hf_name(name), array, out_dtype)
                     bar.update(storage_nbytes(array.shape, out_dtype))
                     del array
@@ -154,7 +177,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
         has_tokenizer = bool(copy_tokenizer_files(os.fspath(tokenizer) if tokenizer else directory, tmp))
         if tokenizer and not has_tokenizer:
             raise CheckpointError(f"no tokenizer files (tokenizer.model) in {tokenizer}")
-    return ConvertSummary(src=src, dst=dst, to=to, format=fmt, dtype=out_dtype, tensors=len(out_names),
-                          bytes=total, files=names, seconds=time.perf_counter() - start,
-                          skipped_training_state=len(skipped), tokenizer=has_tokenizer)
-
+    return ConvertSummary(
+        src=src,
+        dst=dst,
+        to=to,
+        format=fmt,
+        dtype=out_dtype,
+        tensors=len(out_names),
+        bytes=total,
+        files=names,
+        seconds=time.perf_counter() - start,
+        skipped_training_state=len(skipped),
+        tokenizer=has_tokenizer,
+    )

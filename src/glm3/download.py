@@ -8,6 +8,7 @@ metadata; and publish the files into the destination atomically, with a `source.
 repo, commit and checksums. With no network the first request fails within seconds and names the
 offline alternative.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,12 +27,16 @@ from glm3.io import atomic_directory, atomic_write_text, check_destination
 DEFAULT_REPO = "THUDM/chatglm3-6b"
 DEFAULT_REVISION = "main"
 SOURCE_FILE = "source.json"
-OFFLINE_HINT = ("offline alternative: `glm3 download --synthetic tiny --dst DIR` writes a random-weight checkpoint "
-                "in the release's layout; files already in the HuggingFace cache are used with HF_HUB_OFFLINE=1")
+OFFLINE_HINT = (
+    "offline alternative: `glm3 download --synthetic tiny --dst DIR` writes a random-weight checkpoint "
+    "in the release's layout; files already in the HuggingFace cache are used with HF_HUB_OFFLINE=1"
+)
 
 _ALWAYS = ("config.json", "tokenizer.model", "tokenizer_config.json")
-_WEIGHTS = {"safetensors": ("model*.safetensors", "model.safetensors.index.json"),
-            "bin": ("pytorch_model*.bin", "pytorch_model.bin.index.json")}
+_WEIGHTS = {
+    "safetensors": ("model*.safetensors", "model.safetensors.index.json"),
+    "bin": ("pytorch_model*.bin", "pytorch_model.bin.index.json"),
+}
 
 
 class DownloadError(RuntimeError):
@@ -49,10 +54,15 @@ class DownloadSummary:
     seconds: float
 
     def describe(self) -> str:
-        pinned = "" if self.revision == self.commit else \
-            f" (revision {self.revision!r} is not pinned; pin it with --revision {self.commit})"
-        return (f"downloaded {self.repo_id}@{self.commit[:12]}{pinned}: {len(self.files)} files, "
-                f"{self.bytes / 1e9:.3f} GB, sha256 verified, in {self.seconds:.1f} s -> {self.dst}")
+        pinned = (
+            ""
+            if self.revision == self.commit
+            else f" (revision {self.revision!r} is not pinned; pin it with --revision {self.commit})"
+        )
+        return (
+            f"downloaded {self.repo_id}@{self.commit[:12]}{pinned}: {len(self.files)} files, "
+            f"{self.bytes / 1e9:.3f} GB, sha256 verified, in {self.seconds:.1f} s -> {self.dst}"
+        )
 
 
 def select_files(names: list[str], prefer: str = "safetensors") -> list[str]:
@@ -94,9 +104,17 @@ def sha256_file(path: str, bar=None) -> str:
     return digest.hexdigest()
 
 
-def download_from_hub(dst: str | os.PathLike, repo_id: str = DEFAULT_REPO, revision: str = DEFAULT_REVISION,
-                      cache_dir: str | None = None, token: str | None = None, prefer: str = "safetensors",
-                      overwrite: bool = False, progress: bool = True, timeout: float = 10.0) -> DownloadSummary:
+def download_from_hub(
+    dst: str | os.PathLike,
+    repo_id: str = DEFAULT_REPO,
+    revision: str = DEFAULT_REVISION,
+    cache_dir: str | None = None,
+    token: str | None = None,
+    prefer: str = "safetensors",
+    overwrite: bool = False,
+    progress: bool = True,
+    timeout: float = 10.0,
+) -> DownloadSummary:
     """Download a ChatGLM3 checkpoint from the Hub into `dst` (complete and verified, or not at all)."""
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
@@ -136,29 +154,55 @@ def download_from_hub(dst: str | os.PathLike, repo_id: str = DEFAULT_REPO, revis
         raise DownloadError(f"download of {repo_id}@{commit} is incomplete: missing {', '.join(missing)}")
     sizes = {n: os.path.getsize(os.path.join(snapshot, n)) for n in wanted}
     checksums: dict[str, str] = {}
-    with tqdm(total=sum(sizes[n] for n in lfs_sha), unit="B", unit_scale=True, unit_divisor=1024,
-              desc="verify sha256", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(
+        total=sum(sizes[n] for n in lfs_sha),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="verify sha256",
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
         for name, expected in lfs_sha.items():
             actual = sha256_file(os.path.join(snapshot, name), bar)
             if expected and actual != expected:
                 _evict(os.path.join(snapshot, name))
-                raise DownloadError(f"{name} of {repo_id}@{commit} failed verification: sha256 {actual}, the Hub "
-                                    f"says {expected}. The corrupt copy was removed from the HuggingFace cache; "
-                                    "run the command again to download it anew")
+                raise DownloadError(
+                    f"{name} of {repo_id}@{commit} failed verification: sha256 {actual}, the Hub "
+                    f"says {expected}. The corrupt copy was removed from the HuggingFace cache; "
+                    "run the command again to download it anew"
+                )
             checksums[name] = actual
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         for name in wanted:
             _link_or_copy(os.path.realpath(os.path.join(snapshot, name)), os.path.join(tmp, name))
-        record = {"repo_id": repo_id, "revision": revision, "commit": commit,
-                  "files": {n: checksums.get(n, "") for n in wanted}}
+        record = {
+            "repo_id": repo_id,
+            "revision": revision,
+            "commit": commit,
+            "files": {n: checksums.get(n, "") for n in wanted},
+        }
         atomic_write_text(os.path.join(tmp, SOURCE_FILE), json.dumps(record, indent=2) + "\n")
-    return DownloadSummary(dst=dst, repo_id=repo_id, revision=revision, commit=commit,
-                           files={n: checksums.get(n, "") for n in wanted}, bytes=sum(sizes.values()),
-                           seconds=time.perf_counter() - start)
+    return DownloadSummary(
+        dst=dst,
+        repo_id=repo_id,
+        revision=revision,
+        commit=commit,
+        files={n: checksums.get(n, "") for n in wanted},
+        bytes=sum(sizes.values()),
+        seconds=time.perf_counter() - start,
+    )
 
 
-def _snapshot(repo_id: str, revision: str, allow: list[str] | None, cache_dir: str | None, token: str | None,
-              progress: bool, **kwargs) -> str:
+def _snapshot(
+    repo_id: str,
+    revision: str,
+    allow: list[str] | None,
+    cache_dir: str | None,
+    token: str | None,
+    progress: bool,
+    **kwargs,
+) -> str:
     """snapshot_download into the HF cache (resuming partial files); its errors become DownloadErrors."""
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download
@@ -168,14 +212,19 @@ def _snapshot(repo_id: str, revision: str, allow: list[str] | None, cache_dir: s
 
         disable_progress_bars()
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=allow, cache_dir=cache_dir,
-                                 token=token, max_workers=4, **kwargs)
+        return snapshot_download(
+            repo_id, revision=revision, allow_patterns=allow, cache_dir=cache_dir, token=token, max_workers=4, **kwargs
+        )
     except hf_errors.LocalEntryNotFoundError as exc:
-        raise DownloadError(f"{repo_id}@{revision} is not (completely) in the HuggingFace cache and the Hub "
-                            f"cannot be used: {exc}. {OFFLINE_HINT}") from exc
+        raise DownloadError(
+            f"{repo_id}@{revision} is not (completely) in the HuggingFace cache and the Hub "
+            f"cannot be used: {exc}. {OFFLINE_HINT}"
+        ) from exc
     except Exception as exc:  # HTTP errors, and httpx transport errors (connection reset, read timeout)
-        raise DownloadError(f"download of {repo_id}@{revision} failed: {exc}. Run the same command again to "
-                            "resume (partial files stay in the HuggingFace cache)") from exc
+        raise DownloadError(
+            f"download of {repo_id}@{revision} failed: {exc}. Run the same command again to "
+            "resume (partial files stay in the HuggingFace cache)"
+        ) from exc
 
 
 def _cached_blob_sha(snapshot: str, name: str) -> str:

@@ -25,6 +25,7 @@ Weights (`weights=`):
 Output directory: prefill/decode graphs, export_config.json, config.json, the tokenizer files and (weights
 "inputs") the weight shards.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ import shutil
 import mindspore as ms
 from mindspore import Tensor
 
+from glm3.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
 from glm3.checkpoint import detect_layout, iter_checkpoint
 from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_directory, public_permissions
@@ -63,13 +65,15 @@ class ExportConfig:
     stop_token_ids: list[int]
     paged: bool = False
     fused_paged_attention: bool = False
-    block_size: int = 16
-    num_blocks: int = 224
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_blocks: int = DEFAULT_NUM_BLOCKS
     weights: str = "embedded"  # exports written before weights could be inputs embed them
     dtype: str = "float32"
     weight_names: list[str] = dataclasses.field(default_factory=list)  # the graphs' weight inputs, in order
-    kv_cache: str = "graph inputs/outputs: prefill returns 2*num_layers tensors [batch, kv_groups, seq_length, " \
-                    "head_dim] (keys and values per layer); decode takes them and returns them updated"
+    kv_cache: str = (
+        "graph inputs/outputs: prefill returns 2*num_layers tensors [batch, kv_groups, seq_length, "
+        "head_dim] (keys and values per layer); decode takes them and returns them updated"
+    )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ExportConfig:
@@ -163,10 +167,20 @@ def _store_weights(model_dir: str, dst: str, config: GLM3Config, dtype: str) -> 
     return "written"
 
 
-def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_size: int | None = 1,
-                 prompt_length: int = 64, seq_length: int | None = None, paged: bool = False,
-                 block_size: int = 16, num_blocks: int = 224, fused_paged_attention: bool = False,
-                 overwrite: bool = False, weights: str = "inputs", dtype: str = "auto") -> str:
+def export_model(
+    model_dir: str | os.PathLike,
+    dst: str | os.PathLike,
+    batch_size: int | None = 1,
+    prompt_length: int = 64,
+    seq_length: int | None = None,
+    paged: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    num_blocks: int = DEFAULT_NUM_BLOCKS,
+    fused_paged_attention: bool = False,
+    overwrite: bool = False,
+    weights: str = "inputs",
+    dtype: str = "auto",
+) -> str:
     """Export `model_dir` to `dst` (see the module docstring). seq_length defaults to the model's; dtype
     "auto" keeps the checkpoint's own (a float16 model exports float16 weights).
 
@@ -187,8 +201,10 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
     if batch_size is not None and batch_size < 1:
         raise ExportError(f"batch_size must be >= 1 (or None for a dynamic batch), got {batch_size}")
     if not 1 <= prompt_length < seq_length <= config.seq_length:
-        raise ExportError(f"need 1 <= prompt_length ({prompt_length}) < seq_length ({seq_length}) <= the model's "
-                          f"seq_length ({config.seq_length})")
+        raise ExportError(
+            f"need 1 <= prompt_length ({prompt_length}) < seq_length ({seq_length}) <= the model's "
+            f"seq_length ({config.seq_length})"
+        )
     if fused_paged_attention and not paged:
         raise ExportError("fused_paged_attention needs a paged export")
     if paged and (block_size < 1 or num_blocks < 2):
@@ -203,12 +219,24 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
             from glm3.tokenizer import ChatGLM3Tokenizer
 
             model.stop_token_ids = ChatGLM3Tokenizer.from_pretrained(model_dir).stop_token_ids[1:]
-    spec = ExportConfig(batch_size, prompt_length, seq_length, config.num_layers, config.num_kv_groups,
-                        config.kv_channels, config.padded_vocab_size, config.pad_token_id,
-                        sorted({config.eos_token_id, *model.stop_token_ids}), paged, fused_paged_attention,
-                        block_size, num_blocks, weights, dtype)
-    options = {"file_format": "MINDIR",
-               "custom_func": _export_hook(spec.weight_names if weights == "inputs" else None)}
+    spec = ExportConfig(
+        batch_size,
+        prompt_length,
+        seq_length,
+        config.num_layers,
+        config.num_kv_groups,
+        config.kv_channels,
+        config.padded_vocab_size,
+        config.pad_token_id,
+        sorted({config.eos_token_id, *model.stop_token_ids}),
+        paged,
+        fused_paged_attention,
+        block_size,
+        num_blocks,
+        weights,
+        dtype,
+    )
+    options = {"file_format": "MINDIR", "custom_func": _export_hook(spec.weight_names if weights == "inputs" else None)}
     b = batch_size  # None becomes a dynamic dimension
     ids, prompt = Tensor(shape=[b, 1], dtype=ms.int32), Tensor(shape=[b, prompt_length], dtype=ms.int32)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
@@ -219,14 +247,30 @@ def export_model(model_dir: str | os.PathLike, dst: str | os.PathLike, batch_siz
             ms.export(PagedPrefillStep(model), prompt, prompt, prompt, caches, file_name=prefill_file, **options)
             row = Tensor(shape=[b], dtype=ms.int32)
             tables = Tensor(shape=[b, spec.max_blocks], dtype=ms.int32)
-            ms.export(PagedDecodeStep(model, fused_paged_attention), ids, ids, row, tables, row, caches,
-                      file_name=decode_file, **options)
+            ms.export(
+                PagedDecodeStep(model, fused_paged_attention),
+                ids,
+                ids,
+                row,
+                tables,
+                row,
+                caches,
+                file_name=decode_file,
+                **options,
+            )
         else:
             cache = Tensor(shape=[b, spec.kv_groups, seq_length, spec.head_dim], dtype=ms.float32)
             ms.export(PrefillStep(model, seq_length), prompt, prompt, file_name=prefill_file, **options)
-            ms.export(DecodeStep(model, seq_length), ids, ids, Tensor(shape=[b, seq_length], dtype=ms.bool_),
-                      Tensor(0, ms.int32), ms.mutable((cache,) * (2 * spec.num_layers)), file_name=decode_file,
-                      **options)
+            ms.export(
+                DecodeStep(model, seq_length),
+                ids,
+                ids,
+                Tensor(shape=[b, seq_length], dtype=ms.bool_),
+                Tensor(0, ms.int32),
+                ms.mutable((cache,) * (2 * spec.num_layers)),
+                file_name=decode_file,
+                **options,
+            )
         for dirpath, dirnames, names in os.walk(tmp):  # MindSpore writes its graphs readable by their owner only
             for name in dirnames + names:
                 public_permissions(os.path.join(dirpath, name))

@@ -1,4 +1,5 @@
 """Autoregressive generation: left-padded batches, static KV cache, greedy or seeded sampling."""
+
 from __future__ import annotations
 
 import weakref
@@ -56,8 +57,8 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np.
         ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int32)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = 1
         if attention_mask is None:
             attention_mask = mask
     if ids.ndim == 1:
@@ -87,8 +88,16 @@ def left_pad(ids: np.ndarray, mask: np.ndarray, width: int, pad: int) -> tuple[n
     return np.pad(ids, ((0, 0), (shift, 0)), constant_values=pad), np.pad(mask, ((0, 0), (shift, 0)))
 
 
-def process_logits(logits: np.ndarray, history: np.ndarray, history_mask: np.ndarray, *, temperature: float,
-                   top_k: int, top_p: float, repetition_penalty: float) -> np.ndarray:
+def process_logits(
+    logits: np.ndarray,
+    history: np.ndarray,
+    history_mask: np.ndarray,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+) -> np.ndarray:
     """Apply repetition penalty, temperature, top-k and top-p to float32 logits [batch, V] (a copy)."""
     logits = logits.astype(np.float32, copy=True)
     if repetition_penalty != 1.0:
@@ -130,11 +139,22 @@ def validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty) 
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
-def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
-                  max_length: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                  seed: int | None = None) -> Iterator[np.ndarray]:
+def iter_generate(
+    model,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+) -> Iterator[np.ndarray]:
     """Yield the next token of every row ([batch] int64) until all rows stop or the budget is spent.
 
     Rows that have stopped yield pad_token_id. A row stops after emitting any of eos_token_id (default:
@@ -151,8 +171,10 @@ def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int 
         raise ValueError(f"nothing to generate: max_new_tokens={max_new_tokens} (prompt has {prompt_len} tokens)")
     longest = int(mask.sum(axis=1).max())
     if longest + max_new_tokens > config.seq_length:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"seq_length {config.seq_length}")
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"seq_length {config.seq_length}"
+        )
     if (ids < 0).any() or (ids >= config.padded_vocab_size).any():
         raise ValueError(f"input_ids must be in [0, {config.padded_vocab_size})")
     validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
@@ -160,16 +182,40 @@ def iter_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int 
         eos_token_id = {config.eos_token_id, *model.stop_token_ids}
     bucket = _round_up(prompt_len, PROMPT_BUCKET)
     max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
-    steps = StaticCacheSteps(compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len),
-                             max_len)
-    yield from decode_loop(steps, ids, mask, bucket, max_new_tokens, do_sample=do_sample, temperature=temperature,
-                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                           stop_ids=eos_token_id, pad=pad, seed=seed)
+    steps = StaticCacheSteps(compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len), max_len)
+    yield from decode_loop(
+        steps,
+        ids,
+        mask,
+        bucket,
+        max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop_ids=eos_token_id,
+        pad=pad,
+        seed=seed,
+    )
 
 
-def decode_loop(steps, ids: np.ndarray, mask: np.ndarray, prompt_slots: int, max_new_tokens: int, *,
-                do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-                stop_ids, pad: int, seed: int | None) -> Iterator[np.ndarray]:
+def decode_loop(
+    steps,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    prompt_slots: int,
+    max_new_tokens: int,
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    stop_ids,
+    pad: int,
+    seed: int | None,
+) -> Iterator[np.ndarray]:
     """The generation loop over a cache's steps (glm3.kv_cache.StaticCacheSteps or PagedCacheSteps, driving
     compiled Cells or loaded MindIR graphs): steps.start(ids, mask) and steps.step(tokens) return the logits
     [b, V] of the next token. Prompts are left-padded to prompt_slots here.
@@ -186,9 +232,15 @@ def decode_loop(steps, ids: np.ndarray, mask: np.ndarray, prompt_slots: int, max
     for step in range(max_new_tokens):
         scores = logits.asnumpy()
         if do_sample or repetition_penalty != 1.0:
-            scores = process_logits(scores, history, history_mask, temperature=temperature if do_sample else 1.0,
-                                    top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
-                                    repetition_penalty=repetition_penalty)
+            scores = process_logits(
+                scores,
+                history,
+                history_mask,
+                temperature=temperature if do_sample else 1.0,
+                top_k=top_k if do_sample else 0,
+                top_p=top_p if do_sample else 1.0,
+                repetition_penalty=repetition_penalty,
+            )
         if do_sample:
             probs = _softmax(scores.astype(np.float64))
             tokens = np.array([rng.choice(probs.shape[-1], p=p) for rng, p in zip(rngs, probs)], dtype=np.int64)
@@ -204,8 +256,9 @@ def decode_loop(steps, ids: np.ndarray, mask: np.ndarray, prompt_slots: int, max
         logits = steps.step(tokens)
 
 
-def generate(model, input_ids, attention_mask=None, *, streamer: Callable[[np.ndarray], None] | None = None,
-             **kwargs) -> np.ndarray:
+def generate(
+    model, input_ids, attention_mask=None, *, streamer: Callable[[np.ndarray], None] | None = None, **kwargs
+) -> np.ndarray:
     """Generate up to max_new_tokens (or up to max_length in total) for a batch of prompts.
 
     Returns int64 [batch, prompt_len + generated]: the prompts as given, then the new tokens; a row that

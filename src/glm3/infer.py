@@ -7,6 +7,7 @@ from the checkpoint beside the graphs (checked tensor by tensor), and fed to bot
 Graphs load with MindSpore Lite when it is importable, else with MindSpore's GraphCell (MindSpore Lite has no
 wheel for Python 3.11 on the registry, so the tests here run GraphCell).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,7 +37,7 @@ class _LiteGraph:
 
         arrays = []
         for arg in args:
-            for t in (arg if isinstance(arg, (tuple, list)) else (arg,)):
+            for t in arg if isinstance(arg, (tuple, list)) else (arg,):
                 arrays.append(t.asnumpy())
         inputs = self.model.get_inputs()
         self.model.resize(inputs, [list(a.shape) for a in arrays])
@@ -82,8 +83,10 @@ def load_export_weights(directory: str, config: ExportConfig) -> tuple:
     tensors = {name: as_param_data(array, dtype) for name, array, _ in iter_checkpoint(directory, model_config)}
     missing = [n for n in config.weight_names if n not in tensors]
     if missing or len(tensors) != len(config.weight_names):
-        raise ExportError(f"{directory}: the weights beside the graphs do not match their inputs (missing "
-                          f"{missing[:3]}, {len(tensors)} tensors for {len(config.weight_names)} inputs)")
+        raise ExportError(
+            f"{directory}: the weights beside the graphs do not match their inputs (missing "
+            f"{missing[:3]}, {len(tensors)} tensors for {len(config.weight_names)} inputs)"
+        )
     return tuple(tensors.pop(name) for name in config.weight_names)
 
 
@@ -95,16 +98,26 @@ class MindIRRunner:
         self.config = ExportConfig.load(directory)
         prefill_path, decode_path = graph_file(directory, PREFILL), graph_file(directory, DECODE)
         if self.config.fused_paged_attention and importlib.util.find_spec("mindspore_lite") is None:
-            raise ExportError(f"{directory} uses the fused PagedAttention operator, which only MindSpore Lite "
-                              "(on Ascend) runs; export without --fused-paged-attention to run it here")
+            raise ExportError(
+                f"{directory} uses the fused PagedAttention operator, which only MindSpore Lite "
+                "(on Ascend) runs; export without --fused-paged-attention to run it here"
+            )
         weights = ()
         if self.config.weights == "inputs":
             from glm3.config import GLM3Config
             from glm3.memory import check_memory, inference_estimate
 
             batch = self.config.batch_size or 1
-            check_memory(inference_estimate(GLM3Config.from_hf(directory), self.config.dtype, batch,
-                                            self.config.seq_length, kernels=False, what="running the export"))
+            check_memory(
+                inference_estimate(
+                    GLM3Config.from_hf(directory),
+                    self.config.dtype,
+                    batch,
+                    self.config.seq_length,
+                    kernels=False,
+                    what="running the export",
+                )
+            )
             weights = load_export_weights(directory, self.config)
         self.prefill, self.backend = _load_graph(prefill_path)
         self.decode, _ = _load_graph(decode_path)
@@ -117,14 +130,16 @@ class MindIRRunner:
         c = self.config
         step = c.batch_size or len(prompts)
         for start in range(0, len(prompts), step):
-            chunk = [list(p) for p in prompts[start:start + step]]
+            chunk = [list(p) for p in prompts[start : start + step]]
             real = len(chunk)
             if c.batch_size is not None:
                 chunk += [chunk[0]] * (c.batch_size - real)
             ids, mask = as_batch(chunk, None, c.pad_token_id)
             if ids.shape[1] > c.prompt_length:
-                raise ExportError(f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length} "
-                                  "(export again with a larger prompt length)")
+                raise ExportError(
+                    f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length} "
+                    "(export again with a larger prompt length)"
+                )
             if (ids < 0).any() or (ids >= c.vocab_size).any():
                 raise ExportError(f"token ids must be in [0, {c.vocab_size})")
             yield real, ids, mask
@@ -137,22 +152,43 @@ class MindIRRunner:
             out.append(self.cache_steps().start(ids, mask).asnumpy()[:real])
         return np.concatenate(out)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[int]]:
         """New tokens of each prompt (stop token included, padding removed), in batches of the export's size."""
         c = self.config
         validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
         if c.prompt_length + max_new_tokens > c.seq_length:
-            raise ExportError(f"prompt_length {c.prompt_length} + max_new_tokens {max_new_tokens} exceeds the "
-                              f"exported cache of {c.seq_length}")
+            raise ExportError(
+                f"prompt_length {c.prompt_length} + max_new_tokens {max_new_tokens} exceeds the "
+                f"exported cache of {c.seq_length}"
+            )
         stops = set(c.stop_token_ids)
         out: list[list[int]] = []
         for real, ids, mask in self._batches(prompts):
-            steps = decode_loop(self.cache_steps(), ids, mask, c.prompt_length, max_new_tokens, do_sample=do_sample,
-                                temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, stop_ids=c.stop_token_ids,
-                                pad=c.pad_token_id, seed=seed)
+            steps = decode_loop(
+                self.cache_steps(),
+                ids,
+                mask,
+                c.prompt_length,
+                max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                repetition_penalty=repetition_penalty,
+                stop_ids=c.stop_token_ids,
+                pad=c.pad_token_id,
+                seed=seed,
+            )
             for row in np.stack(list(steps), axis=1)[:real].tolist():
                 cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
                 out.append(row[:cut])
@@ -163,6 +199,14 @@ class MindIRRunner:
 
         c = self.config
         if c.paged:
-            return PagedCacheSteps(self.prefill, self.decode, c.num_layers, c.kv_groups, c.head_dim, c.num_blocks,
-                                   c.block_size, c.max_blocks)
+            return PagedCacheSteps(
+                self.prefill,
+                self.decode,
+                c.num_layers,
+                c.kv_groups,
+                c.head_dim,
+                c.num_blocks,
+                c.block_size,
+                c.max_blocks,
+            )
         return StaticCacheSteps(self.prefill, self.decode, c.seq_length)

@@ -1,4 +1,5 @@
 """Atomic artifact writing: readers never see a half-written file or directory."""
+
 from __future__ import annotations
 
 import contextlib
@@ -87,7 +88,7 @@ def remove_stale_temporaries(parent: str, base: str) -> list[str]:
     for entry in os.listdir(parent):
         if not (entry.startswith(prefix) and entry.endswith(suffixes)):
             continue
-        pid = entry[len(prefix):].split(".", 1)[0]
+        pid = entry[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
             removed.append(entry)
@@ -164,8 +165,9 @@ def publish_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_destination(dst: str | os.PathLike, needed_bytes: int, overwrite: bool = False,
-                      src: str | os.PathLike | None = None) -> None:
+def check_destination(
+    dst: str | os.PathLike, needed_bytes: int, overwrite: bool = False, src: str | os.PathLike | None = None
+) -> None:
     """Fail before any work when `dst` cannot be written: it exists (and overwrite is off), it lies in
     the source, a parent is not a directory, the parent is not writable (probed, so it also holds for
     root and read-only file systems), or the disk lacks `needed_bytes`."""
@@ -187,5 +189,7 @@ def check_destination(dst: str | os.PathLike, needed_bytes: int, overwrite: bool
         raise PermissionError(f"cannot write into {parent} (destination {dst}): {exc.strerror or exc}") from exc
     free = shutil.disk_usage(parent).free
     if free < needed_bytes + (64 << 20):
-        raise OSError(f"not enough disk space for {dst}: needs about {needed_bytes / 1e9:.2f} GB, "
-                      f"{free / 1e9:.2f} GB free in {parent}")
+        raise OSError(
+            f"not enough disk space for {dst}: needs about {needed_bytes / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free in {parent}"
+        )

@@ -9,6 +9,7 @@ Two layouts:
 `StaticCacheSteps` / `PagedCacheSteps` hold a prefill and a decode step: start(ids, mask) and step(tokens)
 return the next token's logits.
 """
+
 from __future__ import annotations
 
 import mindspore as ms
@@ -36,8 +37,7 @@ class StaticKVCache:
         if self.next_index >= self.max_len:
             raise RuntimeError(f"KV cache is full ({self.max_len} positions)")
         self.key_mask[:, self.next_index] = True
-        return (Tensor(self.next_position.reshape(-1, 1)), Tensor(self.key_mask),
-                Tensor(np.int32(self.next_index)))
+        return (Tensor(self.next_position.reshape(-1, 1)), Tensor(self.key_mask), Tensor(np.int32(self.next_index)))
 
     def advance(self, caches: tuple) -> None:
         self.caches = caches
@@ -58,8 +58,13 @@ class StaticCacheSteps:
 
     def step(self, tokens: np.ndarray):
         position_ids, key_mask, write_index = self.cache.step_inputs()
-        logits, caches = self.decode(Tensor(tokens.astype(np.int32).reshape(-1, 1)), position_ids, key_mask,
-                                     write_index, ms.mutable(tuple(self.cache.caches)))
+        logits, caches = self.decode(
+            Tensor(tokens.astype(np.int32).reshape(-1, 1)),
+            position_ids,
+            key_mask,
+            write_index,
+            ms.mutable(tuple(self.cache.caches)),
+        )
         self.cache.advance(caches)
         return logits
 
@@ -69,8 +74,17 @@ class PagedCacheSteps:
     handed out is scratch space where padding positions write. Every start() begins with all blocks free;
     running out of blocks raises block_manager.OutOfBlocks."""
 
-    def __init__(self, prefill, decode, num_layers: int, kv_groups: int, head_dim: int, num_blocks: int,
-                 block_size: int, max_blocks: int):
+    def __init__(
+        self,
+        prefill,
+        decode,
+        num_layers: int,
+        kv_groups: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        max_blocks: int,
+    ):
         self.prefill, self.decode = prefill, decode
         self.shape = (num_blocks, block_size, kv_groups, head_dim)
         self.num_layers, self.max_blocks = num_layers, max_blocks
@@ -83,7 +97,7 @@ class PagedCacheSteps:
         lengths = mask.sum(axis=1).astype(np.int32)
         slot_mapping = np.full((batch, width), scratch, np.int32)
         for row in range(batch):
-            slot_mapping[row, width - lengths[row]:] = self.blocks.allocate(row, int(lengths[row]))
+            slot_mapping[row, width - lengths[row] :] = self.blocks.allocate(row, int(lengths[row]))
         self.rows = list(range(batch))
         self.next_position = lengths.copy()
         caches = ms.mutable(tuple(Tensor(np.zeros(self.shape, np.float32)) for _ in range(2 * self.num_layers)))
@@ -93,9 +107,13 @@ class PagedCacheSteps:
     def step(self, tokens: np.ndarray):
         slots = np.array([self.blocks.append_slot(row) for row in self.rows], np.int32)
         context_lens = np.array([self.blocks.lengths[row] for row in self.rows], np.int32)
-        logits, self.caches = self.decode(Tensor(tokens.astype(np.int32).reshape(-1, 1)),
-                                          Tensor(self.next_position.reshape(-1, 1)), Tensor(slots),
-                                          Tensor(self.blocks.block_tables(self.rows, self.max_blocks)),
-                                          Tensor(context_lens), ms.mutable(tuple(self.caches)))
+        logits, self.caches = self.decode(
+            Tensor(tokens.astype(np.int32).reshape(-1, 1)),
+            Tensor(self.next_position.reshape(-1, 1)),
+            Tensor(slots),
+            Tensor(self.blocks.block_tables(self.rows, self.max_blocks)),
+            Tensor(context_lens),
+            ms.mutable(tuple(self.caches)),
+        )
         self.next_position = self.next_position + 1
         return logits

@@ -1,4 +1,5 @@
 """Package attributes imported on first use (PEP 562), so importing a package costs only what is used."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """load_model / save_model: model directories in our MindSpore layout or in HuggingFace layout."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,9 @@ def setup_mindspore(mode: str = "graph") -> None:
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
 
 
-def load_model(path: str | os.PathLike, dtype: str = "auto", compute_dtype: str = "float32",
-               kernels_backend: str = "auto") -> GLM3ForCausalLM:
+def load_model(
+    path: str | os.PathLike, dtype: str = "auto", compute_dtype: str = "float32", kernels_backend: str = "auto"
+) -> GLM3ForCausalLM:
     """Load a ChatGLM3 model directory: config.json plus weights in any supported layout.
 
     dtype: parameter storage, "auto" (the checkpoint's own, config.json torch_dtype), float32, float16 or
@@ -51,10 +53,10 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", compute_dtype: str 
     config = GLM3Config.from_hf(path)
     dtype = resolve_dtype(dtype, config)
     kernels_backend = resolve_backend(kernels_backend)
-    check_memory(inference_estimate(config, dtype, kernels=kernels_backend == "cpu",
-                                    what=f"loading {path} as {dtype}"))
-    model = GLM3ForCausalLM(config, dtype=dtype, compute_dtype=compute_dtype, kernels_backend=kernels_backend,
-                            param_init="lazy")
+    check_memory(inference_estimate(config, dtype, kernels=kernels_backend == "cpu", what=f"loading {path} as {dtype}"))
+    model = GLM3ForCausalLM(
+        config, dtype=dtype, compute_dtype=compute_dtype, kernels_backend=kernels_backend, param_init="lazy"
+    )
     params = {p.name: p for p in model.get_parameters()}
     target = to_ms_dtype(dtype)
     for name, array, _ in iter_checkpoint(path, config, skip_training_state=True):
@@ -80,8 +82,14 @@ def model_tensors(model: GLM3ForCausalLM) -> Iterator[tuple[str, np.ndarray]]:
             yield param.name, parameter_array(param)
 
 
-def save_model(model: GLM3ForCausalLM, directory: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-               overwrite: bool = False, dtype: str = "auto", shard_size: str | int = DEFAULT_SHARD_SIZE) -> str:
+def save_model(
+    model: GLM3ForCausalLM,
+    directory: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+) -> str:
     """Write a model directory in our MindSpore layout: config.json, the weights as `dtype` ("auto": the
     model's storage dtype) in shards of `shard_size` with an index (one mindspore_model.ckpt when they fit),
     and the tokenizer files of `tokenizer_dir`.

@@ -4,6 +4,7 @@ An adapter directory holds `adapter_config.json` (rank, alpha, dropout, targets,
 and `adapter_model.ckpt` with the `…lora_a` / `…lora_b` tensors, named after the Linear they adapt.
 Merging computes W + B·A·alpha/rank in float32 and writes a plain model directory that needs no adapter.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,29 +30,32 @@ def adapter_shapes(model_config: GLM3Config, config: LoraConfig) -> dict[str, tu
 
     shapes = {}
     for name, (out, inp) in ((n, s) for n, s in expected_shapes(model_config).items() if len(s) == 2):
-        prefix = name[:-len(".weight")]
+        prefix = name[: -len(".weight")]
         if ".encoder.layers." in name and prefix.rsplit(".", 1)[-1] in config.targets:
             shapes[f"{prefix}.lora_a"] = (config.rank, inp)
             shapes[f"{prefix}.lora_b"] = (out, config.rank)
     return shapes
 
 
-def fold_adapter(tensors, model_config: GLM3Config, config: LoraConfig, adapter: dict[str, np.ndarray],
-                 where: str = "the adapter"):
+def fold_adapter(
+    tensors, model_config: GLM3Config, config: LoraConfig, adapter: dict[str, np.ndarray], where: str = "the adapter"
+):
     """Stream (name, array) of a base model with every adapter folded in: W + B·A·alpha/rank for each target
     weight, computed in float32 (the caller stores the result in the base's dtype). Memory: one base tensor
     and its float32 sum at a time; `adapter` (all lora_a/lora_b tensors) is checked against the config first."""
     expected = adapter_shapes(model_config, config)
     missing, extra = sorted(set(expected) - set(adapter)), sorted(set(adapter) - set(expected))
     if missing or extra:
-        raise LoraError(f"{where} does not match its config (rank {config.rank}, targets {list(config.targets)}): "
-                        f"missing {missing[:3]}, unexpected {extra[:3]}")
+        raise LoraError(
+            f"{where} does not match its config (rank {config.rank}, targets {list(config.targets)}): "
+            f"missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     for name, value in adapter.items():
         if tuple(value.shape) != expected[name] or value.dtype.kind != "f":
             raise LoraError(f"{where}: {name} is {value.dtype}{tuple(value.shape)}, expected float{expected[name]}")
     scale = np.float32(config.alpha / config.rank)
     for name, array in tensors:
-        prefix = name[:-len(".weight")] if name.endswith(".weight") else None
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix is not None and f"{prefix}.lora_a" in adapter:
             a = adapter[f"{prefix}.lora_a"].astype(np.float32, copy=False)
             b = adapter[f"{prefix}.lora_b"].astype(np.float32, copy=False)
@@ -60,8 +64,11 @@ def fold_adapter(tensors, model_config: GLM3Config, config: LoraConfig, adapter:
 
 
 def _target_linears(model: GLM3ForCausalLM, targets) -> list[tuple[str, Linear]]:
-    found = [(name, cell) for name, cell in model.cells_and_names()
-             if isinstance(cell, Linear) and name.rsplit(".", 1)[-1] in targets and ".encoder." in f".{name}"]
+    found = [
+        (name, cell)
+        for name, cell in model.cells_and_names()
+        if isinstance(cell, Linear) and name.rsplit(".", 1)[-1] in targets and ".encoder." in f".{name}"
+    ]
     if not found:
         raise LoraError(f"no Linear layer named {list(targets)} in the model")
     return found
@@ -99,8 +106,11 @@ class LoraDropout:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.cells = [cell for _, cell in _target_linears(model, config.targets)] if self.p > 0 else []
         for cell in self.cells:
-            cell.lora_mask = ms.Parameter(ms.Tensor(np.ones((rows, cell.in_features), np.float32)),
-                                          name=f"{cell.lora_a.name[:-len('.lora_a')]}.lora_mask", requires_grad=False)
+            cell.lora_mask = ms.Parameter(
+                ms.Tensor(np.ones((rows, cell.in_features), np.float32)),
+                name=f"{cell.lora_a.name[: -len('.lora_a')]}.lora_mask",
+                requires_grad=False,
+            )
         model.structure_changed()
 
     def refresh(self) -> None:
@@ -127,12 +137,17 @@ def save_adapter(model: GLM3ForCausalLM, directory: str | os.PathLike, overwrite
         raise LoraError("the model has no LoRA adapters")
     directory = os.fspath(directory)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        meta = {"peft_type": "LORA", **dataclasses.asdict(config), "targets": list(config.targets),
-                "base_config": model.config.to_hf()}
+        meta = {
+            "peft_type": "LORA",
+            **dataclasses.asdict(config),
+            "targets": list(config.targets),
+            "base_config": model.config.to_hf(),
+        }
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        ms.save_checkpoint([{"name": p.name, "data": p} for p in adapter_parameters(model)],
-                           os.path.join(tmp, ADAPTER_WEIGHTS))
+        ms.save_checkpoint(
+            [{"name": p.name, "data": p} for p in adapter_parameters(model)], os.path.join(tmp, ADAPTER_WEIGHTS)
+        )
     return directory
 
 
@@ -157,11 +172,20 @@ def check_adapter_base(base: dict, config: GLM3Config, where) -> None:
     if not base:
         return
     want = GLM3Config.from_hf(base)
-    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
-                  "multi_query_group_num", "padded_vocab_size"):
+    for field in (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "kv_channels",
+        "num_attention_heads",
+        "multi_query_group_num",
+        "padded_vocab_size",
+    ):
         if getattr(want, field) != getattr(config, field):
-            raise LoraError(f"adapter {where} was trained on a model with {field}={getattr(want, field)}, "
-                            f"this model has {getattr(config, field)}")
+            raise LoraError(
+                f"adapter {where} was trained on a model with {field}={getattr(want, field)}, "
+                f"this model has {getattr(config, field)}"
+            )
 
 
 def adapter_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -186,12 +210,13 @@ def load_adapter(model: GLM3ForCausalLM, directory: str | os.PathLike) -> GLM3Fo
     saved = adapter_weights(directory)
     missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or extra:
-        raise LoraError(f"adapter {directory} does not match its config: missing {missing[:3]}, "
-                        f"unexpected {extra[:3]}")
+        raise LoraError(f"adapter {directory} does not match its config: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, value in saved.items():
         if tuple(value.shape) != tuple(params[name].shape) or value.dtype != np.float32:
-            raise LoraError(f"adapter tensor {name} is {value.dtype}{tuple(value.shape)}, expected "
-                            f"float32{tuple(params[name].shape)}")
+            raise LoraError(
+                f"adapter tensor {name} is {value.dtype}{tuple(value.shape)}, expected "
+                f"float32{tuple(params[name].shape)}"
+            )
         params[name].set_data(ms.Tensor(value))
     return model
 

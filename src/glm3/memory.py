@@ -8,6 +8,7 @@ project's model with MindSpore 2.10 on CPU (see README "At the real size"). `ava
 give now: MemAvailable, or the cgroup's limit minus its usage when that is lower. GLM3_SKIP_MEMORY_CHECK=1
 turns the check off (the estimate is still logged).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,9 +67,10 @@ def available_bytes() -> int:
                     available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(limit_file, encoding="ascii") as f:
                 limit = f.read().strip()
@@ -112,20 +114,31 @@ def kv_cache_bytes(config: GLM3Config, batch: int, length: int) -> int:
     return 2 * config.num_layers * batch * config.num_kv_groups * length * config.kv_channels * 4
 
 
-def inference_estimate(config: GLM3Config, dtype: str, batch: int = 1, length: int | None = None,
-                       kernels: bool = True, what: str = "loading the model") -> MemoryEstimate:
+def inference_estimate(
+    config: GLM3Config,
+    dtype: str,
+    batch: int = 1,
+    length: int | None = None,
+    kernels: bool = True,
+    what: str = "loading the model",
+) -> MemoryEstimate:
     """Weights as stored, a KV cache of `length` positions (default: a 2048-token conversation), prefill
     activations, and without the CPU kernels the blocks a matmul casts to float32 (see CAST_BLOCK_BYTES)."""
     length = min(config.seq_length, length or 2048)
-    parts = {f"weights {dtype}": weight_bytes(config, dtype),
-             "KV cache": kv_cache_bytes(config, batch, length),
-             "activations": _activations(config, batch * min(length, 512), _INFER_ACT)
-             + batch * config.padded_vocab_size * 4 * 4,
-             "runtime": RUNTIME_BYTES}
+    parts = {
+        f"weights {dtype}": weight_bytes(config, dtype),
+        "KV cache": kv_cache_bytes(config, batch, length),
+        "activations": _activations(config, batch * min(length, 512), _INFER_ACT)
+        + batch * config.padded_vocab_size * 4 * 4,
+        "runtime": RUNTIME_BYTES,
+    }
     if dtype != "float32" and not kernels:
         parts["float32 casts"] = largest_weight_bytes(config, dtype) + 2 * CAST_BLOCK_BYTES
-    return MemoryEstimate(what, parts, "use a half-precision checkpoint (glm3 convert --dtype float16), or a "
-                          "shorter context / smaller batch")
+    return MemoryEstimate(
+        what,
+        parts,
+        "use a half-precision checkpoint (glm3 convert --dtype float16), or a shorter context / smaller batch",
+    )
 
 
 def streaming_estimate(config: GLM3Config, dtype: str, what: str, whole_model: bool = False) -> MemoryEstimate:
@@ -138,15 +151,23 @@ def streaming_estimate(config: GLM3Config, dtype: str, what: str, whole_model: b
         parts = {"rank slices float32": model, "merged float32": model}
         advice = "merge on a host with more memory (the Ascend servers that trained it)"
     else:
-        parts = {f"largest tensor {dtype} (read and written)": 2 * largest_weight_bytes(config, dtype),
-                 "its float32 working copy": largest_weight_bytes(config, "float32")}
+        parts = {
+            f"largest tensor {dtype} (read and written)": 2 * largest_weight_bytes(config, dtype),
+            "its float32 working copy": largest_weight_bytes(config, "float32"),
+        }
         advice = "free memory or use a larger host: this stage already holds one tensor at a time"
     parts["runtime"] = RUNTIME_BYTES
     return MemoryEstimate(what, parts, advice)
 
 
-def finetune_estimate(config: GLM3Config, weights_dtype: str, lora_trainable: int | None, batch: int,
-                      seq_length: int, grad_accumulation: int = 1) -> MemoryEstimate:
+def finetune_estimate(
+    config: GLM3Config,
+    weights_dtype: str,
+    lora_trainable: int | None,
+    batch: int,
+    seq_length: int,
+    grad_accumulation: int = 1,
+) -> MemoryEstimate:
     """A training step: the weights in `weights_dtype`; for full fine-tuning their float32 gradients and two
     Adam moments (plus accumulation buffers); for LoRA the adapters' (lora_trainable parameters, float32);
     the activations of one micro-batch; the logits and their gradient."""
@@ -163,11 +184,15 @@ def finetune_estimate(config: GLM3Config, weights_dtype: str, lora_trainable: in
     parts["activations"] = _activations(config, tokens, _TRAIN_ACT) + 4 * tokens * config.padded_vocab_size * 4
     parts["runtime"] = RUNTIME_BYTES
     if lora_trainable is None:
-        advice = ("use LoRA (finetune.lora.enabled: true / --lora), which trains adapters over the frozen base "
-                  "in its own half precision, or lower seq_length / batch_size")
+        advice = (
+            "use LoRA (finetune.lora.enabled: true / --lora), which trains adapters over the frozen base "
+            "in its own half precision, or lower seq_length / batch_size"
+        )
     else:
-        advice = ("keep the base in half precision (convert.dtype: float16 / --dtype auto on a float16 "
-                  "checkpoint), or lower seq_length / batch_size")
+        advice = (
+            "keep the base in half precision (convert.dtype: float16 / --dtype auto on a float16 "
+            "checkpoint), or lower seq_length / batch_size"
+        )
     return MemoryEstimate("fine-tuning", parts, advice)
 
 
@@ -175,7 +200,9 @@ def check_memory(estimate: MemoryEstimate, available: int | None = None) -> Memo
     """Raise MemoryBudgetError if the estimate exceeds what the host has; log it either way."""
     available = available_bytes() if available is None else available
     if estimate.total > available and os.environ.get("GLM3_SKIP_MEMORY_CHECK") != "1":
-        raise MemoryBudgetError(f"{estimate.describe()}, but this host has {available / GB:.1f} GB available: "
-                                f"{estimate.advice} (GLM3_SKIP_MEMORY_CHECK=1 skips this check)")
+        raise MemoryBudgetError(
+            f"{estimate.describe()}, but this host has {available / GB:.1f} GB available: "
+            f"{estimate.advice} (GLM3_SKIP_MEMORY_CHECK=1 skips this check)"
+        )
     log.info("%s; %.1f GB available", estimate.describe(), available / GB)
     return estimate

@@ -10,6 +10,7 @@
 Every output tensor is checked against the config (name, shape, floating dtype) before anything is written,
 and every output directory appears whole or not at all.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,15 @@ def rank_checkpoints(run: str | os.PathLike, step: int | None = None) -> tuple[l
     root = os.fspath(run)
     if os.path.isdir(os.path.join(root, "checkpoint")):
         root = os.path.join(root, "checkpoint")
-    ranks = sorted((int(d[len("rank_"):]), os.path.join(root, d)) for d in os.listdir(root)
-                   if d.startswith("rank_") and d[len("rank_"):].isdigit()) if os.path.isdir(root) else []
+    ranks = (
+        sorted(
+            (int(d[len("rank_") :]), os.path.join(root, d))
+            for d in os.listdir(root)
+            if d.startswith("rank_") and d[len("rank_") :].isdigit()
+        )
+        if os.path.isdir(root)
+        else []
+    )
     if not ranks:
         raise MergeError(f"no rank_N checkpoint directories in {root}")
     if [r for r, _ in ranks] != list(range(len(ranks))):
@@ -96,14 +104,23 @@ def _model_stream(paths: list[str], where: str):
             if other_name != name:
                 raise MergeError(f"{where}: rank {rank} holds {other_name} where rank 0 holds {name}")
             if not np.array_equal(other, array):
-                raise MergeError(f"rank {rank} disagrees with rank 0 on {name}: not a data-parallel run (or its "
-                                 "ranks diverged); pass the strategy files to merge a sharded run")
+                raise MergeError(
+                    f"rank {rank} disagrees with rank 0 on {name}: not a data-parallel run (or its "
+                    "ranks diverged); pass the strategy files to merge a sharded run"
+                )
         yield name, array
 
 
-def write_model_dir(tensors, config: GLM3Config, dst: str | os.PathLike, tokenizer_dir: str | os.PathLike | None,
-                    where: str, overwrite: bool = False, dtype: str = "auto",
-                    shard_size: str | int = DEFAULT_SHARD_SIZE) -> int:
+def write_model_dir(
+    tensors,
+    config: GLM3Config,
+    dst: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None,
+    where: str,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+) -> int:
     """Write (name, array) pairs as a model directory (config.json, sharded weights + index [+ tokenizer]),
     tensor by tensor, each checked against the config. dtype "auto" is `config.torch_dtype`, the base's, so
     a half-precision base gives a half-precision result. Returns the tensor count."""
@@ -142,16 +159,24 @@ def _check_rank_count(strategy_file: str, ranks: int) -> None:
 
     layouts = read_strategy_file(strategy_file)
     devices = int(np.prod(next(iter(layouts.values()))["dev_matrix"]))
-    stages = 1 + max((int(k.split("-", 1)[0]) for k in layouts if "-" in k and k.split("-", 1)[0].isdigit()),
-                     default=0)
+    stages = 1 + max((int(k.split("-", 1)[0]) for k in layouts if "-" in k and k.split("-", 1)[0].isdigit()), default=0)
     if devices * stages != ranks:
-        raise MergeError(f"the strategy describes {devices * stages} rank(s) ({devices} per stage, {stages} "
-                         f"stage(s)) but {ranks} rank checkpoint(s) were found")
+        raise MergeError(
+            f"the strategy describes {devices * stages} rank(s) ({devices} per stage, {stages} "
+            f"stage(s)) but {ranks} rank checkpoint(s) were found"
+        )
 
 
-def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.PathLike,
-              strategy: str | None = None, step: int | None = None, overwrite: bool = False, dtype: str = "auto",
-              shard_size: str | int = DEFAULT_SHARD_SIZE) -> MergeSummary:
+def merge_run(
+    run: str | os.PathLike,
+    dst: str | os.PathLike,
+    base: str | os.PathLike,
+    strategy: str | None = None,
+    step: int | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+) -> MergeSummary:
     """Merge a training run's per-rank checkpoints into a model directory.
 
     `base` is the model the run started from: its config and tokenizer are used, and for a LoRA run its
@@ -161,8 +186,9 @@ def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.Pat
     config = GLM3Config.from_hf(base)
     paths, step = rank_checkpoints(run, step)
     where = os.fspath(run)
-    check_memory(streaming_estimate(config, resolve_dtype(dtype, config), f"merging {where}",
-                                    whole_model=bool(strategy)))
+    check_memory(
+        streaming_estimate(config, resolve_dtype(dtype, config), f"merging {where}", whole_model=bool(strategy))
+    )
     with tempfile.TemporaryDirectory(prefix="glm3-merge-") as scratch:
         if strategy:
             src = os.path.join(scratch, "src")
@@ -189,9 +215,14 @@ def merge_run(run: str | os.PathLike, dst: str | os.PathLike, base: str | os.Pat
     return MergeSummary(os.fspath(dst), len(paths), step, method, count)
 
 
-def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.PathLike,
-                  overwrite: bool = False, dtype: str = "auto",
-                  shard_size: str | int = DEFAULT_SHARD_SIZE) -> MergeSummary:
+def merge_adapter(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    dst: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+) -> MergeSummary:
     """Fold a saved LoRA adapter into its base model and write a plain model directory (see merge_run)."""
     return _fold(base, adapter, None, dst, overwrite, dtype, shard_size)
 
@@ -215,18 +246,22 @@ def _fold(base, adapter, state, dst, overwrite, dtype, shard_size) -> MergeSumma
     return MergeSummary(os.fspath(dst), 1, None, "lora", count)
 
 
-def split_model(model_dir: str | os.PathLike, strategy_file: str, dst: str | os.PathLike,
-                overwrite: bool = False) -> list[str]:
+def split_model(
+    model_dir: str | os.PathLike, strategy_file: str, dst: str | os.PathLike, overwrite: bool = False
+) -> list[str]:
     """Write `dst/rank_N/model.ckpt`, the shards of a model directory under a strategy file."""
     from glm3.checkpoint import iter_checkpoint
 
     config = GLM3Config.from_hf(model_dir)
-    tensors = {name: array for name, array, _ in iter_checkpoint(os.fspath(model_dir), config,
-                                                                 skip_training_state=True)}
+    tensors = {
+        name: array for name, array, _ in iter_checkpoint(os.fspath(model_dir), config, skip_training_state=True)
+    }
     with tempfile.TemporaryDirectory(prefix="glm3-split-") as scratch:
         os.makedirs(os.path.join(scratch, "rank_0"))
-        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in tensors.items()],
-                           os.path.join(scratch, "rank_0", "model.ckpt"))
+        ms.save_checkpoint(
+            [{"name": k, "data": ms.Tensor(v)} for k, v in tensors.items()],
+            os.path.join(scratch, "rank_0", "model.ckpt"),
+        )
         del tensors
         with atomic_directory(dst, overwrite=overwrite) as tmp:
             try:

@@ -9,6 +9,7 @@ the full pass (`construct`), `prefill`, `decode_static` (a [batch, groups, max_l
 cache per layer, passed in and returned) and `decode_paged` (block caches). Compiled steps over them live in
 glm3.steps; the generation loop in glm3.generation. This module knows nothing of either.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -238,9 +239,9 @@ class SelfAttention(nn.Cell):
         """q [b, s, heads, d] and k, v [b, s, groups, d], q and k rotated."""
         b, s, _ = x.shape
         qkv = self.query_key_value(x)
-        q = qkv[:, :, :self.q_size].reshape(b, s, self.heads, self.head_dim)
-        k = qkv[:, :, self.q_size:self.q_size + self.kv_size].reshape(b, s, self.groups, self.head_dim)
-        v = qkv[:, :, self.q_size + self.kv_size:].reshape(b, s, self.groups, self.head_dim)
+        q = qkv[:, :, : self.q_size].reshape(b, s, self.heads, self.head_dim)
+        k = qkv[:, :, self.q_size : self.q_size + self.kv_size].reshape(b, s, self.groups, self.head_dim)
+        v = qkv[:, :, self.q_size + self.kv_size :].reshape(b, s, self.groups, self.head_dim)
         return kernels.apply_rotary(q, cos, sin, self.fused), kernels.apply_rotary(k, cos, sin, self.fused), v
 
     def construct(self, x, cos, sin, keep_mask):
@@ -260,8 +261,9 @@ class SelfAttention(nn.Cell):
         out = kernels.attention(q, k.astype(q.dtype), v.astype(q.dtype), keep_mask, self.scale, self.fused)
         return self.dense(out), k, v
 
-    def decode_paged(self, x, cos, sin, cache_k, cache_v, slots, block_tables, context_lens,
-                     fused_paged_attention=False):
+    def decode_paged(
+        self, x, cos, sin, cache_k, cache_v, slots, block_tables, context_lens, fused_paged_attention=False
+    ):
         """One token per row, stored in its slot of the block caches [num_blocks, block_size, groups, d], then
         attention over the row's blocks (MindSpore's PagedAttention operator with fused_paged_attention, for
         MindSpore Lite on Ascend). Returns the updated caches."""
@@ -269,8 +271,9 @@ class SelfAttention(nn.Cell):
         q, k, v = self._project(x, cos, sin)
         cache_k = kernels.write_cache(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
         cache_v = kernels.write_cache(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
-        out = kernels.paged_attention(q, cache_k, cache_v, block_tables, context_lens, self.scale,
-                                      fused_paged_attention or self.fused)
+        out = kernels.paged_attention(
+            q, cache_k, cache_v, block_tables, context_lens, self.scale, fused_paged_attention or self.fused
+        )
         return self.dense(out), cache_k, cache_v
 
 
@@ -285,7 +288,7 @@ class MLP(nn.Cell):
 
     def construct(self, x):
         h = self.dense_h_to_4h(x)
-        return self.dense_4h_to_h(ops.silu(h[..., :self.ffn]) * h[..., self.ffn:])
+        return self.dense_4h_to_h(ops.silu(h[..., : self.ffn]) * h[..., self.ffn :])
 
 
 class GLMBlock(nn.Cell):
@@ -316,11 +319,13 @@ class GLMBlock(nn.Cell):
         attn, k, v = self.self_attention.decode_static(normed, cos, sin, keep_mask, cache_k, cache_v, write_mask)
         return self._rest(x, normed, attn), k, v
 
-    def decode_paged(self, x, cos, sin, cache_k, cache_v, slots, block_tables, context_lens,
-                     fused_paged_attention=False):
+    def decode_paged(
+        self, x, cos, sin, cache_k, cache_v, slots, block_tables, context_lens, fused_paged_attention=False
+    ):
         normed = self.input_layernorm(x)
-        attn, k, v = self.self_attention.decode_paged(normed, cos, sin, cache_k, cache_v, slots, block_tables,
-                                                      context_lens, fused_paged_attention)
+        attn, k, v = self.self_attention.decode_paged(
+            normed, cos, sin, cache_k, cache_v, slots, block_tables, context_lens, fused_paged_attention
+        )
         return self._rest(x, normed, attn), k, v
 
 
@@ -331,8 +336,9 @@ class GLMTransformer(nn.Cell):
     def __init__(self, config: GLM3Config, options: BuildOptions):
         super().__init__()
         self.layers = nn.CellList([GLMBlock(config, options) for _ in range(config.num_layers)])
-        self.final_layernorm = (RMSNorm(config.hidden_size, config.layernorm_epsilon, options)
-                                if config.post_layer_norm else None)
+        self.final_layernorm = (
+            RMSNorm(config.hidden_size, config.layernorm_epsilon, options) if config.post_layer_norm else None
+        )
 
     def _final(self, x):
         return self.final_layernorm(x) if self.final_layernorm is not None else x
@@ -354,8 +360,9 @@ class GLMTransformer(nn.Cell):
     def decode_paged(self, x, cos, sin, caches, slots, block_tables, context_lens, fused_paged_attention=False):
         kv = ()
         for i, layer in enumerate(self.layers):
-            x, k, v = layer.decode_paged(x, cos, sin, caches[2 * i], caches[2 * i + 1], slots, block_tables,
-                                         context_lens, fused_paged_attention)
+            x, k, v = layer.decode_paged(
+                x, cos, sin, caches[2 * i], caches[2 * i + 1], slots, block_tables, context_lens, fused_paged_attention
+            )
             kv = kv + (k, v)
         return self._final(x), kv
 
@@ -410,11 +417,13 @@ class ChatGLMModel(nn.Cell):
         x, caches = self.encoder.decode_static(x, cos, sin, keep_mask, caches, write_mask)
         return self._logits(x[:, -1]), caches
 
-    def decode_paged(self, input_ids, position_ids, caches, slots, block_tables, context_lens,
-                     fused_paged_attention=False):
+    def decode_paged(
+        self, input_ids, position_ids, caches, slots, block_tables, context_lens, fused_paged_attention=False
+    ):
         x, cos, sin = self._embed(input_ids, position_ids)
-        x, caches = self.encoder.decode_paged(x, cos, sin, caches, slots, block_tables, context_lens,
-                                              fused_paged_attention)
+        x, caches = self.encoder.decode_paged(
+            x, cos, sin, caches, slots, block_tables, context_lens, fused_paged_attention
+        )
         return self._logits(x[:, -1]), caches
 
 
@@ -445,15 +454,23 @@ class GLM3ForCausalLM(nn.Cell):
     generation (glm3.generation) compiles steps over them.
     """
 
-    def __init__(self, config: GLM3Config, dtype="float32", compute_dtype="float32", kernels_backend="auto",
-                 param_init="normal", seed=None):
+    def __init__(
+        self,
+        config: GLM3Config,
+        dtype="float32",
+        compute_dtype="float32",
+        kernels_backend="auto",
+        param_init="normal",
+        seed=None,
+    ):
         super().__init__()
         config.validate()
         if param_init not in ("normal", "lazy"):
             raise ValueError(f"param_init must be 'normal' or 'lazy', got {param_init!r}")
         self.config = config
-        self.options = BuildOptions(to_ms_dtype(dtype), to_ms_dtype(compute_dtype),
-                                    kernels.resolve_backend(kernels_backend), param_init)
+        self.options = BuildOptions(
+            to_ms_dtype(dtype), to_ms_dtype(compute_dtype), kernels.resolve_backend(kernels_backend), param_init
+        )
         if seed is not None:
             ms.set_seed(seed)
         self.transformer = ChatGLMModel(config, self.options)

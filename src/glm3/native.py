@@ -3,6 +3,7 @@ compiler into a per-user cache: GLM3_KERNEL_CACHE, default ~/.cache/glm3/kernels
 flags, the compiler and the machine. Without a working compiler `build_library` returns None, says why in the
 log, and the callers fall back (MindSpore's MatMul; a plainer stop report).
 """
+
 from __future__ import annotations
 
 import functools

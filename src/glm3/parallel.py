@@ -6,6 +6,7 @@ config switches to SEMI_AUTO_PARALLEL: tensor parallel via `shard()` strategies 
 input dimension, embedding and output layer on the vocabulary), pipeline stages over the layers,
 optimizer sharding and recomputation, with per-rank strategy files in `<output>/strategy/`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,30 +64,41 @@ class ParallelConfig:
             raise ParallelConfigError(
                 f"model_parallel={self.model_parallel}, pipeline_stage={self.pipeline_stage}, optimizer_shard="
                 f"{self.optimizer_shard}: model/pipeline parallelism and optimizer sharding need Ascend or GPU "
-                "(MindSpore's semi-auto parallel has no CPU backend); on CPU use data_parallel only")
+                "(MindSpore's semi-auto parallel has no CPU backend); on CPU use data_parallel only"
+            )
         if self.pipeline_stage > 1 and self.micro_batch_num < self.pipeline_stage:
-            raise ParallelConfigError(f"micro_batch_num ({self.micro_batch_num}) must be >= pipeline_stage "
-                                      f"({self.pipeline_stage})")
+            raise ParallelConfigError(
+                f"micro_batch_num ({self.micro_batch_num}) must be >= pipeline_stage ({self.pipeline_stage})"
+            )
         if num_layers is not None and num_layers % self.pipeline_stage:
             raise ParallelConfigError(f"{num_layers} layers do not split evenly into {self.pipeline_stage} stages")
         total = self.worker_num or self.world_size
         if total != self.world_size:
-            raise ParallelConfigError(f"worker_num {total} != data_parallel*model_parallel*pipeline_stage = "
-                                      f"{self.world_size}")
+            raise ParallelConfigError(
+                f"worker_num {total} != data_parallel*model_parallel*pipeline_stage = {self.world_size}"
+            )
         local = self.local_worker_num or total
         if local > total or total % local:
             raise ParallelConfigError(f"local_worker_num {local} must divide worker_num {total}")
 
 
-def msrun_command(parallel: ParallelConfig, script_args: list[str], log_dir: str,
-                  python_bin_dir: str | None = None) -> list[str]:
+def msrun_command(
+    parallel: ParallelConfig, script_args: list[str], log_dir: str, python_bin_dir: str | None = None
+) -> list[str]:
     """The msrun command line that starts this node's workers, each running `glm3 <script_args>`."""
     total = parallel.worker_num or parallel.world_size
     local = parallel.local_worker_num or total
     msrun = shutil.which("msrun", path=python_bin_dir or os.path.dirname(sys.executable)) or "msrun"
-    cmd = [msrun, f"--worker_num={total}", f"--local_worker_num={local}", f"--master_addr={parallel.master_addr}",
-           f"--master_port={parallel.master_port}", f"--log_dir={log_dir}", "--join=True",
-           f"--cluster_time_out={parallel.cluster_time_out}"]
+    cmd = [
+        msrun,
+        f"--worker_num={total}",
+        f"--local_worker_num={local}",
+        f"--master_addr={parallel.master_addr}",
+        f"--master_port={parallel.master_port}",
+        f"--log_dir={log_dir}",
+        "--join=True",
+        f"--cluster_time_out={parallel.cluster_time_out}",
+    ]
     if total != local:
         cmd.append(f"--node_rank={parallel.node_rank}")
     if parallel.rank_table_file:
@@ -114,8 +126,10 @@ def init_parallel(parallel: ParallelConfig, strategy_dir: str | None = None) -> 
 
     if not launched_by_msrun():
         if parallel.is_distributed:
-            raise ParallelConfigError(f"this job needs {parallel.world_size} workers: launch it through msrun "
-                                      "(glm3 finetune does this itself when parallel.data_parallel > 1)")
+            raise ParallelConfigError(
+                f"this job needs {parallel.world_size} workers: launch it through msrun "
+                "(glm3 finetune does this itself when parallel.data_parallel > 1)"
+            )
         return 0, 1
     init()
     rank, size = get_rank(), get_group_size()
@@ -131,13 +145,17 @@ def init_parallel(parallel: ParallelConfig, strategy_dir: str | None = None) -> 
         if strategy_dir:
             os.makedirs(strategy_dir, exist_ok=True)
             kwargs["strategy_ckpt_save_file"] = os.path.join(strategy_dir, f"ckpt_strategy_rank_{rank}.ckpt")
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.SEMI_AUTO_PARALLEL, device_num=size,
-                                     pipeline_stages=parallel.pipeline_stage,
-                                     enable_parallel_optimizer=parallel.optimizer_shard, gradients_mean=True,
-                                     full_batch=True, **kwargs)
+        ms.set_auto_parallel_context(
+            parallel_mode=ms.ParallelMode.SEMI_AUTO_PARALLEL,
+            device_num=size,
+            pipeline_stages=parallel.pipeline_stage,
+            enable_parallel_optimizer=parallel.optimizer_shard,
+            gradients_mean=True,
+            full_batch=True,
+            **kwargs,
+        )
     else:
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, device_num=size,
-                                     gradients_mean=True)
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, device_num=size, gradients_mean=True)
     return rank, size
 
 

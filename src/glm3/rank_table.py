@@ -11,6 +11,7 @@ The format is the one MindSpore/MindFormers' `hccl_tools.py` writes (every numbe
 A table is built per server (device IPs from /etc/hccn.conf's `address_N=IP` lines or given explicitly) and
 the per-server tables are merged into one with rank ids numbered consecutively in server order.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -43,14 +44,18 @@ def parse_device_range(spec: str) -> list[int]:
         raise RankTableError(f"device range {spec!r} is not of the form [first,end) (e.g. [0,8) or [4,8))")
     first, end = int(match[1]), int(match[2])
     if end > DEVICES_PER_SERVER:
-        raise RankTableError(f"device range {spec!r} goes past device {DEVICES_PER_SERVER - 1}: a server has "
-                             f"{DEVICES_PER_SERVER} devices, and the end is excluded ([0,8) is all of them)")
+        raise RankTableError(
+            f"device range {spec!r} goes past device {DEVICES_PER_SERVER - 1}: a server has "
+            f"{DEVICES_PER_SERVER} devices, and the end is excluded ([0,8) is all of them)"
+        )
     if end <= first:
         raise RankTableError(f"device range {spec!r} is empty (the end is excluded)")
     if first < GROUP < end and (first, end) != (0, DEVICES_PER_SERVER):
-        raise RankTableError(f"device range {spec!r} crosses the boundary between the server's two groups of "
-                             f"{GROUP} devices (0-3 and 4-7), which HCCL cannot ring: use devices within one "
-                             f"group ([0,{GROUP}) or [{GROUP},8) or a part of one) or all 8 ([0,8))")
+        raise RankTableError(
+            f"device range {spec!r} crosses the boundary between the server's two groups of "
+            f"{GROUP} devices (0-3 and 4-7), which HCCL cannot ring: use devices within one "
+            f"group ([0,{GROUP}) or [{GROUP},8) or a part of one) or all 8 ([0,8))"
+        )
     return list(range(first, end))
 
 
@@ -76,9 +81,12 @@ def read_hccn_conf(path: str | os.PathLike) -> dict[int, str]:
     return ips
 
 
-def build_rank_table(server_ip: str, devices: str | list[int] = "[0,8)",
-                     device_ips: dict[int, str] | list[str] | None = None,
-                     hccn_conf: str | os.PathLike | None = None) -> dict:
+def build_rank_table(
+    server_ip: str,
+    devices: str | list[int] = "[0,8)",
+    device_ips: dict[int, str] | list[str] | None = None,
+    hccn_conf: str | os.PathLike | None = None,
+) -> dict:
     """The rank table of one server. Device IPs come from `device_ips` (a list in device order or a
     {device id: IP} map) or from `hccn_conf`; every device in the range must have one."""
     ids = parse_device_range(devices) if isinstance(devices, str) else list(devices)
@@ -95,12 +103,21 @@ def build_rank_table(server_ip: str, devices: str | list[int] = "[0,8)",
     missing = [d for d in ids if d not in ips]
     if missing:
         raise RankTableError(f"no IP for device(s) {missing}" + (f" in {hccn_conf}" if hccn_conf else ""))
-    table = {"version": "1.0", "server_count": "1",
-             "server_list": [{"server_id": _check_ip(server_ip, "server ip"),
-                              "device": [{"device_id": str(d), "device_ip": _check_ip(ips[d], f"device {d} IP"),
-                                          "rank_id": str(rank)} for rank, d in enumerate(ids)],
-                              "host_nic_ip": "reserve"}],
-             "status": "completed"}
+    table = {
+        "version": "1.0",
+        "server_count": "1",
+        "server_list": [
+            {
+                "server_id": _check_ip(server_ip, "server ip"),
+                "device": [
+                    {"device_id": str(d), "device_ip": _check_ip(ips[d], f"device {d} IP"), "rank_id": str(rank)}
+                    for rank, d in enumerate(ids)
+                ],
+                "host_nic_ip": "reserve",
+            }
+        ],
+        "status": "completed",
+    }
     validate_rank_table(table)
     return table
 
@@ -116,11 +133,17 @@ def merge_rank_tables(tables: list[dict]) -> dict:
         for server in table["server_list"]:
             devices = []
             for device in server["device"]:
-                devices.append({"device_id": device["device_id"], "device_ip": device["device_ip"],
-                                "rank_id": str(rank)})
+                devices.append(
+                    {"device_id": device["device_id"], "device_ip": device["device_ip"], "rank_id": str(rank)}
+                )
                 rank += 1
-            servers.append({"server_id": server["server_id"], "device": devices,
-                            "host_nic_ip": server.get("host_nic_ip", "reserve")})
+            servers.append(
+                {
+                    "server_id": server["server_id"],
+                    "device": devices,
+                    "host_nic_ip": server.get("host_nic_ip", "reserve"),
+                }
+            )
     merged = {"version": "1.0", "server_count": str(len(servers)), "server_list": servers, "status": "completed"}
     validate_rank_table(merged)
     return merged
@@ -129,8 +152,14 @@ def merge_rank_tables(tables: list[dict]) -> dict:
 def build_cluster_table(servers: list[dict]) -> dict:
     """The rank table of every server, in order: each {"ip", "devices" (default all 8), "hccn_conf" or
     "device_ips"} (params.yaml's parallel.servers)."""
-    return merge_rank_tables([build_rank_table(s["ip"], s.get("devices", "[0,8)"), device_ips=s.get("device_ips"),
-                                               hccn_conf=s.get("hccn_conf")) for s in servers])
+    return merge_rank_tables(
+        [
+            build_rank_table(
+                s["ip"], s.get("devices", "[0,8)"), device_ips=s.get("device_ips"), hccn_conf=s.get("hccn_conf")
+            )
+            for s in servers
+        ]
+    )
 
 
 def launch_nodes(world_size: int, table: dict | None = None) -> list[dict]:
@@ -142,8 +171,9 @@ def launch_nodes(world_size: int, table: dict | None = None) -> list[dict]:
         nodes = [{"ip": s["server_id"], "local_workers": len(s["device"])} for s in table["server_list"]]
         devices = sum(n["local_workers"] for n in nodes)
         if devices != world_size:
-            raise RankTableError(f"the servers have {devices} devices but data_parallel*model_parallel*"
-                                 f"pipeline_stage is {world_size}")
+            raise RankTableError(
+                f"the servers have {devices} devices but data_parallel*model_parallel*pipeline_stage is {world_size}"
+            )
     return [{**node, "node_rank": rank} for rank, node in enumerate(nodes)]
 
 
@@ -185,8 +215,9 @@ def validate_rank_table(table: dict) -> None:
                 raise RankTableError(f"server {sid} device {did}: rank_id {rank!r} is not a non-negative integer")
             ranks.append(int(rank))
     if len(per_server) > 1:
-        raise RankTableError(f"servers have different device counts {sorted(per_server)}; HCCL needs the same "
-                             "number on every server")
+        raise RankTableError(
+            f"servers have different device counts {sorted(per_server)}; HCCL needs the same number on every server"
+        )
     if sorted(ranks) != list(range(len(ranks))):
         raise RankTableError(f"rank ids {sorted(ranks)} are not 0..{len(ranks) - 1}, each once")
 

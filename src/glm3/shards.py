@@ -5,6 +5,7 @@ The layout `glm3 convert` writes and every stage after it keeps: `mindspore_mode
 to its file, or a single `mindspore_model.ckpt` when everything fits in one shard. Memory stays at one
 tensor: each is converted to the storage dtype and written as it arrives.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from glm3.tensor_files import STORAGE_DTYPES, MsCkptWriter, SafetensorsWriter, s
 
 DEFAULT_SHARD_SIZE = "2GB"
 MS_STEM = "mindspore_model"
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(size: str | int) -> int:
@@ -45,8 +46,15 @@ class ShardedWriter:
     also writes the index; the caller owns `directory` (normally an atomic_directory being built).
     """
 
-    def __init__(self, directory: str, stem: str = MS_STEM, fmt: str = "ckpt", shard_bytes: int = 0,
-                 header_bound: int = 0, metadata: dict | None = None):
+    def __init__(
+        self,
+        directory: str,
+        stem: str = MS_STEM,
+        fmt: str = "ckpt",
+        shard_bytes: int = 0,
+        header_bound: int = 0,
+        metadata: dict | None = None,
+    ):
         if fmt not in ("ckpt", "safetensors"):
             raise ValueError(f"format must be 'ckpt' or 'safetensors', got {fmt!r}")
         if fmt == "safetensors" and header_bound <= 0:
@@ -60,8 +68,9 @@ class ShardedWriter:
 
     def add(self, name: str, array: np.ndarray, dtype: str) -> None:
         nbytes = storage_nbytes(array.shape, dtype)
-        if self.writer is None or (self.shard_bytes and self.writer.nbytes
-                                   and self.writer.nbytes + nbytes > self.shard_bytes):
+        if self.writer is None or (
+            self.shard_bytes and self.writer.nbytes and self.writer.nbytes + nbytes > self.shard_bytes
+        ):
             self._open()
         self.writer.add(name, array, dtype)
         self.parts[-1][1].append(name)
@@ -71,8 +80,9 @@ class ShardedWriter:
         if self.writer is not None:
             self.writer.close()
         path = os.path.join(self.directory, f".part{len(self.parts):05d}.{self.ext}")
-        self.writer = MsCkptWriter(path) if self.fmt == "ckpt" else \
-            SafetensorsWriter(path, self.header_bound, self.metadata)
+        self.writer = (
+            MsCkptWriter(path) if self.fmt == "ckpt" else SafetensorsWriter(path, self.header_bound, self.metadata)
+        )
         self.parts.append((path, []))
 
     def finish(self, index_name: str) -> list[str]:
@@ -81,8 +91,11 @@ class ShardedWriter:
             self.writer.close()
             self.writer = None
         n = len(self.parts)
-        names = [f"{self.stem}.{self.ext}"] if n == 1 else \
-            [f"{self.stem}-{i + 1:05d}-of-{n:05d}.{self.ext}" for i in range(n)]
+        names = (
+            [f"{self.stem}.{self.ext}"]
+            if n == 1
+            else [f"{self.stem}-{i + 1:05d}-of-{n:05d}.{self.ext}" for i in range(n)]
+        )
         weight_map = {}
         for (tmp, tensors), final in zip(self.parts, names):
             os.replace(tmp, os.path.join(self.directory, final))
@@ -97,9 +110,15 @@ class ShardedWriter:
             self.writer.abort()
 
 
-def write_model_weights(tensors: Iterable[tuple[str, np.ndarray]], directory: str, config: GLM3Config, dtype: str,
-                        shard_size: str | int = DEFAULT_SHARD_SIZE, fmt: str = "ckpt",
-                        where: str = "the model") -> list[str]:
+def write_model_weights(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    directory: str,
+    config: GLM3Config,
+    dtype: str,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    fmt: str = "ckpt",
+    where: str = "the model",
+) -> list[str]:
     """Write (name, float array) pairs as the sharded weights of a model directory, each checked against the
     config (a known name, its shape, a floating dtype) and stored as `dtype`. Returns the file names.
 

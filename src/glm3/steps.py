@@ -5,6 +5,7 @@ so it compiles into one graph, runs eagerly, or exports to MindIR (glm3.export) 
 graph inputs and outputs, never hidden state. Host-side bookkeeping (which cache columns or blocks are in use)
 is glm3.kv_cache's.
 """
+
 from __future__ import annotations
 
 import mindspore as ms
@@ -82,5 +83,6 @@ class PagedDecodeStep(nn.Cell):
         self.fused_paged_attention = fused_paged_attention
 
     def construct(self, input_ids, position_ids, slots, block_tables, context_lens, caches):
-        return self.transformer.decode_paged(input_ids, position_ids, caches, slots, block_tables, context_lens,
-                                             self.fused_paged_attention)
+        return self.transformer.decode_paged(
+            input_ids, position_ids, caches, slots, block_tables, context_lens, self.fused_paged_attention
+        )

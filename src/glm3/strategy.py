@@ -5,6 +5,7 @@ A strategy file is a `ParallelStrategyMap` protobuf. For each parameter it store
 tensor map: tensor_map[i] = k means tensor dimension i is split over device-matrix axis k, counted from the
 right (so with dev_matrix [dp, mp], k = 0 is mp), and -1 means not split.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,9 @@ def tensor_parallel_layout(config: GLM3Config) -> dict[str, list[int]]:
     return layout
 
 
-def write_strategy_file(path: str | os.PathLike, layout: dict[str, list[int]], dev_matrix: list[int],
-                        stage: int = 0) -> str:
+def write_strategy_file(
+    path: str | os.PathLike, layout: dict[str, list[int]], dev_matrix: list[int], stage: int = 0
+) -> str:
     """Write a strategy file for parameters laid out by `layout` over `dev_matrix` (atomically)."""
     from mindspore.train.node_strategy_pb2 import ParallelStrategyMap
 
@@ -53,7 +55,8 @@ def write_strategy_file(path: str | os.PathLike, layout: dict[str, list[int]], d
         op.node_name = name
         op.parallel_strategys.stage = stage
         op.parallel_strategys.parallel_strategy.add().dim.extend(
-            [dev_matrix[len(dev_matrix) - 1 - k] if k >= 0 else 1 for k in tensor_map])
+            [dev_matrix[len(dev_matrix) - 1 - k] if k >= 0 else 1 for k in tensor_map]
+        )
         item = strategy.parallel_layout_item.add()
         item.param_name = name
         layouts = item.parallel_layouts
@@ -78,13 +81,15 @@ def _checked_layout(config: GLM3Config, model_parallel: int, data_parallel: int)
     for name, tensor_map in layout.items():
         for dim, axis in enumerate(tensor_map):
             if axis == 0 and shapes[name][dim] % model_parallel:
-                raise StrategyError(f"{name} dimension {dim} ({shapes[name][dim]}) does not split into "
-                                    f"{model_parallel}")
+                raise StrategyError(
+                    f"{name} dimension {dim} ({shapes[name][dim]}) does not split into {model_parallel}"
+                )
     return layout
 
 
-def write_tensor_parallel_strategy(path: str | os.PathLike, config: GLM3Config, model_parallel: int,
-                                   data_parallel: int = 1) -> str:
+def write_tensor_parallel_strategy(
+    path: str | os.PathLike, config: GLM3Config, model_parallel: int, data_parallel: int = 1
+) -> str:
     """The strategy file a dp x mp run of this model writes (dev_matrix [dp, mp])."""
     layout = _checked_layout(config, model_parallel, data_parallel)
     return write_strategy_file(path, layout, [data_parallel, model_parallel])
@@ -98,8 +103,13 @@ def stage_of(name: str, num_layers: int, stages: int) -> int:
     return 0 if "embedding" in name else stages - 1
 
 
-def write_pipeline_strategies(directory: str | os.PathLike, config: GLM3Config, pipeline_stages: int,
-                              model_parallel: int = 1, data_parallel: int = 1) -> list[str]:
+def write_pipeline_strategies(
+    directory: str | os.PathLike,
+    config: GLM3Config,
+    pipeline_stages: int,
+    model_parallel: int = 1,
+    data_parallel: int = 1,
+) -> list[str]:
     """One strategy file per pipeline stage (`stage_N.ckpt`), each in the tensor-parallel layout."""
     if pipeline_stages < 1 or config.num_layers % pipeline_stages:
         raise StrategyError(f"{config.num_layers} layers do not split evenly into {pipeline_stages} stages")
@@ -107,8 +117,14 @@ def write_pipeline_strategies(directory: str | os.PathLike, config: GLM3Config, 
     paths = []
     for stage in range(pipeline_stages):
         part = {k: v for k, v in layout.items() if stage_of(k, config.num_layers, pipeline_stages) == stage}
-        paths.append(write_strategy_file(os.path.join(os.fspath(directory), f"stage_{stage}.ckpt"), part,
-                                         [data_parallel, model_parallel], stage=stage))
+        paths.append(
+            write_strategy_file(
+                os.path.join(os.fspath(directory), f"stage_{stage}.ckpt"),
+                part,
+                [data_parallel, model_parallel],
+                stage=stage,
+            )
+        )
     return paths
 
 
@@ -126,8 +142,10 @@ def read_strategy_file(path: str | os.PathLike) -> dict[str, dict]:
     out = {}
     for item in strategy.parallel_layout_item:
         layouts = item.parallel_layouts
-        out[item.param_name] = {"dev_matrix": [list(d.dim) for d in layouts.dev_matrix][0],
-                                "tensor_map": [list(t.dim) for t in layouts.tensor_map][0]}
+        out[item.param_name] = {
+            "dev_matrix": [list(d.dim) for d in layouts.dev_matrix][0],
+            "tensor_map": [list(t.dim) for t in layouts.tensor_map][0],
+        }
     if not out:
         raise StrategyError(f"strategy file {path} describes no parameters")
     return out

@@ -4,6 +4,7 @@ Used by the embedded default and by tests: config.json, weight shards + index (s
 pytorch_model-0000N-of-0000M.bin), tokenizer.model trained from the corpus shipped with the package, and
 tokenizer_config.json. Seeded: the same arguments give the same files.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,14 +50,23 @@ def random_hf_weights(config: GLM3Config, seed: int = 0, dtype: str = "float32")
             yield HF_INV_FREQ, release_inv_freq(config).astype(np_dtype)
 
 
-SYNTHETIC_DEFAULTS = {"glm3_6b": {"dtype": "float16", "num_shards": 7}, "glm3_6b_32k": {"dtype": "float16",
-                                                                                      "num_shards": 7}}
+SYNTHETIC_DEFAULTS = {
+    "glm3_6b": {"dtype": "float16", "num_shards": 7},
+    "glm3_6b_32k": {"dtype": "float16", "num_shards": 7},
+}
 
 
-def write_synthetic_checkpoint(directory: str | os.PathLike, config: GLM3Config | str = "tiny", seed: int = 0,
-                               fmt: str = "safetensors", dtype: str | None = None, num_shards: int | None = None,
-                               tokenizer_vocab_size: int = 1500, overwrite: bool = False,
-                               progress: bool = False) -> str:
+def write_synthetic_checkpoint(
+    directory: str | os.PathLike,
+    config: GLM3Config | str = "tiny",
+    seed: int = 0,
+    fmt: str = "safetensors",
+    dtype: str | None = None,
+    num_shards: int | None = None,
+    tokenizer_vocab_size: int = 1500,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> str:
     """Write a random-weight checkpoint in HuggingFace layout into `directory` (atomically); return its path.
 
     fmt: "safetensors" (model-0000N-of-0000M.safetensors + model.safetensors.index.json) or "bin"
@@ -78,12 +88,14 @@ def write_synthetic_checkpoint(directory: str | os.PathLike, config: GLM3Config 
     directory = os.fspath(directory)
     check_destination(directory, sum(storage_nbytes(s, dtype) for _, s in hf_tensor_shapes(config)), overwrite)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        tokenizer_path = train_sentencepiece([shipped_corpus()], os.path.join(tmp, "tokenizer.model"),
-                                             vocab_size=tokenizer_vocab_size)
+        tokenizer_path = train_sentencepiece(
+            [shipped_corpus()], os.path.join(tmp, "tokenizer.model"), vocab_size=tokenizer_vocab_size
+        )
         tokenizer = ChatGLM3Tokenizer(tokenizer_path)
         if tokenizer.vocab_size > config.padded_vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but padded_vocab_size is "
-                             f"{config.padded_vocab_size}")
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} ids but padded_vocab_size is {config.padded_vocab_size}"
+            )
         tokenizer.save_pretrained(tmp)
         config.replace(torch_dtype=dtype).save(tmp)
         _write_shards(tmp, config, seed, dtype, fmt, num_shards, progress)
@@ -106,20 +118,31 @@ def _plan_shards(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, num_shar
     return [g for g in groups if g]
 
 
-def _write_shards(directory: str, config: GLM3Config, seed: int, dtype: str, fmt: str, num_shards: int,
-                  progress: bool) -> None:
+def _write_shards(
+    directory: str, config: GLM3Config, seed: int, dtype: str, fmt: str, num_shards: int, progress: bool
+) -> None:
     from tqdm import tqdm
 
     shapes = hf_tensor_shapes(config)
     groups = _plan_shards(shapes, dtype, num_shards)
     ext, stem = ("safetensors", "model") if fmt == "safetensors" else ("bin", "pytorch_model")
-    names = [f"{stem}.{ext}"] if len(groups) == 1 else \
-        [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}" for i in range(len(groups))]
+    names = (
+        [f"{stem}.{ext}"]
+        if len(groups) == 1
+        else [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}" for i in range(len(groups))]
+    )
     tensors = random_hf_weights(config, seed, dtype)
     total = sum(storage_nbytes(s, dtype) for _, s in shapes)
     header_bound = safetensors_header_bound(shapes, {"format": "pt"})
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synthetic weights",
-              disable=not progress, file=sys.stderr) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="synthetic weights",
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
         for group, fname in zip(groups, names):
             path = os.path.join(directory, fname)
             if fmt == "safetensors":
@@ -142,18 +165,25 @@ def _write_shards(directory: str, config: GLM3Config, seed: int, dtype: str, fmt
     if len(groups) > 1:
         weight_map = {name: fname for group, fname in zip(groups, names) for name in group}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_text(os.path.join(directory, HF_ST_INDEX if fmt == "safetensors" else HF_BIN_INDEX),
-                          json.dumps(index, indent=2) + "\n")
+        atomic_write_text(
+            os.path.join(directory, HF_ST_INDEX if fmt == "safetensors" else HF_BIN_INDEX),
+            json.dumps(index, indent=2) + "\n",
+        )
 
 
 def synthetic_cache_dir() -> str:
     """Where cached synthetic checkpoints live: GLM3_SYNTHETIC_CACHE, default ~/.cache/glm3/synthetic."""
-    return os.environ.get("GLM3_SYNTHETIC_CACHE",
-                          os.path.join(os.path.expanduser("~"), ".cache", "glm3", "synthetic"))
+    return os.environ.get("GLM3_SYNTHETIC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm3", "synthetic"))
 
 
-def cached_synthetic_checkpoint(directory: str | os.PathLike, preset: str, seed: int = 0, fmt: str = "safetensors",
-                                overwrite: bool = False, progress: bool = False) -> str:
+def cached_synthetic_checkpoint(
+    directory: str | os.PathLike,
+    preset: str,
+    seed: int = 0,
+    fmt: str = "safetensors",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> str:
     """A synthetic checkpoint in `directory` whose files are hard links into a cache outside the project.
 
     The first call writes it into the cache (keyed by preset, seed and format; 145 s and 12.5 GB for

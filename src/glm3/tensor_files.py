@@ -16,6 +16,7 @@ needs streaming instead. The formats are small and stable:
 
 Readers yield (name, numpy array); bfloat16 comes back as float32 (exact), as numpy has no bfloat16.
 """
+
 from __future__ import annotations
 
 import binascii
@@ -36,9 +37,21 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
 # ------------------------------------------------------------------------------------------- dtypes
 _CKPT_TYPES = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
-_CKPT_NUMPY = {"Float32": np.float32, "Float16": np.float16, "Float64": np.float64, "BFloat16": np.uint16,
-               "Int8": np.int8, "UInt8": np.uint8, "Int16": np.int16, "UInt16": np.uint16, "Int32": np.int32,
-               "UInt32": np.uint32, "Int64": np.int64, "UInt64": np.uint64, "Bool": np.bool_}
+_CKPT_NUMPY = {
+    "Float32": np.float32,
+    "Float16": np.float16,
+    "Float64": np.float64,
+    "BFloat16": np.uint16,
+    "Int8": np.int8,
+    "UInt8": np.uint8,
+    "Int16": np.int16,
+    "UInt16": np.uint16,
+    "Int32": np.int32,
+    "UInt32": np.uint32,
+    "Int64": np.int64,
+    "UInt64": np.uint64,
+    "Bool": np.bool_,
+}
 _ST_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
@@ -149,78 +162,103 @@ _CRC_TRAILER = b"crc_num"
 _CKPT_SLICE = 512 * 1024 * 1024  # bytes per Value, like MindSpore's own writer
 
 
-def iter_ms_ckpt(path: str, want: Callable[[str], bool] | None = None,
-                 types: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_ms_ckpt(
+    path: str, want: Callable[[str], bool] | None = None, types: dict[str, str] | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
     """Stream the tensors of a MindSpore .ckpt; tensors for which want(name) is False are skipped (never
     held in memory; read only when a CRC trailer must be verified). `types`, if given, receives every
     tensor's stored type ("Float16", ...).
 
     Memory: one tensor at a time, read straight into its final array. A CRC trailer, when present, is
-    verified after the last record.
+    verified after the last record. A big tensor may span several records (slices), which are joined.
     """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        end, expected_crc = size, None
-        if size >= 17:
-            f.seek(size - 17)
-            tail = f.read(17)
-            if tail[:7] == _CRC_TRAILER:
-                end, expected_crc = size - 17, int.from_bytes(tail[7:], "big")
-            f.seek(0)
+        end, expected_crc = _crc_trailer(f, size)
         r = _Reader(f, path, end, track_crc=expected_crc is not None)
         current: _Tensor | None = None  # the tensor being assembled from one or more records
         while r.pos < end:
-            if r.varint() != (1 << 3 | 2):
-                raise TensorFileError(f"{path} is not a MindSpore checkpoint (unexpected field at byte {r.pos})")
-            value_len = r.varint()
-            value_end = r.pos + value_len
-            tag, dims, ttype, content_len = None, [], None, None
-            while r.pos < value_end:
-                key = r.varint()
-                field, wire = key >> 3, key & 7
-                if wire != 2:
-                    raise TensorFileError(f"{path} is corrupt (field {field} of a record has wire type {wire})")
-                length = r.varint()
-                if field == 1:
-                    tag = r.read(length).decode("utf-8")
-                elif field == 2:
-                    tensor_end = r.pos + length
-                    while r.pos < tensor_end:
-                        tkey = r.varint()
-                        tfield, twire = tkey >> 3, tkey & 7
-                        if tfield == 1 and twire == 0:
-                            dims.append(r.varint())
-                        elif tfield == 1 and twire == 2:
-                            packed_len = r.varint()
-                            packed_end = r.pos + packed_len
-                            while r.pos < packed_end:
-                                dims.append(r.varint())
-                        elif tfield == 2 and twire == 2:
-                            ttype = r.read(r.varint()).decode("utf-8")
-                        elif tfield == 3 and twire == 2:
-                            content_len = r.varint()
-                            if tag is None or ttype is None:
-                                raise TensorFileError(f"{path}: a record's data precedes its name or type")
-                            if types is not None:
-                                types[tag] = ttype
-                            current, finished = _ckpt_slice(r, path, current, tag, dims, ttype, content_len, want)
-                            if finished is not None:
-                                yield tag, finished
-                        else:
-                            raise TensorFileError(f"{path} is corrupt (unexpected tensor field {tfield})")
-                    if r.pos != tensor_end:
-                        raise TensorFileError(f"{path} is corrupt (tensor record length mismatch)")
-                elif field == 3:
-                    raise TensorFileError(f"{path}: entry {tag} is a map tensor, which is not supported")
-                else:
-                    raise TensorFileError(f"{path} is corrupt (unexpected record field {field})")
-            if r.pos != value_end or tag is None or content_len is None:
-                raise TensorFileError(f"{path} is corrupt (incomplete record {tag!r})")
+            tag, dims, ttype, content_len, record_end = _record_header(r, path)
+            if types is not None:
+                types[tag] = ttype
+            current, finished = _ckpt_slice(r, path, current, tag, dims, ttype, content_len, want)
+            if finished is not None:
+                yield tag, finished
+            if r.pos != record_end:
+                raise TensorFileError(f"{path} is corrupt (record {tag!r} does not end after its data)")
         if current is not None and current.buffer is not None:
-            raise TensorFileError(f"{path} is truncated: tensor {current.tag} has {current.filled} of "
-                                  f"{current.nbytes} bytes")
+            raise TensorFileError(
+                f"{path} is truncated: tensor {current.tag} has {current.filled} of {current.nbytes} bytes"
+            )
         if expected_crc is not None and r.crc != expected_crc:
             raise TensorFileError(f"{path} failed its CRC check: the file is corrupt")
+
+
+def _crc_trailer(f, size: int) -> tuple[int, int | None]:
+    """(where the records end, the CRC32 the trailer expects or None): MindSpore may append b"crc_num" and
+    the checksum of the records as a 17-byte trailer."""
+    if size >= 17:
+        f.seek(size - 17)
+        tail = f.read(17)
+        f.seek(0)
+        if tail[:7] == _CRC_TRAILER:
+            return size - 17, int.from_bytes(tail[7:], "big")
+    return size, None
+
+
+def _record_header(r: _Reader, path: str) -> tuple[str, list[int], str, int, int]:
+    """Read one record (a Checkpoint.Value: tag, then a TensorProto of dims, type and data) up to the start of
+    its data. Returns (tag, dims, type, data length, the record's end)."""
+    if r.varint() != (1 << 3 | 2):
+        raise TensorFileError(f"{path} is not a MindSpore checkpoint (unexpected field at byte {r.pos})")
+    value_len = r.varint()
+    value_end = r.pos + value_len
+    tag = None
+    while r.pos < value_end:
+        key = r.varint()
+        field, wire = key >> 3, key & 7
+        if wire != 2:
+            raise TensorFileError(f"{path} is corrupt (field {field} of a record has wire type {wire})")
+        length = r.varint()
+        if field == 1:
+            tag = r.read(length).decode("utf-8")
+        elif field == 2:
+            if r.pos + length != value_end:
+                raise TensorFileError(f"{path} is corrupt (tensor record length mismatch)")
+            dims, ttype, content_len = _tensor_header(r, path, tag, r.pos + length)
+            return tag, dims, ttype, content_len, value_end
+        elif field == 3:
+            raise TensorFileError(f"{path}: entry {tag} is a map tensor, which is not supported")
+        else:
+            raise TensorFileError(f"{path} is corrupt (unexpected record field {field})")
+    raise TensorFileError(f"{path} is corrupt (incomplete record {tag!r})")
+
+
+def _tensor_header(r: _Reader, path: str, tag: str | None, tensor_end: int) -> tuple[list[int], str, int]:
+    """Read a TensorProto's dims and type up to its data (its last field): (dims, type, data length)."""
+    dims, ttype = [], None
+    while r.pos < tensor_end:
+        key = r.varint()
+        field, wire = key >> 3, key & 7
+        if field == 1 and wire == 0:
+            dims.append(r.varint())
+        elif field == 1 and wire == 2:
+            packed_len = r.varint()
+            packed_end = r.pos + packed_len
+            while r.pos < packed_end:
+                dims.append(r.varint())
+        elif field == 2 and wire == 2:
+            ttype = r.read(r.varint()).decode("utf-8")
+        elif field == 3 and wire == 2:
+            content_len = r.varint()
+            if tag is None or ttype is None:
+                raise TensorFileError(f"{path}: a record's data precedes its name or type")
+            if r.pos + content_len != tensor_end:
+                raise TensorFileError(f"{path} is corrupt (tensor record length mismatch)")
+            return dims, ttype, content_len
+        else:
+            raise TensorFileError(f"{path} is corrupt (unexpected tensor field {field})")
+    raise TensorFileError(f"{path} is corrupt (incomplete record {tag!r})")
 
 
 @dataclasses.dataclass
@@ -232,15 +270,18 @@ class _Tensor:
     filled: int = 0
 
 
-def _ckpt_slice(r: _Reader, path: str, current: _Tensor | None, tag: str, dims: list[int], ttype: str,
-                length: int, want) -> tuple[_Tensor | None, np.ndarray | None]:
+def _ckpt_slice(
+    r: _Reader, path: str, current: _Tensor | None, tag: str, dims: list[int], ttype: str, length: int, want
+) -> tuple[_Tensor | None, np.ndarray | None]:
     """Read one record's bytes into the tensor being assembled: (still assembling, finished array)."""
     if ttype not in _CKPT_NUMPY:
         raise TensorFileError(f"{path}: tensor {tag} has unsupported type {ttype!r}")
     if current is not None and current.tag != tag:
         if current.buffer is not None:
-            raise TensorFileError(f"{path}: tensor {current.tag} is incomplete ({current.filled} of "
-                                  f"{current.nbytes} bytes) before {tag} starts")
+            raise TensorFileError(
+                f"{path}: tensor {current.tag} is incomplete ({current.filled} of "
+                f"{current.nbytes} bytes) before {tag} starts"
+            )
         current = None
     if current is None:
         shape = tuple(int(d) for d in dims)
@@ -254,7 +295,7 @@ def _ckpt_slice(r: _Reader, path: str, current: _Tensor | None, tag: str, dims: 
     if current.buffer is None:
         r.skip(length)
     else:
-        r.read_into(memoryview(current.buffer)[current.filled:current.filled + length])
+        r.read_into(memoryview(current.buffer)[current.filled : current.filled + length])
     current.filled += length
     if current.filled < current.nbytes:
         return current, None
@@ -279,12 +320,21 @@ class MsCkptWriter:
         ttype = _CKPT_TYPES[dtype].encode()
         flat = memoryview(data.reshape(-1)).cast("B")
         for start in range(0, max(len(flat), 1), _CKPT_SLICE):
-            chunk = flat[start:start + _CKPT_SLICE]
-            tensor_len = len(dims) + len(_len_field(2, len(ttype))) + len(ttype) + \
-                len(_len_field(3, len(chunk))) + len(chunk)
+            chunk = flat[start : start + _CKPT_SLICE]
+            tensor_len = (
+                len(dims) + len(_len_field(2, len(ttype))) + len(ttype) + len(_len_field(3, len(chunk))) + len(chunk)
+            )
             value_len = len(_len_field(1, len(tag))) + len(tag) + len(_len_field(2, tensor_len)) + tensor_len
-            self.f.write(_len_field(1, value_len) + _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
-                         + dims + _len_field(2, len(ttype)) + ttype + _len_field(3, len(chunk)))
+            self.f.write(
+                _len_field(1, value_len)
+                + _len_field(1, len(tag))
+                + tag
+                + _len_field(2, tensor_len)
+                + dims
+                + _len_field(2, len(ttype))
+                + ttype
+                + _len_field(3, len(chunk))
+            )
             self.f.write(chunk)
         self.nbytes += data.nbytes
 
@@ -300,8 +350,7 @@ class MsCkptWriter:
 # ----------------------------------------------------------------------------------- safetensors
 def safetensors_header_bound(entries: list[tuple[str, tuple[int, ...]]], metadata: dict | None = None) -> int:
     """An upper bound of the JSON header size for any subset of `entries` (name, shape)."""
-    worst = {name: {"dtype": "BF16", "shape": list(shape), "data_offsets": [10 ** 15, 10 ** 15]}
-             for name, shape in entries}
+    worst = {name: {"dtype": "BF16", "shape": list(shape), "data_offsets": [10**15, 10**15]} for name, shape in entries}
     if metadata:
         worst["__metadata__"] = metadata
     n = len(json.dumps(worst, separators=(",", ":")).encode("utf-8")) + 64
@@ -321,8 +370,11 @@ class SafetensorsWriter:
     def add(self, name: str, array: np.ndarray, dtype: str) -> None:
         data = to_storage(array, dtype)
         self.f.write(memoryview(data.reshape(-1)).cast("B"))
-        self.entries[name] = {"dtype": _ST_TYPES[dtype], "shape": list(data.shape),
-                              "data_offsets": [self.nbytes, self.nbytes + data.nbytes]}
+        self.entries[name] = {
+            "dtype": _ST_TYPES[dtype],
+            "shape": list(data.shape),
+            "data_offsets": [self.nbytes, self.nbytes + data.nbytes],
+        }
         self.nbytes += data.nbytes
 
     def close(self) -> None:
@@ -331,8 +383,9 @@ class SafetensorsWriter:
             header["__metadata__"] = self.metadata
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
         if len(text) > self.header_bytes:
-            raise TensorFileError(f"safetensors header of {self.path} needs {len(text)} bytes, "
-                                  f"{self.header_bytes} were reserved")
+            raise TensorFileError(
+                f"safetensors header of {self.path} needs {len(text)} bytes, {self.header_bytes} were reserved"
+            )
         self.f.seek(0)
         self.f.write(struct.pack("<Q", self.header_bytes) + text + b" " * (self.header_bytes - len(text)))
         self.f.flush()

@@ -8,6 +8,7 @@ Ids, message layout and decoding follow the released tokenizer exactly (see docs
 - decode maps every id to its piece (special tokens to their literal text, <unk>/<s>/</s> and ids past
   the vocabulary to nothing) and decodes the whole piece list in one SentencePiece call.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,17 @@ import sentencepiece as spm
 
 from glm3.io import atomic_write_bytes, atomic_write_text
 
-SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
-                  "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+SPECIAL_TOKENS = (
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "sop",
+    "eop",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+)
 ROLES = ("system", "user", "assistant", "observation")
 VOCAB_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -134,8 +144,9 @@ class ChatGLM3Tokenizer:
             raise TokenizerError(f"role must be one of {ROLES}, got {role!r}")
         return [self.get_command(f"<|{role}|>")] + self.encode(f"{metadata}\n") + self.encode(message)
 
-    def build_chat_input(self, query: str, history: list[dict[str, Any]] | None = None,
-                         role: str = "user") -> dict[str, list[list[int]]]:
+    def build_chat_input(
+        self, query: str, history: list[dict[str, Any]] | None = None, role: str = "user"
+    ) -> dict[str, list[list[int]]]:
         """{"input_ids": [[...]], "attention_mask": [[1, ...]]} for one chat turn awaiting the assistant."""
         ids = [self.get_command("[gMASK]"), self.get_command("sop")]
         for item in history or []:
@@ -162,8 +173,8 @@ class ChatGLM3Tokenizer:
         mask = np.zeros((len(sequences), width), dtype=np.int64)
         for row, seq in enumerate(sequences):
             if len(seq):
-                ids[row, width - len(seq):] = seq
-                mask[row, width - len(seq):] = 1
+                ids[row, width - len(seq) :] = seq
+                mask[row, width - len(seq) :] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
     def batch_encode(self, texts: Sequence[str], add_prefix: bool = True) -> dict[str, np.ndarray]:
@@ -215,8 +226,12 @@ def load_tokenizer(path: str | os.PathLike) -> ChatGLM3Tokenizer:
     return ChatGLM3Tokenizer.from_pretrained(path)
 
 
-def train_sentencepiece(text_files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
-                        vocab_size: int = 1500, seed_sentences: int = 1_000_000) -> str:
+def train_sentencepiece(
+    text_files: Sequence[str | os.PathLike],
+    output_file: str | os.PathLike,
+    vocab_size: int = 1500,
+    seed_sentences: int = 1_000_000,
+) -> str:
     """Train a BPE SentencePiece model with byte fallback, in ChatGLM3's settings, from text files.
 
     Whitespace and newlines are kept (identity normalisation, no whitespace folding), digits are split
@@ -232,11 +247,26 @@ def train_sentencepiece(text_files: Sequence[str | os.PathLike], output_file: st
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
-            input=",".join(files), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9995,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-            input_sentence_size=seed_sentences, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+            input=",".join(files),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            character_coverage=0.9995,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            hard_vocab_limit=False,
+            input_sentence_size=seed_sentences,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            minloglevel=2,
+        )
     except RuntimeError as exc:
         raise TokenizerError(f"SentencePiece training failed (vocab_size={vocab_size}): {exc}") from exc
     output_file = os.fspath(output_file)

@@ -14,6 +14,7 @@ memory (MemoryError) before any check on the tree could run. The scan (Python's 
 recurse) admits only the tokens of literal calls and bounds the bracket depth, so what reaches `ast.parse` is
 shallow.
 """
+
 from __future__ import annotations
 
 import ast
@@ -51,8 +52,14 @@ def _scan(body: str) -> None:
         raise ToolCallError(f"not a Python expression: {exc.args[0] if exc.args else exc}") from None
     for i, tok in enumerate(tokens):
         kind, text = tok.type, tok.string
-        if kind in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.ENDMARKER, tokenize.INDENT,
-                    tokenize.DEDENT):
+        if kind in (
+            tokenize.NL,
+            tokenize.NEWLINE,
+            tokenize.COMMENT,
+            tokenize.ENDMARKER,
+            tokenize.INDENT,
+            tokenize.DEDENT,
+        ):
             continue
         if kind == tokenize.OP:
             if text in _OPENERS:
@@ -65,14 +72,16 @@ def _scan(body: str) -> None:
                 j = i + 1
                 while tokens[j].type in (tokenize.NL, tokenize.COMMENT):  # ENDMARKER always ends the list
                     j += 1
-                if tokens[j].type != tokenize.NUMBER or \
-                        (previous is not None and previous.string not in ("(", "[", "{", ",", ":", "=")):
+                if tokens[j].type != tokenize.NUMBER or (
+                    previous is not None and previous.string not in ("(", "[", "{", ",", ":", "=")
+                ):
                     raise ToolCallError("tool call arguments must be literal values, not expressions")
             elif text not in _PUNCTUATION:
                 raise ToolCallError(f"tool call arguments must be literal values; {text!r} is an operator")
         elif kind == tokenize.NAME:
-            if text not in _NAMES and not (previous is not None and previous.string in ("(", ",")
-                                           and tokens[i + 1].string == "="):
+            if text not in _NAMES and not (
+                previous is not None and previous.string in ("(", ",") and tokens[i + 1].string == "="
+            ):
                 raise ToolCallError(f"tool call arguments must be literal values; {text!r} is a name")
         elif kind not in (tokenize.STRING, tokenize.NUMBER):
             raise ToolCallError(f"unexpected {tokenize.tok_name[kind]} token {text!r} in a tool call")
@@ -86,7 +95,7 @@ def _value(node: ast.AST, where: str) -> Any:
         if isinstance(value, bool) or value is None or isinstance(value, str):
             return value
         if isinstance(value, int):
-            if not -2 ** 63 <= value < 2 ** 64:  # what JSON readers (and json.dumps) handle
+            if not -(2**63) <= value < 2**64:  # what JSON readers (and json.dumps) handle
                 raise ToolCallError(f"{where}: integer out of the 64-bit range")
             return value
         if isinstance(value, float):
@@ -94,8 +103,12 @@ def _value(node: ast.AST, where: str) -> Any:
                 raise ToolCallError(f"{where}: {value} is not a finite number")
             return value
         raise ToolCallError(f"{where}: {type(value).__name__} values are not allowed (JSON has no such type)")
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
-            and type(node.operand.value) in (int, float):
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and type(node.operand.value) in (int, float)
+    ):
         return -_value(node.operand, where)
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_value(item, where) for item in node.elts]

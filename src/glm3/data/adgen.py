@@ -1,4 +1,5 @@
 """The ADGEN (AdvertiseGen) format: records {"content": ..., "summary": ...}, as JSON lines or a JSON array."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,9 +66,11 @@ def load_adgen(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
                 entries.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 if not skip_bad_lines:
-                    raise AdgenError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix the line, or skip such "
-                                     "lines: --skip-bad-lines, or finetune.skip_bad_lines: true in params.yaml "
-                                     "(-S finetune.skip_bad_lines=true)") from exc
+                    raise AdgenError(
+                        f"{path}:{lineno}: invalid JSON ({exc.msg}); fix the line, or skip such "
+                        "lines: --skip-bad-lines, or finetune.skip_bad_lines: true in params.yaml "
+                        "(-S finetune.skip_bad_lines=true)"
+                    ) from exc
                 report.bad_lines.append(lineno)
     for where, obj in entries:
         try:

@@ -15,6 +15,7 @@
 Records whose content or summary is blank are skipped and counted. Eval examples keep the prompt ids
 and the reference text.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,12 +47,16 @@ class EvalExample:
 def check_lengths(seq_length: int, max_source_length: int, max_target_length: int) -> int:
     """The padded example length, which seq_length must equal (MindFormers' recipe: 64 + 128 + 1 = 193)."""
     if max_source_length < 3 or max_target_length < 1:
-        raise PreprocessError(f"max_source_length must be >= 3 and max_target_length >= 1, got "
-                              f"{max_source_length} and {max_target_length}")
+        raise PreprocessError(
+            f"max_source_length must be >= 3 and max_target_length >= 1, got "
+            f"{max_source_length} and {max_target_length}"
+        )
     total = max_source_length + max_target_length + 1
     if seq_length != total:
-        raise PreprocessError(f"seq_length {seq_length} must equal max_source_length + max_target_length + 1 "
-                              f"= {max_source_length} + {max_target_length} + 1 = {total}")
+        raise PreprocessError(
+            f"seq_length {seq_length} must equal max_source_length + max_target_length + 1 "
+            f"= {max_source_length} + {max_target_length} + 1 = {total}"
+        )
     return total
 
 
@@ -63,8 +68,10 @@ def _prompt(tok: ChatGLM3Tokenizer, content: str, max_source_length: int, style:
         tail = [tok.get_command("<|assistant|>")]
     room = max_source_length - len(head) - len(tail)
     if room < 0:
-        raise PreprocessError(f"max_source_length {max_source_length} cannot hold the {style} prompt's "
-                              f"{len(head) + len(tail)} fixed tokens")
+        raise PreprocessError(
+            f"max_source_length {max_source_length} cannot hold the {style} prompt's "
+            f"{len(head) + len(tail)} fixed tokens"
+        )
     return head + tok.encode(content)[:room] + tail
 
 
@@ -77,9 +84,15 @@ def _usable(record: dict[str, str]) -> bool:
     return bool(record["content"].strip()) and bool(record["summary"].strip())
 
 
-def preprocess_train(records: list[dict[str, str]], tok: ChatGLM3Tokenizer, max_source_length: int = 64,
-                     max_target_length: int = 128, seq_length: int = 193, style: str = "mindformers_v3",
-                     ignore_pad_token_for_loss: bool = True) -> tuple[list[TrainExample], int]:
+def preprocess_train(
+    records: list[dict[str, str]],
+    tok: ChatGLM3Tokenizer,
+    max_source_length: int = 64,
+    max_target_length: int = 128,
+    seq_length: int = 193,
+    style: str = "mindformers_v3",
+    ignore_pad_token_for_loss: bool = True,
+) -> tuple[list[TrainExample], int]:
     """(examples, skipped): fixed-length training examples; records with a blank field are skipped."""
     if style not in PREPROCESSORS:
         raise PreprocessError(f"unknown preprocessing {style!r}; choose one of {', '.join(PREPROCESSORS)}")
@@ -105,8 +118,9 @@ def preprocess_train(records: list[dict[str, str]], tok: ChatGLM3Tokenizer, max_
     return examples, skipped
 
 
-def preprocess_eval(records: list[dict[str, str]], tok: ChatGLM3Tokenizer, max_source_length: int = 64,
-                    style: str = "mindformers_v3") -> tuple[list[EvalExample], int]:
+def preprocess_eval(
+    records: list[dict[str, str]], tok: ChatGLM3Tokenizer, max_source_length: int = 64, style: str = "mindformers_v3"
+) -> tuple[list[EvalExample], int]:
     """(examples, skipped): prompt ids (as the model sees them before answering) and the reference text."""
     if style not in PREPROCESSORS:
         raise PreprocessError(f"unknown preprocessing {style!r}; choose one of {', '.join(PREPROCESSORS)}")

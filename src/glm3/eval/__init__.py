@@ -1,4 +1,5 @@
 """Evaluation: C-Eval multiple choice, and generation quality on ADGEN (BLEU-4, ROUGE on characters)."""
+
 from glm3.eval.adgen import adgen_scores, evaluate_adgen
 from glm3.eval.ceval import eager_logits, evaluate_ceval
 

@@ -4,6 +4,7 @@ Chinese has no spaces, so a text is scored as its sequence of non-space characte
 sentence_bleu with smoothing method 3; ROUGE is rouge-chinese (a ROUGE implementation that accepts any
 space-separated tokens). Every figure is the mean over examples, times 100.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,10 +48,18 @@ def adgen_scores(predictions: list[str], references: list[str]) -> dict[str, flo
     return {name: round(float(np.mean(values)) * 100, 4) for name, values in totals.items()}
 
 
-def evaluate_adgen(model, tokenizer, data_path: str | os.PathLike, max_source_length: int = 64,
-                   max_new_tokens: int = 128, batch_size: int = 8, limit: int | None = None,
-                   style: str = "mindformers_v3", predictions_path: str | os.PathLike | None = None,
-                   progress: bool = True) -> dict:
+def evaluate_adgen(
+    model,
+    tokenizer,
+    data_path: str | os.PathLike,
+    max_source_length: int = 64,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    limit: int | None = None,
+    style: str = "mindformers_v3",
+    predictions_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
     """Generate (greedy) for every eval record and score the generations against the references."""
     from tqdm import tqdm
 
@@ -65,7 +74,7 @@ def evaluate_adgen(model, tokenizer, data_path: str | os.PathLike, max_source_le
     predictions = []
     stops = set(tokenizer.stop_token_ids) | {tokenizer.pad_id}
     for start in tqdm(range(0, len(examples), batch_size), desc="adgen eval", unit="batch", disable=not progress):
-        batch = examples[start:start + batch_size]
+        batch = examples[start : start + batch_size]
         out = generate(model, [e.prompt_ids for e in batch], max_new_tokens=max_new_tokens, do_sample=False)
         width = max(len(e.prompt_ids) for e in batch)
         for row in out:
@@ -73,10 +82,15 @@ def evaluate_adgen(model, tokenizer, data_path: str | os.PathLike, max_source_le
             cut = next((i for i, t in enumerate(new) if t in stops), len(new))
             predictions.append(tokenizer.decode(new[:cut]).strip())
     references = [e.reference for e in examples]
-    metrics = {**adgen_scores(predictions, references), "examples": len(examples), "skipped": skipped,
-               "max_new_tokens": max_new_tokens}
+    metrics = {
+        **adgen_scores(predictions, references),
+        "examples": len(examples),
+        "skipped": skipped,
+        "max_new_tokens": max_new_tokens,
+    }
     if predictions_path is not None:
-        lines = [json.dumps({"prediction": p, "reference": r}, ensure_ascii=False)
-                 for p, r in zip(predictions, references)]
+        lines = [
+            json.dumps({"prediction": p, "reference": r}, ensure_ascii=False) for p, r in zip(predictions, references)
+        ]
         atomic_write_text(predictions_path, "\n".join(lines) + "\n")
     return metrics

@@ -10,6 +10,7 @@ Prompt (ChatGLM3 chat format): one user turn
 then `<|assistant|>` and "\n答案：" so that the next token is the answer letter. The prediction is the letter
 whose token has the largest logit at that position (the other 65k tokens do not compete).
 """
+
 from __future__ import annotations
 
 import csv
@@ -77,8 +78,11 @@ SUBJECTS: dict[str, tuple[str, str, str]] = {
     "urban_and_rural_planner": ("Urban and Rural Planner", "注册城乡规划师", "Other"),
     "accountant": ("Accountant", "注册会计师", "Other"),
     "fire_engineer": ("Fire Engineer", "注册消防工程师", "Other"),
-    "environmental_impact_assessment_engineer": ("Environmental Impact Assessment Engineer", "环境影响评价工程师",
-                                                 "Other"),
+    "environmental_impact_assessment_engineer": (
+        "Environmental Impact Assessment Engineer",
+        "环境影响评价工程师",
+        "Other",
+    ),
     "tax_accountant": ("Tax Accountant", "税务师", "Other"),
     "physician": ("Physician", "医师资格", "Other"),
 }
@@ -122,7 +126,7 @@ def available_subjects(root: str | os.PathLike, split: str) -> list[str]:
     folder = os.path.join(os.fspath(root), split)
     if not os.path.isdir(folder):
         raise CevalError(f"no {split}/ folder in {root}")
-    found = sorted(name[:-len(f"_{split}.csv")] for name in os.listdir(folder) if name.endswith(f"_{split}.csv"))
+    found = sorted(name[: -len(f"_{split}.csv")] for name in os.listdir(folder) if name.endswith(f"_{split}.csv"))
     unknown = [s for s in found if s not in SUBJECTS]
     if unknown:
         raise CevalError(f"{folder}: files for unknown subjects {unknown}")
@@ -151,7 +155,7 @@ def letter_token_ids(tokenizer) -> list[int]:
     ids = []
     for letter in LETTERS:
         full = tokenizer.encode("答案：" + letter)
-        if full[:len(prefix)] != prefix or len(full) != len(prefix) + 1:
+        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
             raise CevalError(f"the tokenizer does not encode answer letter {letter!r} as one token after '答案：'")
         ids.append(full[-1])
     if len(set(ids)) != len(ids):
@@ -176,9 +180,17 @@ def eager_logits(model) -> LogitsSource:
     return source
 
 
-def evaluate_ceval(logits: LogitsSource, tokenizer, root: str | os.PathLike, split: str = "val", shots: int = 0,
-                   subjects: Sequence[str] | None = None, batch_size: int = 8,
-                   predictions_path: str | os.PathLike | None = None, progress: bool = True) -> dict:
+def evaluate_ceval(
+    logits: LogitsSource,
+    tokenizer,
+    root: str | os.PathLike,
+    split: str = "val",
+    shots: int = 0,
+    subjects: Sequence[str] | None = None,
+    batch_size: int = 8,
+    predictions_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
     """Accuracy per subject, per category and on average (the mean over subjects, as C-Eval reports it).
 
     For the test split (no answers) only predictions are produced; write them with `predictions_path`
@@ -202,7 +214,7 @@ def evaluate_ceval(logits: LogitsSource, tokenizer, root: str | os.PathLike, spl
     order = sorted(range(len(work)), key=lambda i: len(work[i][2]))
     predicted: dict[int, str] = {}
     for start in tqdm(range(0, len(order), batch_size), desc=f"C-Eval {split}", unit="batch", disable=not progress):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         scores = logits([work[i][2] for i in chunk])[:, letters]
         for i, best in zip(chunk, scores.argmax(-1)):
             predicted[i] = LETTERS[int(best)]
@@ -219,8 +231,12 @@ def evaluate_ceval(logits: LogitsSource, tokenizer, root: str | os.PathLike, spl
         per_subject.setdefault(subject, []).append(predicted[i] == q.answer)
     for subject, hits in per_subject.items():
         name, _, category = SUBJECTS[subject]
-        metrics["subjects"][subject] = {"name": name, "category": category, "questions": len(hits),
-                                        "accuracy": round(100.0 * sum(hits) / len(hits), 4)}
+        metrics["subjects"][subject] = {
+            "name": name,
+            "category": category,
+            "questions": len(hits),
+            "accuracy": round(100.0 * sum(hits) / len(hits), 4),
+        }
     metrics["categories"] = {}
     for category in CATEGORIES:
         accs = [s["accuracy"] for s in metrics["subjects"].values() if s["category"] == category]

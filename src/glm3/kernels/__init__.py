@@ -9,6 +9,7 @@ The backend is chosen once, when a model is built (`GLM3ForCausalLM(config, kern
 - "ascend": MindSpore's fused RmsNorm, RotaryPositionEmbedding and FlashAttentionScore (Ascend only).
 - "auto": "ascend" on Ascend, else "cpu" when the kernel can be built, else "plain".
 """
+
 from __future__ import annotations
 
 import mindspore as ms
@@ -38,10 +39,26 @@ def resolve_backend(name: str = "auto") -> str:
         if device != "CPU":
             raise RuntimeError(f"kernel backend 'cpu' needs the CPU device target; it is {device}")
         if kernel_library() is None:
-            raise RuntimeError("kernel backend 'cpu' needs the CPU kernels, which could not be built "
-                               "(is a C++ compiler with OpenMP installed?)")
+            raise RuntimeError(
+                "kernel backend 'cpu' needs the CPU kernels, which could not be built "
+                "(is a C++ compiler with OpenMP installed?)"
+            )
     return name
 
 
-__all__ = ["BACKENDS", "SMALL_M", "FrozenWeightMatMul", "apply_rotary", "attention", "kernel_library",
-           "like", "paged_attention", "resolve_backend", "rms_norm", "rope_tables", "write_cache", "xw_op", "xwt_op"]
+__all__ = [
+    "BACKENDS",
+    "SMALL_M",
+    "FrozenWeightMatMul",
+    "apply_rotary",
+    "attention",
+    "kernel_library",
+    "like",
+    "paged_attention",
+    "resolve_backend",
+    "rms_norm",
+    "rope_tables",
+    "write_cache",
+    "xw_op",
+    "xwt_op",
+]

@@ -1,4 +1,5 @@
 """Grouped-query causal attention over explicit key/value tensors (a full sequence or a static KV cache)."""
+
 from __future__ import annotations
 
 import mindspore as ms
@@ -25,15 +26,16 @@ def attention(q, k, v, keep_mask, scale: float, fused: bool = False):
     groups, kv_len = k.shape[1], k.shape[2]
     if fused:
         drop = ops.logical_not(keep_mask).astype(ms.uint8)
-        out = ops.flash_attention_score(q.transpose(0, 2, 1, 3), k, v, heads, attn_mask=drop, scalar_value=scale,
-                                        input_layout="BNSD")
+        out = ops.flash_attention_score(
+            q.transpose(0, 2, 1, 3), k, v, heads, attn_mask=drop, scalar_value=scale, input_layout="BNSD"
+        )
         return out.transpose(0, 2, 1, 3).reshape(b, q_len, heads * d)
     rep = heads // groups
     # Rows of a group's scores are (query position, head within the group); the mask repeats over heads.
     drop = ops.logical_not(keep_mask.reshape(keep_mask.shape[0], q_len, 1, kv_len))
     outs = ()
     for g in range(groups):
-        qg = q[:, :, g * rep:(g + 1) * rep].reshape(b, q_len * rep, d)
+        qg = q[:, :, g * rep : (g + 1) * rep].reshape(b, q_len * rep, d)
         scores = _BMM_NT(qg, k[:, g]).astype(ms.float32) * scale  # [b, q_len * rep, kv_len]
         if g == 0:
             drop = like(drop, scores.reshape(b, q_len, rep, kv_len)).reshape(b, q_len * rep, kv_len)

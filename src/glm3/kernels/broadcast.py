@@ -7,6 +7,7 @@ the same steps with explicit broadcast_to 0.02 GB; in LoRA training of the 6B sh
 per layer). Broadcasting the small operand to the full shape first gives two same-shaped operands, and
 MindSpore reuses those buffers like any other.
 """
+
 from mindspore import ops
 
 

@@ -9,6 +9,7 @@ The library is compiled on first use into a per-user cache (glm3.native: GLM3_KE
 ~/.cache/glm3/kernels); without a working compiler the model keeps MindSpore's MatMul (`kernel_library()`
 returns None and says why in the log).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,20 +29,23 @@ def kernel_library() -> str | None:
     """Path of the compiled kernel library, building it if needed (glm3.native); None if it cannot be built."""
     if os.environ.get("GLM3_DISABLE_CPU_KERNEL") == "1":
         return None
-    return build_library(_SOURCE, "linear layers use MindSpore's MatMul (slower, float32 copies of half-precision "
-                                  "weights)")
+    return build_library(
+        _SOURCE, "linear layers use MindSpore's MatMul (slower, float32 copies of half-precision weights)"
+    )
 
 
 def xwt_op(library: str):
     """AOT custom op: x [m, k] . w [n, k]^T -> [m, n]; x and the result float32, w float32/float16/bfloat16."""
-    return ops.Custom(f"{library}:glm3_linear_xwt", out_shape=lambda x, w: (x[0], w[0]), out_dtype=lambda x, w: x,
-                      func_type="aot")
+    return ops.Custom(
+        f"{library}:glm3_linear_xwt", out_shape=lambda x, w: (x[0], w[0]), out_dtype=lambda x, w: x, func_type="aot"
+    )
 
 
 def xw_op(library: str):
     """AOT custom op: x [m, n] . w [n, k] -> [m, k]; x and the result float32, w float32/float16/bfloat16."""
-    return ops.Custom(f"{library}:glm3_linear_xw", out_shape=lambda x, w: (x[0], w[1]), out_dtype=lambda x, w: x,
-                      func_type="aot")
+    return ops.Custom(
+        f"{library}:glm3_linear_xw", out_shape=lambda x, w: (x[0], w[1]), out_dtype=lambda x, w: x, func_type="aot"
+    )
 
 
 class FrozenWeightMatMul(nn.Cell):

@@ -7,6 +7,7 @@ The plain version, MindSpore ops for any device, gathers each sequence's blocks 
 glm3.kernels.attention on it. The fused version is MindSpore's PagedAttention operator (float16, same cache
 layout), which MindSpore itself cannot execute: it exists to be exported to MindIR for MindSpore Lite on Ascend.
 """
+
 from __future__ import annotations
 
 import mindspore as ms
@@ -36,8 +37,13 @@ def paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale
     if fused:
         b, _, heads, d = q.shape
         op = ops.PagedAttention(heads, scale, key_cache.shape[2])
-        out = op(q.reshape(b, heads, d).astype(ms.float16), key_cache.astype(ms.float16),
-                 value_cache.astype(ms.float16), block_tables, context_lens)
+        out = op(
+            q.reshape(b, heads, d).astype(ms.float16),
+            key_cache.astype(ms.float16),
+            value_cache.astype(ms.float16),
+            block_tables,
+            context_lens,
+        )
         return out.reshape(b, 1, heads * d).astype(q.dtype)
     k = gather_blocks(key_cache, block_tables).astype(q.dtype)
     v = gather_blocks(value_cache, block_tables).astype(q.dtype)

@@ -1,4 +1,5 @@
 """RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, computed in float32."""
+
 import mindspore as ms
 from mindspore import ops
 

@@ -1,4 +1,5 @@
 """ChatGLM's rotary position embedding: partial (first half of each head) and interleaved (adjacent pairs)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +33,9 @@ def apply_rotary(x, cos, sin, fused: bool = False):
         # The Ascend operator wants full-width interleaved tables: every angle repeated for its pair.
         cos2 = ops.repeat_interleave(cos, 2, -1).astype(x.dtype)
         sin2 = ops.repeat_interleave(sin, 2, -1).astype(x.dtype)
-        rotated = ops.rotary_position_embedding(x_rot.transpose(0, 2, 1, 3), cos2.transpose(0, 2, 1, 3),
-                                                sin2.transpose(0, 2, 1, 3), 1).transpose(0, 2, 1, 3)
+        rotated = ops.rotary_position_embedding(
+            x_rot.transpose(0, 2, 1, 3), cos2.transpose(0, 2, 1, 3), sin2.transpose(0, 2, 1, 3), 1
+        ).transpose(0, 2, 1, 3)
         return ops.concat((rotated, x_pass), -1)
     b, s, h, _ = x.shape
     pairs = x_rot.astype(cos.dtype).reshape(b, s, h, half, 2)

@@ -2,6 +2,7 @@
 
 This directory holds nothing else, so running the file by path shadows no module.
 """
+
 from glm3.cli import main
 
 if __name__ == "__main__":

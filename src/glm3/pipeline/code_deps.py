@@ -10,6 +10,7 @@ Imports inside functions further away are not followed: they belong to code the 
 generation, which `glm3.conversation` imports only when it chats). `python -m glm3.pipeline.code_deps` prints the list
 per stage; the tests check dvc.yaml against it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,12 @@ import os
 import sys
 
 # Files (relative to the package) that modules read at run time, besides their imports.
-DATA_FILES = {"glm3.kernels.linear": ("kernels/csrc",), "glm3.synthetic": ("assets",), "glm3.parallel": ("launch",),
-              "glm3.train.signals": ("csrc/sigterm_sender.cc",)}
+DATA_FILES = {
+    "glm3.kernels.linear": ("kernels/csrc",),
+    "glm3.synthetic": ("assets",),
+    "glm3.parallel": ("launch",),
+    "glm3.train.signals": ("csrc/sigterm_sender.cc",),
+}
 
 
 def _package_dir() -> str:
@@ -47,19 +52,22 @@ def _imports(path: str, inside_functions: bool) -> set[str]:
     for node in nodes:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "glm3")
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                and node.module.split(".")[0] == "glm3":
+        elif (
+            isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "glm3"
+        ):
             found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if _module_file(f"{node.module}.{alias.name}"))
+            found.update(
+                f"{node.module}.{alias.name}" for alias in node.names if _module_file(f"{node.module}.{alias.name}")
+            )
     return found
 
 
 def _type_checking_only(node: ast.AST) -> bool:
     """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`): a block that never runs."""
     test = getattr(node, "test", None) if isinstance(node, ast.If) else None
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _runtime_nodes(tree: ast.Module, functions: bool = True):

@@ -1,5 +1,6 @@
 """What the Prefect flow needs besides the stage functions: which stages a run covers, its parameter
 overrides, the task cache key and the metrics artifact. Kept free of Prefect imports (tested directly)."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,11 @@ import os
 
 from glm3.pipeline.stages import ORDER
 
-RUNS = {"pipeline": ORDER,  # glm3/pipeline: everything
-        "finetune": ("rank_table", "finetune", "merge", "export", "evaluate", "adgen_eval")}  # from models/ms
+RUNS = {
+    "pipeline": ORDER,  # glm3/pipeline: everything
+    "finetune": ("rank_table", "finetune", "merge", "export", "evaluate", "adgen_eval"),
+}  # from models/ms
+
 
 def run_stages(run: str, root: str) -> tuple[tuple[str, ...], str | None]:
     """(the stages a run executes, why any were added). glm3/finetune starts from the converted model of the
@@ -18,13 +22,20 @@ def run_stages(run: str, root: str) -> tuple[tuple[str, ...], str | None]:
 
     stages = RUNS[run]
     if run == "finetune" and not os.path.isdir(os.path.join(root, DVC_OUTPUTS["convert"])):
-        return ("download", "convert") + stages, (f"{DVC_OUTPUTS['convert']} is missing: running download and "
-                                                  "convert first (reused from the task cache when they ran before)")
+        return ("download", "convert") + stages, (
+            f"{DVC_OUTPUTS['convert']} is missing: running download and "
+            "convert first (reused from the task cache when they ran before)"
+        )
     return stages, None
 
 
-FINETUNE_OVERRIDES = {"lr": "finetune.lr", "steps": "finetune.steps", "batch_size": "finetune.batch_size",
-                      "seq_length": "finetune.seq_length", "lora": "finetune.lora.enabled"}
+FINETUNE_OVERRIDES = {
+    "lr": "finetune.lr",
+    "steps": "finetune.steps",
+    "batch_size": "finetune.batch_size",
+    "seq_length": "finetune.seq_length",
+    "lora": "finetune.lora.enabled",
+}
 
 
 def overrides_from(overrides: dict | None = None, **finetune) -> dict:

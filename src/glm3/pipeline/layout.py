@@ -5,6 +5,7 @@ it runs writes to `models/prefect/<stage>-<key>`, the key hashing the stage's pa
 upstream keys, its data files and the library code, so runs with different params never overwrite each
 other and a directory that exists is exactly the result of those inputs (Prefect's task cache relies on it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +16,16 @@ import os
 from glm3.pipeline.params import project_path
 from glm3.pipeline.stages import ORDER, STAGES
 
-DVC_OUTPUTS = {"download": "models/hf", "convert": "models/ms", "rank_table": "models/rank_table",
-               "finetune": "models/finetune", "merge": "models/merged", "export": "models/export",
-               "evaluate": "models/ceval", "adgen_eval": "models/adgen_eval"}
+DVC_OUTPUTS = {
+    "download": "models/hf",
+    "convert": "models/ms",
+    "rank_table": "models/rank_table",
+    "finetune": "models/finetune",
+    "merge": "models/merged",
+    "export": "models/export",
+    "evaluate": "models/ceval",
+    "adgen_eval": "models/adgen_eval",
+}
 WORK_DIR = "models/.work"  # resumable state of unfinished stages; never a DVC output
 METRICS_DIR = "metrics"  # small files committed to git (dvc metrics/plots read them)
 
@@ -45,11 +53,13 @@ class Layout:
         for stage in ORDER:
             sections, upstream, data_keys = STAGES[stage]
             if stage in stages:
-                material = {"stage": stage, "code": code_fingerprint(stage, base.root),
-                            "params": {s: params[s] for s in sections},
-                            "upstream": {u: keys[u] for u in upstream},
-                            "data": {k: tree_fingerprint(project_path(base.root, _lookup(params, k)))
-                                     for k in data_keys}}
+                material = {
+                    "stage": stage,
+                    "code": code_fingerprint(stage, base.root),
+                    "params": {s: params[s] for s in sections},
+                    "upstream": {u: keys[u] for u in upstream},
+                    "data": {k: tree_fingerprint(project_path(base.root, _lookup(params, k))) for k in data_keys},
+                }
                 keys[stage] = _digest(material)
                 outputs[stage] = os.path.join(base.root, "models", "prefect", f"{stage}-{keys[stage]}")
             elif any(stage in STAGES[s][1] for s in stages):  # an input made outside this run
@@ -98,8 +108,11 @@ def code_fingerprint(stage: str, root: str) -> str:
     h = hashlib.sha256()
     for rel in stage_code(stage, root):
         path = os.path.join(root, rel)
-        files = [path] if os.path.isfile(path) else sorted(
-            os.path.join(d, f) for d, dirs, names in os.walk(path) for f in names if "__pycache__" not in d)
+        files = (
+            [path]
+            if os.path.isfile(path)
+            else sorted(os.path.join(d, f) for d, dirs, names in os.walk(path) for f in names if "__pycache__" not in d)
+        )
         for full in files:
             h.update(os.path.relpath(full, root).encode())
             with open(full, "rb") as f:

@@ -1,4 +1,5 @@
 """How stages write their small files: JSON metrics and summaries, atomically."""
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ settings its stage knows (a typo is an error that names the valid keys, never si
 
 Checked in milliseconds, before any stage imports MindSpore or writes anything.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,18 +18,45 @@ _SECTION_KEYS = {
     "download": ("source", "synthetic_preset", "seed", "repo", "revision", "prefer", "timeout"),
     "convert": ("dtype", "shard_size"),
     "merge": ("step", "dtype", "shard_size"),
-    "export": ("batch_size", "prompt_length", "seq_length", "paged", "block_size", "num_blocks",
-               "fused_paged_attention", "weights", "dtype"),
+    "export": (
+        "batch_size",
+        "prompt_length",
+        "seq_length",
+        "paged",
+        "block_size",
+        "num_blocks",
+        "fused_paged_attention",
+        "weights",
+        "dtype",
+    ),
     "evaluate": ("data", "split", "shots", "subjects", "batch_size"),
     "adgen_eval": ("data", "max_source_length", "max_new_tokens", "batch_size", "limit"),
 }
 # FinetuneConfig fields the finetune stage fills in itself (paths of the layout, the parallel section, ...).
-_STAGE_SET = ("model", "output", "tokenizer", "cache_dir", "resume", "device", "parallel", "progress",
-              "stop_after", "timing_file")
+_STAGE_SET = (
+    "model",
+    "output",
+    "tokenizer",
+    "cache_dir",
+    "resume",
+    "device",
+    "parallel",
+    "progress",
+    "stop_after",
+    "timing_file",
+)
 SERVER_KEYS = ("ip", "devices", "hccn_conf", "device_ips")
 # The parallel section's settings of glm3.parallel.ParallelConfig (device and servers aside).
-PARALLEL_KEYS = ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num", "optimizer_shard",
-                 "recompute", "master_port", "node_rank")
+PARALLEL_KEYS = (
+    "data_parallel",
+    "model_parallel",
+    "pipeline_stage",
+    "micro_batch_num",
+    "optimizer_shard",
+    "recompute",
+    "master_port",
+    "node_rank",
+)
 
 
 class ParamsError(ValueError):
@@ -74,8 +102,7 @@ def check_params(params: dict, where: str) -> None:
     """Every section present, and no section (nor finetune.lora, nor a server entry) holding an unknown key."""
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
-        raise ParamsError(f"{where}: unknown section(s) {', '.join(unknown)}; the sections are "
-                          f"{', '.join(SECTIONS)}")
+        raise ParamsError(f"{where}: unknown section(s) {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}")
     missing = [s for s in SECTIONS if not isinstance(params.get(s), dict)]
     if missing:
         raise ParamsError(f"{where} lacks the section(s) {', '.join(missing)}")
@@ -86,15 +113,19 @@ def check_params(params: dict, where: str) -> None:
     for section, values in [(s, params[s]) for s in SECTIONS] + [("finetune.lora", lora or {})]:
         unknown = sorted(set(values) - keys[section])
         if unknown:
-            raise ParamsError(f"{where}: unknown setting(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                              f"{section} takes {', '.join(sorted(keys[section]))}")
+            raise ParamsError(
+                f"{where}: unknown setting(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                f"{section} takes {', '.join(sorted(keys[section]))}"
+            )
     servers = params["parallel"].get("servers") or []
     if not isinstance(servers, list):
         raise ParamsError(f"{where}: parallel.servers must be a list of servers")
     for i, server in enumerate(servers):
         if not isinstance(server, dict) or "ip" not in server or set(server) - set(SERVER_KEYS):
-            raise ParamsError(f"{where}: parallel.servers[{i}] must hold ip and devices plus hccn_conf or "
-                              f"device_ips (and nothing else), got {server!r}")
+            raise ParamsError(
+                f"{where}: parallel.servers[{i}] must hold ip and devices plus hccn_conf or "
+                f"device_ips (and nothing else), got {server!r}"
+            )
 
 
 def apply_overrides(params: dict, overrides: dict) -> dict:
@@ -106,8 +137,10 @@ def apply_overrides(params: dict, overrides: dict) -> dict:
         *parents, leaf = dotted.split(".")
         section = ".".join(parents)
         if section not in keys:
-            raise ParamsError(f"unknown parameter {dotted!r}: there is no section {section or leaf!r}; the "
-                              f"sections are {', '.join(SECTIONS)}")
+            raise ParamsError(
+                f"unknown parameter {dotted!r}: there is no section {section or leaf!r}; the "
+                f"sections are {', '.join(SECTIONS)}"
+            )
         if leaf not in keys[section]:
             raise ParamsError(f"unknown parameter {dotted!r}; {section} takes {', '.join(sorted(keys[section]))}")
         node = params

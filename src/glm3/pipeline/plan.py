@@ -1,4 +1,5 @@
 """The parallel plan the rank_table stage writes and the finetune stage launches from."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,10 @@ def parallel_config(params: dict, plan_dir: str):
     if not 0 <= node_rank < len(plan["nodes"]):
         raise ParamsError(f"parallel.node_rank {node_rank} is not one of the plan's {len(plan['nodes'])} node(s)")
     if plan["rank_table"]:
-        fields.update(worker_num=plan["world_size"], local_worker_num=plan["nodes"][node_rank]["local_workers"],
-                      master_addr=plan["nodes"][0]["ip"],
-                      rank_table_file=os.path.join(plan_dir, plan["rank_table"]))
+        fields.update(
+            worker_num=plan["world_size"],
+            local_worker_num=plan["nodes"][node_rank]["local_workers"],
+            master_addr=plan["nodes"][0]["ip"],
+            rank_table_file=os.path.join(plan_dir, plan["rank_table"]),
+        )
     return ParallelConfig(**fields)

@@ -4,6 +4,7 @@ DVC's own plots are Vega-Lite specs that its HTML page renders with a script fet
 offline they are blank. Images drawn here with matplotlib (Agg, no display) are what `dvc plots show` embeds
 as they are, and what a user can open directly. Same data, same bytes: no timestamps in the files.
 """
+
 from __future__ import annotations
 
 import csv

@@ -4,6 +4,7 @@ The server runs as a child process; this process serves `glm3/pipeline` and `glm
 and runs their flow runs. Prefect's state (database, results, logs) lives in PREFECT_HOME, by default
 `<project>/.prefect`, so a project's runs and task cache stay with the project.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,13 @@ def server_environment(project: str, port: int) -> dict[str, str]:
     local API, library logs forwarded to Prefect's UI, no telemetry."""
     env = dict(os.environ)
     env.setdefault("PREFECT_HOME", os.path.join(project, ".prefect"))
-    env.update(PREFECT_API_URL=api_url(port), PREFECT_SERVER_API_HOST=HOST, PREFECT_SERVER_API_PORT=str(port),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_EXTRA_LOGGERS="glm3")
+    env.update(
+        PREFECT_API_URL=api_url(port),
+        PREFECT_SERVER_API_HOST=HOST,
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_EXTRA_LOGGERS="glm3",
+    )
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
 
@@ -52,8 +58,9 @@ def wait_healthy(port: int, proc: subprocess.Popen, log_path: str, timeout: floa
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
-    raise PrefectServerError(f"the Prefect server did not answer on {api_url(port)} within {timeout:.0f} s:\n"
-                             f"{tail_lines(log_path, 30)}")
+    raise PrefectServerError(
+        f"the Prefect server did not answer on {api_url(port)} within {timeout:.0f} s:\n{tail_lines(log_path, 30)}"
+    )
 
 
 def _port_free(port: int) -> bool:
@@ -78,18 +85,25 @@ def prefect_up(project: str | os.PathLike = ".", port: int = 4200) -> int:
     os.makedirs(env["PREFECT_HOME"], exist_ok=True)
     log_path = os.path.join(env["PREFECT_HOME"], "server.log")
     with open(log_path, "ab") as log:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
-                                   "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops serving like Ctrl-C, and the server with it
     try:
         wait_healthy(port, server, log_path)
         deployments = _register_deployments(project, env)
         print(api_url(port), flush=True)  # only now: the deployments exist, runs can be created
-        print(f"Prefect UI: http://{HOST}:{port}  (server log: {log_path})\n"
-              f"In another shell:  export PREFECT_API_URL={api_url(port)}\n"
-              "                   prefect deployment run glm3/finetune --param lr=1e-3 --watch\n"
-              "Serving glm3/pipeline and glm3/finetune; Ctrl-C stops the server too.", flush=True)
+        print(
+            f"Prefect UI: http://{HOST}:{port}  (server log: {log_path})\n"
+            f"In another shell:  export PREFECT_API_URL={api_url(port)}\n"
+            "                   prefect deployment run glm3/finetune --param lr=1e-3 --watch\n"
+            "Serving glm3/pipeline and glm3/finetune; Ctrl-C stops the server too.",
+            flush=True,
+        )
         from prefect import serve
 
         serve(*deployments, print_starting_message=False)
@@ -110,9 +124,12 @@ def _register_deployments(project: str, env: dict[str, str]) -> list:
     from glm3.pipeline.flow_support import RUNS
 
     pipeline = load_flow_from_entrypoint(FLOW_ENTRYPOINT)
-    deployments = [pipeline.to_deployment(name=run, parameters={"run": run, "project": project},
-                                          description=f"glm3 {run}: {', '.join(stages)}")
-                   for run, stages in RUNS.items()]
+    deployments = [
+        pipeline.to_deployment(
+            name=run, parameters={"run": run, "project": project}, description=f"glm3 {run}: {', '.join(stages)}"
+        )
+        for run, stages in RUNS.items()
+    ]
     for deployment in deployments:
         deployment.apply()
     return deployments

@@ -1,4 +1,5 @@
 """Run one stage in the DVC layout: what `python -m stages.<name>` and `glm3 stage <name>` do."""
+
 from __future__ import annotations
 
 import json
@@ -46,5 +47,14 @@ def record_stage_stats(name: str, seconds: float) -> None:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"stage": name, "seconds": round(seconds, 2), "peak_rss_bytes": hwm,
-                            "children_peak_rss_bytes": children}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "stage": name,
+                    "seconds": round(seconds, 2),
+                    "peak_rss_bytes": hwm,
+                    "children_peak_rss_bytes": children,
+                }
+            )
+            + "\n"
+        )

@@ -4,6 +4,7 @@ state.ckpt holds the trainable parameters and the optimizer state (moments, glob
 trainer_state.json the step, the data position, the RNG states and the run's fingerprint. A checkpoint
 directory appears complete or not at all, and only the newest `keep` are kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,9 @@ def load_checkpoint(path: str, params) -> dict:
     for name, value in saved.items():
         target = wanted[name]
         if tuple(value.shape) != tuple(target.shape) or value.dtype != target.dtype:
-            raise ResumeError(f"checkpoint tensor {name} is {value.dtype}{tuple(value.shape)}, the run has "
-                              f"{target.dtype}{tuple(target.shape)}")
+            raise ResumeError(
+                f"checkpoint tensor {name} is {value.dtype}{tuple(value.shape)}, the run has "
+                f"{target.dtype}{tuple(target.shape)}"
+            )
         target.set_data(value)
     return meta

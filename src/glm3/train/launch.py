@@ -4,6 +4,7 @@ This is what `glm3 finetune`, the DVC stage and the Prefect task call. With more
 launcher tokenizes the data once, writes the run config to `<output>/finetune_config.json`, starts
 `msrun ... glm3 finetune --config that-file` for this node's workers, waits, and reads rank 0's metrics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,19 +53,22 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     paths = ["model", "data", "output", "tokenizer", "cache_dir", "timing_file"]
     if config.resume not in ("auto", "never"):
         paths.append("resume")
-    config = dataclasses.replace(config, **{k: os.path.abspath(getattr(config, k))
-                                            for k in paths if getattr(config, k)})
+    config = dataclasses.replace(
+        config, **{k: os.path.abspath(getattr(config, k)) for k in paths if getattr(config, k)}
+    )
     os.makedirs(config.output, exist_ok=True)
     prepare_data(config)  # once, here, so the workers find the cache instead of racing to build it
     config_path = os.path.join(config.output, CONFIG_FILE)
     atomic_write_text(config_path, config.to_json() + "\n")
     log_dir = os.path.join(config.output, "msrun_log")
     cmd = msrun_command(config.parallel, ["finetune", "--config", config_path], log_dir)
-    proc = subprocess.run(cmd, cwd=config.output, env=launch_environment(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        cmd, cwd=config.output, env=launch_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{tail_lines(p, 15)}"
-                          for p in sorted(glob.glob(os.path.join(log_dir, "worker_*.log"))))
+        logs = "\n".join(
+            f"--- {p}\n{tail_lines(p, 15)}" for p in sorted(glob.glob(os.path.join(log_dir, "worker_*.log")))
+        )
         raise LaunchError(f"msrun exited with {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{logs}")
     metrics_path = os.path.join(config.output, METRICS_FILE)
     if config.parallel.node_rank != 0:
@@ -73,5 +77,6 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         metrics = json.load(f)
     weights = os.path.join(config.output, "adapter" if config.lora else "model")
     last = list_checkpoints(rank_dir(config.output, 0))
-    return FinetuneResult(config.output, metrics["steps"], metrics["final_loss"], metrics, weights,
-                          last[-1][1] if last else "")
+    return FinetuneResult(
+        config.output, metrics["steps"], metrics["final_loss"], metrics, weights, last[-1][1] if last else ""
+    )

@@ -1,4 +1,5 @@
 """Learning-rate schedules, computed once as a per-step array (the optimizer indexes it by its global step)."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,9 @@ import numpy as np
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def lr_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
-                min_lr: float = 0.0) -> np.ndarray:
+def lr_schedule(
+    lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine", min_lr: float = 0.0
+) -> np.ndarray:
     """float32 [total_steps]: linear warmup from lr/warmup to lr, then decay towards min_lr (reached after the end).
 
     Step i (0-based) uses entry i. With warmup w, step i < w has lr·(i+1)/w, so no step trains at lr 0.

@@ -3,6 +3,7 @@
 Plain dataclasses with no framework behind them, so params.yaml, the command line and the launcher can build
 and check a run's settings in milliseconds, before MindSpore is imported or anything is written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,12 +21,20 @@ class LoraError(ValueError):
     pass
 
 
+def setting(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, **extra):  # noqa: A002
+    """A settings field and its one-line description: the source of `glm3 finetune --help`, of the valid keys
+    of params.yaml's finetune section, and of the docs. extra: "choices", "cli" (False: no flag of its own)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, **extra})
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.1
-    targets: tuple[str, ...] = ("query_key_value",)
+    rank: int = setting(8, "rank r of the adapters A [r, in] and B [out, r]")
+    alpha: float = setting(32.0, "scale numerator: the update is B·A·alpha/r")
+    dropout: float = setting(0.1, "dropout on the adapters' input while training")
+    targets: tuple[str, ...] = setting(
+        ("query_key_value",), "the Linear layers that get adapters, among " + ", ".join(LORA_TARGETS)
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -35,54 +44,69 @@ class LoraConfig:
             raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
         if unknown or not self.targets:
-            raise LoraError(f"LoRA targets must be a non-empty subset of {', '.join(LORA_TARGETS)}; "
-                            f"got {list(self.targets)}")
+            raise LoraError(
+                f"LoRA targets must be a non-empty subset of {', '.join(LORA_TARGETS)}; got {list(self.targets)}"
+            )
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    model: str  # base model directory (ours or HuggingFace layout)
-    data: str  # ADGEN training file
-    output: str  # run directory
-    tokenizer: str | None = None  # default: the model directory
-    cache_dir: str | None = None  # MindRecord cache; default <output>/data_cache
-    seq_length: int = 193
-    max_source_length: int = 64
-    max_target_length: int = 128
-    preprocess: str = "mindformers_v3"
-    ignore_pad_token_for_loss: bool = True
-    skip_bad_lines: bool = False
-    batch_size: int = 1  # per rank and micro-step
-    grad_accumulation: int = 1
-    steps: int = 0  # optimizer steps; 0: from epochs
-    epochs: float = 1.0
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    shuffle: bool = True
-    # Storage of the model's weights while training. "auto": a LoRA run keeps the frozen base in the
-    # checkpoint's own dtype (half precision stays half); full fine-tuning trains float32 master weights.
-    # The trained model/ is written in the checkpoint's dtype either way.
-    dtype: str = "auto"
-    compute_dtype: str = "float32"  # float16/bfloat16 with loss scaling where the device supports it
-    loss_scale: float = 2.0 ** 16  # initial dynamic loss scale (half-precision compute only)
-    loss_scale_window: int = 1000
-    lora: LoraConfig | None = None
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # "auto" (newest checkpoint if any), "never", or a checkpoint directory
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    device: str = "CPU"
-    progress: bool = True
-    stop_after: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
-    timing_file: str | None = None  # seconds and tokens/s per step (glm3.train.timing); default <output>/timing.json
+    model: str = setting(help="base model directory (ours or HuggingFace layout)")
+    data: str = setting(help="ADGEN training file (JSON lines or a JSON array)")
+    output: str = setting(help="run directory")
+    tokenizer: str | None = setting(None, "tokenizer directory (default: the model's)")
+    cache_dir: str | None = setting(None, "MindRecord cache of the tokenized data (default OUTPUT/data_cache)")
+    seq_length: int = setting(193, "example length: must be max_source_length + max_target_length + 1")
+    max_source_length: int = setting(64, "prompt tokens kept per example")
+    max_target_length: int = setting(128, "answer tokens kept per example")
+    preprocess: str = setting("mindformers_v3", "tokenization of the records", choices=("mindformers_v3", "chat"))
+    ignore_pad_token_for_loss: bool = setting(True, "padding labels take no part in the loss")
+    skip_bad_lines: bool = setting(False, "skip (and count) malformed data lines instead of stopping")
+    batch_size: int = setting(1, "examples per rank and micro-step")
+    grad_accumulation: int = setting(1, "micro-steps per optimizer step (token-weighted)")
+    steps: int = setting(0, "optimizer steps; 0: as many as `epochs` takes")
+    epochs: float = setting(1.0, "passes over the data, when steps is 0")
+    lr: float = setting(1e-4, "peak learning rate")
+    min_lr: float = setting(0.0, "learning rate the decay ends at")
+    warmup_steps: int = setting(0, "steps of linear warmup (at most `steps`)")
+    lr_schedule: str = setting("cosine", "decay after the warmup", choices=("cosine", "linear", "constant"))
+    weight_decay: float = setting(0.01, "AdamW's decoupled weight decay (matrices only)")
+    adam_beta1: float = setting(0.9, "Adam's first-moment decay")
+    adam_beta2: float = setting(0.95, "Adam's second-moment decay")
+    adam_eps: float = setting(1e-8, "Adam's epsilon")
+    max_grad_norm: float = setting(1.0, "global gradient-norm clipping")
+    seed: int = setting(42, "seed of the initialisation, data order and dropout")
+    shuffle: bool = setting(True, "shuffle the data every epoch")
+    dtype: str = setting(
+        "auto",
+        "storage of the weights while training; auto: LoRA keeps the base in the "
+        "checkpoint's dtype, full fine-tuning trains float32 master weights (model/ is written in "
+        "the checkpoint's dtype either way)",
+        choices=DTYPE_CHOICES,
+    )
+    compute_dtype: str = setting(
+        "float32",
+        "matmul precision; float16/bfloat16 (Ascend) add dynamic loss scaling",
+        choices=("float32", "float16", "bfloat16"),
+    )
+    loss_scale: float = setting(2.0**16, "initial dynamic loss scale (half-precision compute only)")
+    loss_scale_window: int = setting(1000, "clean steps before the loss scale doubles")
+    lora: LoraConfig | None = setting(None, "LoRA adapters only (None: full fine-tuning)", cli=False)
+    save_every: int = setting(0, "steps between resumable checkpoints; 0: only at the end")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept")
+    resume: str = setting("auto", "auto (the newest checkpoint in OUTPUT), never, or a checkpoint directory")
+    parallel: ParallelConfig = setting(help="data/model/pipeline parallel layout", factory=ParallelConfig, cli=False)
+    device: str = setting("CPU", "CPU, Ascend or GPU")
+    progress: bool = setting(True, "show a progress bar", cli=False)
+    stop_after: int | None = setting(
+        None, "stop (with a checkpoint) after this step, as an interruption would", cli=False
+    )
+    timing_file: str | None = setting(
+        None,
+        "where the per-step seconds and tokens/s go (default "
+        "OUTPUT/timing.json; kept out of the results, which are the same for the same "
+        "inputs)",
+    )
 
     def __post_init__(self):
         # YAML reads 1e-4 as a string (it wants 1.0e-4): accept numbers written either way.
@@ -109,10 +133,12 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         total = self.max_source_length + self.max_target_length + 1
         if self.seq_length != total:
-            raise ValueError(f"seq_length ({self.seq_length}) must equal max_source_length + max_target_length + 1 "
-                             f"= {self.max_source_length} + {self.max_target_length} + 1 = {total}: every example is "
-                             f"padded to exactly that length, as in MindFormers' recipe; set seq_length to {total} "
-                             "or change the two lengths")
+            raise ValueError(
+                f"seq_length ({self.seq_length}) must equal max_source_length + max_target_length + 1 "
+                f"= {self.max_source_length} + {self.max_target_length} + 1 = {total}: every example is "
+                f"padded to exactly that length, as in MindFormers' recipe; set seq_length to {total} "
+                "or change the two lengths"
+            )
         if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
             raise ValueError(f"give steps >= 1 or epochs > 0 (steps={self.steps}, epochs={self.epochs})")
         if self.lr <= 0:
@@ -137,9 +163,21 @@ class FinetuneConfig:
 
         The model, data and tokenizer count by what they hold, not where they are, so the same run in another
         clone of the project has the same fingerprint and writes the same checkpoints."""
-        keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("output", "cache_dir", "progress", "resume", "stop_after", "save_every", "timing_file",
-                             "keep_checkpoints")}
+        keep = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k
+            not in (
+                "output",
+                "cache_dir",
+                "progress",
+                "resume",
+                "stop_after",
+                "save_every",
+                "timing_file",
+                "keep_checkpoints",
+            )
+        }
         for key in ("model", "data", "tokenizer"):
             keep[key] = content_identity(keep[key]) if keep[key] else None
         if keep["parallel"].get("rank_table_file"):

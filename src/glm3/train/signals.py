@@ -6,6 +6,7 @@ reported as "stopped by signal 15"). A small native helper (csrc/sigterm_sender.
 records who sent each SIGTERM: one the process sent itself is the user's Ctrl-C, passed on by MindSpore.
 Without a compiler the report says SIGTERM.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -19,7 +20,7 @@ _HELPER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc", "sigt
 
 
 def signal_name(signum: int) -> str:
-    """"SIGINT (Ctrl-C)", "SIGTERM", ...; for 0 (a requested stop, no signal) "the stop_after setting"."""
+    """ "SIGINT (Ctrl-C)", "SIGTERM", ...; for 0 (a requested stop, no signal) "the stop_after setting"."""
     if not signum:
         return "the stop_after setting"
     try:
@@ -64,8 +65,11 @@ class StopRequests:
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGTERM and self._helper is not None \
-                and self._helper.glm3_last_sigterm_sender() == os.getpid():
+        if (
+            signum == signal.SIGTERM
+            and self._helper is not None
+            and self._helper.glm3_last_sigterm_sender() == os.getpid()
+        ):
             signum = signal.SIGINT  # MindSpore's handler passing on a Ctrl-C (see the module docstring)
         if self.signum is None:  # a launcher's SIGTERM after the user's Ctrl-C does not replace it
             self.signum = signum

@@ -6,6 +6,7 @@ over the same parameters and optimizer state. Accumulation sums per-token losses
 total number of labelled tokens at the end, so k micro-batches of size b give the same update as one
 batch of size k*b (a mean of per-micro-batch means would weight short answers more).
 """
+
 from __future__ import annotations
 
 import mindspore as ms
@@ -49,7 +50,7 @@ def _global_norm(grads):
 class DynamicLossScale(nn.Cell):
     """Loss scaling for half-precision compute: halve the scale on overflow, double it after `window` clean steps."""
 
-    def __init__(self, init_scale: float = 2.0 ** 16, window: int = 1000):
+    def __init__(self, init_scale: float = 2.0**16, window: int = 1000):
         super().__init__(auto_prefix=False)  # keep the model's parameter names
         self.scale = Parameter(Tensor(init_scale, ms.float32), name="loss_scale", requires_grad=False)
         self.clean_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_clean_steps", requires_grad=False)
@@ -57,10 +58,12 @@ class DynamicLossScale(nn.Cell):
 
     def construct(self, finite):
         grown = self.clean_steps + 1 >= self.window
-        new_scale = ops.select(finite, ops.select(grown, self.scale * 2.0, self.scale),
-                               ops.maximum(self.scale * 0.5, 1.0))
-        new_clean = ops.select(ops.logical_and(finite, ops.logical_not(grown)), self.clean_steps + 1,
-                               ops.zeros_like(self.clean_steps))
+        new_scale = ops.select(
+            finite, ops.select(grown, self.scale * 2.0, self.scale), ops.maximum(self.scale * 0.5, 1.0)
+        )
+        new_clean = ops.select(
+            ops.logical_and(finite, ops.logical_not(grown)), self.clean_steps + 1, ops.zeros_like(self.clean_steps)
+        )
         ops.assign(self.scale, new_scale)
         ops.assign(self.clean_steps, new_clean)
         return finite
@@ -103,8 +106,15 @@ class TrainStep(nn.Cell):
     """One micro-batch. mode "fused": mean loss, gradients and the update, returns (loss, tokens, grad norm).
     mode "accumulate": summed loss, gradients added to the buffers, returns (loss sum, tokens, 0)."""
 
-    def __init__(self, model: GLM3ForCausalLM, update: OptimizerUpdate, mode: str = "fused", buffers=None,
-                 loss_reducer=None, pipeline_micro_batches: int = 1):
+    def __init__(
+        self,
+        model: GLM3ForCausalLM,
+        update: OptimizerUpdate,
+        mode: str = "fused",
+        buffers=None,
+        loss_reducer=None,
+        pipeline_micro_batches: int = 1,
+    ):
         super().__init__(auto_prefix=False)  # keep the model's parameter names
         if mode not in ("fused", "accumulate"):
             raise ValueError(f"mode must be 'fused' or 'accumulate', got {mode!r}")
@@ -143,8 +153,12 @@ class GradientBuffers(nn.Cell):
 
     def __init__(self, params):
         super().__init__(auto_prefix=False)  # keep the model's parameter names
-        self.grads = ms.ParameterTuple([Parameter(initializer(Zero(), p.shape, ms.float32), name=f"accum.{p.name}",
-                                                  requires_grad=False) for p in params])
+        self.grads = ms.ParameterTuple(
+            [
+                Parameter(initializer(Zero(), p.shape, ms.float32), name=f"accum.{p.name}", requires_grad=False)
+                for p in params
+            ]
+        )
         self.tokens = Parameter(Tensor(0.0, ms.float32), name="accum.tokens", requires_grad=False)
 
 

@@ -5,6 +5,7 @@ default <output>/timing.json; the pipeline puts it beside the stage's output), n
 metrics.json or a checkpoint. A re-run with the same inputs then writes bit-identical results, and DVC's
 output hashes and run cache hold.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,16 +33,27 @@ class RunTiming:
                 self.steps = []  # timing is informative only: a damaged file starts afresh
 
     def record(self, step: int, seconds: float, tokens: int, real_tokens: int, compiled: bool) -> None:
-        self.steps.append({"step": step, "seconds": round(seconds, 6), "tokens": tokens,
-                           "real_tokens": real_tokens, "includes_compilation": compiled})
+        self.steps.append(
+            {
+                "step": step,
+                "seconds": round(seconds, 6),
+                "tokens": tokens,
+                "real_tokens": real_tokens,
+                "includes_compilation": compiled,
+            }
+        )
 
     def summary(self) -> dict:
         timed = [s for s in self.steps if not s["includes_compilation"]]
         seconds = sum(s["seconds"] for s in timed)
-        return {"steps": len(self.steps), "timed_steps": len(timed), "train_seconds": round(seconds, 3),
-                "step_seconds": round(seconds / len(timed), 4) if timed else None,
-                "tokens_per_second": round(sum(s["tokens"] for s in timed) / seconds, 2) if timed else None,
-                "real_tokens_per_second": round(sum(s["real_tokens"] for s in timed) / seconds, 2) if timed else None}
+        return {
+            "steps": len(self.steps),
+            "timed_steps": len(timed),
+            "train_seconds": round(seconds, 3),
+            "step_seconds": round(seconds / len(timed), 4) if timed else None,
+            "tokens_per_second": round(sum(s["tokens"] for s in timed) / seconds, 2) if timed else None,
+            "real_tokens_per_second": round(sum(s["real_tokens"] for s in timed) / seconds, 2) if timed else None,
+        }
 
     def write(self) -> None:
         if self.path:

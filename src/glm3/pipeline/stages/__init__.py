@@ -5,6 +5,7 @@ Each stage writes its output directory atomically (complete or absent, whatever 
 then its small metrics files; the summary it returns is what it wrote into metrics. One module per stage,
 so that each DVC stage depends on its own code only (dvc.yaml lists what each module imports).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,5 +1,6 @@
 """Stage `convert`: HuggingFace/PyTorch weights -> MindSpore checkpoint shards, in `convert.dtype` (the storage
 dtype every later stage keeps), streaming and checked tensor by tensor."""
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,13 @@ def run(params: dict, layout: Layout) -> dict:
     from glm3.convert import convert_checkpoint
 
     p = params["convert"]
-    summary = convert_checkpoint(layout.outputs["download"], layout.outputs["convert"], dtype=p["dtype"],
-                                 shard_size=p["shard_size"], overwrite=True, progress=True)
+    summary = convert_checkpoint(
+        layout.outputs["download"],
+        layout.outputs["convert"],
+        dtype=p["dtype"],
+        shard_size=p["shard_size"],
+        overwrite=True,
+        progress=True,
+    )
     log.info("convert: %s", summary.describe())
     return {"tensors": summary.tensors, "dtype": summary.dtype, "files": len(summary.files)}

@@ -1,5 +1,6 @@
 """Stage `download`: the base checkpoint in HuggingFace layout, from the Hub or a seeded random-weight stand-in
 (written once into a cache outside the project and hard-linked, as the Hub's own cache is)."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,14 @@ def run(params: dict, layout: Layout) -> dict:
         from glm3.download import DownloadError, download_from_hub
 
         try:
-            result = download_from_hub(out, repo_id=p["repo"], revision=str(p["revision"]), prefer=p["prefer"],
-                                       overwrite=True, timeout=float(p["timeout"]))
+            result = download_from_hub(
+                out,
+                repo_id=p["repo"],
+                revision=str(p["revision"]),
+                prefer=p["prefer"],
+                overwrite=True,
+                timeout=float(p["timeout"]),
+            )
         except DownloadError as exc:
             raise StageInputError(str(exc)) from exc
         summary = {"source": "hub", "repo": result.repo_id, "commit": result.commit}

@@ -1,4 +1,5 @@
 """Stage `evaluate`: C-Eval accuracy of the exported model (its prefill graph scores the answer letters)."""
+
 from __future__ import annotations
 
 import logging
@@ -22,17 +23,26 @@ def run(params: dict, layout: Layout) -> dict:
     p, model = params["evaluate"], layout.outputs["export"]
     setup_mindspore("graph")
     with atomic_directory(layout.outputs["evaluate"], overwrite=True) as tmp:
-        metrics = evaluate_ceval(MindIRRunner(model).last_logits, load_tokenizer(model),
-                                 project_path(layout.root, p["data"]), split=p["split"], shots=int(p["shots"]),
-                                 subjects=p["subjects"] or None, batch_size=int(p["batch_size"]),
-                                 predictions_path=os.path.join(tmp, "predictions.json"))
+        metrics = evaluate_ceval(
+            MindIRRunner(model).last_logits,
+            load_tokenizer(model),
+            project_path(layout.root, p["data"]),
+            split=p["split"],
+            shots=int(p["shots"]),
+            subjects=p["subjects"] or None,
+            batch_size=int(p["batch_size"]),
+            predictions_path=os.path.join(tmp, "predictions.json"),
+        )
         write_json(os.path.join(tmp, "metrics.json"), metrics)  # with subject names and question counts
     summary = {k: v for k, v in metrics.items() if k != "subjects"}  # flat enough for `dvc metrics show`
     summary["subjects"] = {s: v["accuracy"] for s, v in metrics["subjects"].items() if "accuracy" in v}
     write_json(layout.metrics("evaluate", "ceval.json"), summary)
     rows = [{"category": c, "accuracy": acc} for c, acc in metrics.get("categories", {}).items()]
     write_json(layout.metrics("evaluate", "ceval_categories.json"), rows)
-    plots.category_bars(metrics.get("categories", {}), layout.metrics("evaluate", "ceval_categories.png"),
-                        title=f"C-Eval {p['split']} accuracy per category")
+    plots.category_bars(
+        metrics.get("categories", {}),
+        layout.metrics("evaluate", "ceval_categories.png"),
+        title=f"C-Eval {p['split']} accuracy per category",
+    )
     log.info("evaluate: C-Eval %s average accuracy %s", p["split"], metrics.get("average"))
     return summary

@@ -1,5 +1,6 @@
 """Stage `finetune`: train in models/.work/finetune-<fingerprint> (an interrupted stage resumes there), then
 publish the run and its loss curve."""
+
 from __future__ import annotations
 
 import logging
@@ -28,11 +29,16 @@ def finetune_config(params: dict, layout: Layout):
     values = dict(params["finetune"])
     lora = dict(values.pop("lora", None) or {})
     values["lora"] = lora if lora.pop("enabled", False) else None
-    values.update(model=layout.outputs["convert"], data=project_path(layout.root, values["data"]),
-                  output=layout.work, cache_dir=os.path.join(layout.work, "data_cache"), resume="auto",
-                  timing_file=timing_file(layout),
-                  device=params["parallel"]["device"],
-                  parallel=parallel_config(params, layout.outputs["rank_table"]))
+    values.update(
+        model=layout.outputs["convert"],
+        data=project_path(layout.root, values["data"]),
+        output=layout.work,
+        cache_dir=os.path.join(layout.work, "data_cache"),
+        resume="auto",
+        timing_file=timing_file(layout),
+        device=params["parallel"]["device"],
+        parallel=parallel_config(params, layout.outputs["rank_table"]),
+    )
     config = FinetuneConfig.from_dict(values)
     config.output = os.path.join(layout.work, f"finetune-{config.fingerprint()}")
     return config
@@ -48,8 +54,14 @@ def run(params: dict, layout: Layout) -> dict:
     from glm3.train.trainer import LOG_COLUMNS, LOG_FILE, TrainingInterrupted
 
     out = layout.outputs["finetune"]
-    log.info("finetune: %s on %s (lr %g, %s), work dir %s", config.model, config.data, config.lr,
-             "LoRA" if config.lora else "full", config.output)
+    log.info(
+        "finetune: %s on %s (lr %g, %s), work dir %s",
+        config.model,
+        config.data,
+        config.lr,
+        "LoRA" if config.lora else "full",
+        config.output,
+    )
     lock = config.output + ".lock"  # DVC and Prefect runs with the same settings share the work directory
     with exclusive_lock(lock, f"the work directory {config.output}"):
         try:
@@ -67,13 +79,29 @@ def run(params: dict, layout: Layout) -> dict:
             publish_directory(config.output, out)
         finally:
             os.unlink(lock)  # ours while we hold it; the kernel drops the lock itself however we exit
-    metrics = {k: result.metrics.get(k) for k in ("steps", "epochs", "mode", "global_batch_size", "first_loss",
-                                                  "final_loss", "min_loss", "skipped_lines", "skipped_records",
-                                                  "trainable_parameters")}
+    metrics = {
+        k: result.metrics.get(k)
+        for k in (
+            "steps",
+            "epochs",
+            "mode",
+            "global_batch_size",
+            "first_loss",
+            "final_loss",
+            "min_loss",
+            "skipped_lines",
+            "skipped_records",
+            "trainable_parameters",
+        )
+    }
     if result.timing.get("tokens_per_second"):
-        log.info("finetune: %.3f s per step, %.0f tokens/s (%.0f without padding); timing in %s",
-                 result.timing["step_seconds"], result.timing["tokens_per_second"],
-                 result.timing["real_tokens_per_second"], timing_file(layout))
+        log.info(
+            "finetune: %.3f s per step, %.0f tokens/s (%.0f without padding); timing in %s",
+            result.timing["step_seconds"],
+            result.timing["tokens_per_second"],
+            result.timing["real_tokens_per_second"],
+            timing_file(layout),
+        )
     write_json(layout.metrics("finetune", "finetune.json"), metrics)
     log_path = os.path.join(out, LOG_FILE)  # the loss curve for `dvc plots` (node 0 of a multi-node run logs it)
     curve = "\t".join(LOG_COLUMNS) + "\n"

@@ -1,5 +1,6 @@
 """Stage `rank_table`: the parallel plan (world size; each server's workers and node_rank) and, for Ascend
 servers, the HCCL rank table."""
+
 from __future__ import annotations
 
 import logging
@@ -22,13 +23,23 @@ def run(params: dict, layout: Layout) -> dict:
     parallel.validate(p["device"])  # e.g. model parallelism on CPU fails here, before any training
     servers = p.get("servers") or []
     table = rt.build_cluster_table(servers) if servers else None
-    plan = {"device": p["device"], "world_size": parallel.world_size, "data_parallel": parallel.data_parallel,
-            "model_parallel": parallel.model_parallel, "pipeline_stage": parallel.pipeline_stage,
-            "rank_table": RANK_TABLE_FILE if table else None, "nodes": rt.launch_nodes(parallel.world_size, table)}
+    plan = {
+        "device": p["device"],
+        "world_size": parallel.world_size,
+        "data_parallel": parallel.data_parallel,
+        "model_parallel": parallel.model_parallel,
+        "pipeline_stage": parallel.pipeline_stage,
+        "rank_table": RANK_TABLE_FILE if table else None,
+        "nodes": rt.launch_nodes(parallel.world_size, table),
+    }
     with atomic_directory(layout.outputs["rank_table"], overwrite=True) as tmp:
         if table:
             rt.save_rank_table(table, os.path.join(tmp, RANK_TABLE_FILE))
         write_json(os.path.join(tmp, PLAN_FILE), plan)
-    log.info("rank_table: world size %d over %d node(s)%s", plan["world_size"], len(plan["nodes"]),
-             ", HCCL rank table written" if table else "")
+    log.info(
+        "rank_table: world size %d over %d node(s)%s",
+        plan["world_size"],
+        len(plan["nodes"]),
+        ", HCCL rank table written" if table else "",
+    )
     return {"world_size": plan["world_size"], "nodes": len(plan["nodes"])}

@@ -1,0 +1,152 @@
+"""`glm3` download, convert, train-tokenizer: get and convert checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+
+def cmd_download(args) -> int:
+    if args.synthetic:
+        from glm3.synthetic import write_synthetic_checkpoint
+
+        path = write_synthetic_checkpoint(
+            args.dst,
+            args.synthetic,
+            seed=args.seed,
+            fmt=args.format,
+            dtype=args.dtype,
+            num_shards=args.shards,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        print(f"wrote random-weight {args.synthetic} checkpoint (HuggingFace layout, {args.format}) to {path}")
+        return 0
+    from glm3.download import download_from_hub
+
+    summary = download_from_hub(
+        args.dst,
+        repo_id=args.repo,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        prefer=args.prefer,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        timeout=args.timeout,
+    )
+    print(summary.describe())
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from glm3.convert import convert_checkpoint
+
+    summary = convert_checkpoint(
+        args.src,
+        args.dst,
+        to=args.to,
+        dtype=args.dtype,
+        fmt=args.format,
+        shard_size=args.shard_size,
+        config=args.config,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(summary.describe())
+    if args.summary:
+        from glm3.io import atomic_write_text
+
+        atomic_write_text(args.summary, json.dumps(summary.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    import glm3
+
+    path = glm3.train_sentencepiece(args.input, args.output, vocab_size=args.vocab_size)
+    tok = glm3.ChatGLM3Tokenizer(path)
+    print(f"wrote {path}: {tok.n_words} pieces + {tok.vocab_size - tok.n_words} special tokens")
+    return 0
+
+
+def register(sub) -> None:
+    """download, convert, train-tokenizer: get and convert checkpoints."""
+    p = sub.add_parser(
+        "download",
+        help="download ChatGLM3 from the HuggingFace Hub, or write a synthetic stand-in",
+        description="Hub: fetch config, tokenizer and one weight format of REPO at REVISION (resolved "
+        "to a commit, recorded in DST/source.json), verify every weight file's sha256 against the "
+        "Hub, publish into DST atomically. Resumable (HuggingFace cache); honours HF_ENDPOINT, "
+        "HF_TOKEN, HF_HOME and HF_HUB_OFFLINE. --synthetic PRESET instead writes a seeded random-"
+        "weight checkpoint in the release's exact layout, offline.",
+    )
+    p.add_argument("--dst", required=True, help="output model directory")
+    p.add_argument(
+        "--synthetic",
+        metavar="PRESET",
+        help="write a random-weight checkpoint of this preset "
+        "(tiny, bench, glm3_6b, glm3_6b_32k) instead of downloading",
+    )
+    p.add_argument("--repo", default="THUDM/chatglm3-6b", help="Hub repo id (default THUDM/chatglm3-6b)")
+    p.add_argument("--revision", default="main", help="branch, tag or commit; pin a commit for reproducibility")
+    p.add_argument("--cache-dir", help="HuggingFace cache directory (default: HF_HUB_CACHE)")
+    p.add_argument(
+        "--prefer",
+        default="safetensors",
+        choices=["safetensors", "bin"],
+        help="weight format to fetch when the repo has both",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the Hub before giving up")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "bin"], help="synthetic: weight files")
+    p.add_argument("--shards", type=int, default=None, help="synthetic: number of weight shards (6B: 7, else 2)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16"],
+        help="synthetic: weight dtype (6B: float16, else float32)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed (same seed, same files)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint: HuggingFace/MindFormers -> MindSpore, or back to HF",
+        description="Streams one tensor at a time (memory: one source shard), checks every tensor "
+        "against the config, writes shards + index + config.json + tokenizer into DST atomically. "
+        "SRC is a model directory (HF .bin/safetensors, ours) or a MindFormers .ckpt file.",
+    )
+    p.add_argument("--src", required=True, help="source model directory or MindFormers .ckpt file")
+    p.add_argument("--dst", required=True, help="output model directory")
+    p.add_argument(
+        "--to",
+        default="mindspore",
+        choices=["mindspore", "hf"],
+        help="mindspore (default) or hf: HuggingFace safetensors for PyTorch tooling",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="output dtype (auto: the config's torch_dtype)",
+    )
+    p.add_argument(
+        "--format",
+        default="ckpt",
+        choices=["ckpt", "safetensors"],
+        help="MindSpore output file format (--to hf always writes safetensors)",
+    )
+    p.add_argument("--shard-size", default="2GB", help="max bytes per output file, e.g. 2GB, 500MiB; 0: one file")
+    p.add_argument("--config", help="preset or config.json, when SRC has none (MindFormers' glm3_6b.ckpt)")
+    p.add_argument("--tokenizer", help="directory with tokenizer.model, when SRC has none")
+    p.add_argument("--summary", help="also write the summary as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train-tokenizer", help="train a ChatGLM3-style SentencePiece model from text files")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--vocab-size", type=int, default=1500)
+    p.set_defaults(func=cmd_train_tokenizer)
