@@ -28,16 +28,6 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
-STAGE_OUTPUTS = {
-    "download": "models/hf",
-    "convert": "models/ms",
-    "rank_table": "models/rank_table",
-    "finetune": "models/finetune",
-    "merge": "models/merged",
-    "export": "models/export",
-    "evaluate": "models/ceval",
-    "adgen_eval": "models/adgen_eval",
-}
 DECODE_SCRIPT = r"""
 import json, os, sys, time
 import numpy as np
@@ -151,11 +141,13 @@ def main() -> int:
         wall = float(f.read())
 
     sys.path.insert(0, os.path.join(REPO, "src"))
+    from glm3.pipeline.layout import DVC_OUTPUTS
+
     with open(stats, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     stages, seen = {}, set()
     for r in records:
-        out = os.path.join(clone, STAGE_OUTPUTS[r["stage"]])
+        out = os.path.join(clone, DVC_OUTPUTS[r["stage"]])
         output_bytes, new_bytes = output_sizes(out, seen)
         # The stage's own process (VmHWM). Its children's ru_maxrss is reported apart: for msrun workers it is
         # theirs, but a child forked from a loaded stage (MindSpore forks helpers) shows the parent's pages.

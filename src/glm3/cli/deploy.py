@@ -41,15 +41,7 @@ def cmd_infer(args) -> int:
 
     common.setup_mindspore("graph")
     runner, tok = MindIRRunner(args.model), load_tokenizer(args.model)
-    options = {
-        "max_new_tokens": args.max_new_tokens,
-        "do_sample": args.do_sample,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-    }
+    options = common.generation_kwargs(args)
 
     def answer(texts):
         outputs = runner.generate([common.prompt_ids(tok, t, args.chat) for t in texts], **options)
