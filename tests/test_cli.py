@@ -1,5 +1,6 @@
 """The glm3 command line, run as real subprocesses."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -40,6 +41,29 @@ def test_help_lists_commands():
     ):
         assert command in out
     assert "--synthetic" in run("download", "--help").stdout and "--to" in run("convert", "--help").stdout
+
+
+def _commands(parser, name="glm3"):
+    """(command name, its parser) for every command and subcommand of the CLI."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _commands(sub, f"{name} {sub_name}")
+
+
+def test_every_flag_of_every_command_has_help():
+    from glm3.cli import build_parser
+
+    commands = dict(_commands(build_parser()))
+    assert len(commands) >= 20 and "glm3 eval ceval" in commands and "glm3 prefect up" in commands
+    undocumented = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, parser in commands.items()
+        for action in parser._actions
+        if action.dest != "help" and not (action.help or "").strip()
+    ]
+    assert undocumented == []
 
 
 def test_download_synthetic_convert_then_score_generate_chat(tmp_path):

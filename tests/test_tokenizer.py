@@ -1,6 +1,7 @@
 """Tokenizer ids and text, checked against SentencePiece itself and the release's documented behaviour."""
 
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -116,8 +117,13 @@ def test_save_load_and_training_is_reproducible(tokenizer, tmp_path):
     again = glm3.load_tokenizer(tmp_path / "tok")
     assert again.encode("你好世界") == tokenizer.encode("你好世界") and again.fingerprint() == tokenizer.fingerprint()
     a = glm3.train_sentencepiece([shipped_corpus()], tmp_path / "a.model", vocab_size=1200)
-    b = glm3.train_sentencepiece([shipped_corpus()], tmp_path / "b.model", vocab_size=1200)
+    # The same text elsewhere (another checkout) trains the same bytes: no file name is recorded in the model.
+    moved = tmp_path / "elsewhere" / "corpus.txt"
+    moved.parent.mkdir()
+    shutil.copyfile(shipped_corpus(), moved)
+    b = glm3.train_sentencepiece([moved], tmp_path / "b.model", vocab_size=1200)
     assert hashlib.sha256(open(a, "rb").read()).digest() == hashlib.sha256(open(b, "rb").read()).digest()
+    assert b"elsewhere" not in open(b, "rb").read() and b"tokenizer_corpus" not in open(a, "rb").read()
     small = glm3.ChatGLM3Tokenizer(a)
     assert small.n_words <= 1200 and small.encode("\n") == [small.sp.piece_to_id("▁"), small.sp.piece_to_id("<0x0A>")]
     with pytest.raises(glm3.TokenizerError, match="training failed.*vocab_size=300"):

@@ -171,6 +171,11 @@ def _write_shards(
         )
 
 
+# Bumped when what write_synthetic_checkpoint writes changes, so an older cache is not linked into a new run
+# (2: the tokenizer no longer records the path of its training text).
+CACHE_VERSION = 2
+
+
 def synthetic_cache_dir() -> str:
     """Where cached synthetic checkpoints live: GLM3_SYNTHETIC_CACHE, default ~/.cache/glm3/synthetic."""
     return os.environ.get("GLM3_SYNTHETIC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm3", "synthetic"))
@@ -194,7 +199,7 @@ def cached_synthetic_checkpoint(
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
-    cached = os.path.join(synthetic_cache_dir(), f"{preset}-seed{seed}-{fmt}")
+    cached = os.path.join(synthetic_cache_dir(), f"{preset}-seed{seed}-{fmt}-v{CACHE_VERSION}")
     check_destination(directory, 0, overwrite)
     # Concurrent runs (DVC and Prefect, or two projects) wait for the first writer instead of replacing its
     # files while it links them.

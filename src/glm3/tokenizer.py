@@ -237,6 +237,9 @@ def train_sentencepiece(
     Whitespace and newlines are kept (identity normalisation, no whitespace folding), digits are split
     and ids 0/1/2 are <unk>/<s>/</s>, as in the released tokenizer. vocab_size is an upper bound: a small
     corpus yields fewer pieces. Writes output_file atomically and returns its path.
+
+    The text is fed line by line rather than by file name: SentencePiece records its `input` files in the
+    model, so the same text in another checkout would give another tokenizer.model (and a new DVC hash).
     """
     files = [os.fspath(f) for f in text_files]
     for f in files:
@@ -244,10 +247,16 @@ def train_sentencepiece(
             raise TokenizerError(f"training text not found: {f}")
     import io
 
+    def lines():
+        for name in files:
+            with open(name, encoding="utf-8") as f:
+                for line in f:
+                    yield line.rstrip("\n")
+
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
-            input=",".join(files),
+            sentence_iterator=lines(),
             model_writer=model,
             vocab_size=vocab_size,
             model_type="bpe",

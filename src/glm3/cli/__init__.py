@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tables, merge and split distributed checkpoints; export to MindIR and run it; "
         "evaluate on C-Eval and ADGEN; run pipeline stages and the Prefect server.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="<command>", help="`glm3 <command> --help` for its flags"
+    )
     for group in GROUPS:
         group.register(sub)
     return parser

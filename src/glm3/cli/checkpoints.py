@@ -146,7 +146,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train-tokenizer", help="train a ChatGLM3-style SentencePiece model from text files")
-    p.add_argument("--input", nargs="+", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--vocab-size", type=int, default=1500)
+    p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files to train on (one sentence per line)")
+    p.add_argument("--output", required=True, help="the tokenizer.model file to write")
+    p.add_argument("--vocab-size", type=int, default=1500, help="vocabulary size at most (a small text gives fewer)")
     p.set_defaults(func=cmd_train_tokenizer)

@@ -31,7 +31,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_generation_args(p: argparse.ArgumentParser, sample_default: bool) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--sample",
@@ -41,10 +41,25 @@ def add_generation_args(p: argparse.ArgumentParser, sample_default: bool) -> Non
         help="sample (default for chat: top_p 0.8, temperature 0.8)",
     )
     group.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.8 if sample_default else 1.0)
-    p.add_argument("--top-p", type=float, default=0.8 if sample_default else 1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8 if sample_default else 1.0,
+        help="sampling: divide the logits by this (> 0; lower is more deterministic)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.8 if sample_default else 1.0,
+        help="sampling: keep the most likely tokens whose probabilities sum to this (0 < p <= 1; 1: all)",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens only (0: all)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the scores of tokens already in the text by this (> 1 discourages repeats; 1: off)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same output)")
 
 

@@ -73,7 +73,7 @@ def register(sub) -> None:
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, default=1, help="static batch size (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension instead")
-    p.add_argument("--prompt-length", type=int, default=64)
+    p.add_argument("--prompt-length", type=int, default=64, help="prefill width: the longest prompt the export takes")
     p.add_argument("--seq-length", type=int, help="KV cache length (default: the model's seq_length)")
     p.add_argument("--paged", action="store_true", help="a paged (block-table) KV cache instead of a static one")
     p.add_argument(
@@ -105,7 +105,7 @@ def register(sub) -> None:
         choices=["auto", "float32", "float16", "bfloat16"],
         help="weight dtype of the export; auto (default): the model's own",
     )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

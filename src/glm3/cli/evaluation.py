@@ -60,7 +60,7 @@ def _add_eval_args(p: argparse.ArgumentParser, data_help: str, predictions_help:
     common.add_model_args(p)
     p.add_argument("--adapter", help="LoRA adapter directory to apply to the model")
     p.add_argument("--data", required=True, help=data_help)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts scored or generated together (default 8)")
     p.add_argument("--out", help="metrics JSON file")
     p.add_argument("--predictions", help=predictions_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -72,7 +72,7 @@ def register(sub) -> None:
         "eval",
         help="evaluate a model: `glm3 eval ceval` (C-Eval accuracy), `glm3 eval adgen` (BLEU-4, ROUGE on characters)",
     )
-    eval_sub = p.add_subparsers(dest="benchmark", required=True, metavar="<benchmark>")
+    eval_sub = p.add_subparsers(dest="benchmark", required=True, metavar="<benchmark>", help="which benchmark")
     p = eval_sub.add_parser(
         "ceval",
         help="C-Eval multiple choice: accuracy per subject, category and on average",
@@ -85,15 +85,22 @@ def register(sub) -> None:
     _add_eval_args(
         p, "C-Eval root (with dev/, val/, test/)", "predictions JSON ({subject: {id: letter}}, the submission format)"
     )
-    p.add_argument("--split", default="val", choices=["dev", "val", "test"])
+    p.add_argument(
+        "--split", default="val", choices=["dev", "val", "test"], help="which split to score (test: predictions only)"
+    )
     p.add_argument("--shots", type=int, default=0, help="solved dev questions in each prompt (0..5)")
     p.add_argument("--subjects", help="comma-separated subjects (default: every subject in the split)")
     p.set_defaults(func=cmd_eval_ceval)
 
     p = eval_sub.add_parser("adgen", help="generate for ADGEN records and score BLEU-4 and ROUGE-1/2/L")
     _add_eval_args(p, "ADGEN eval file", "JSON-lines file of predictions and references")
-    p.add_argument("--max-source-length", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-source-length", type=int, default=64, help="prompt tokens kept at most")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per record at most")
     p.add_argument("--limit", type=int, help="score only the first N records")
-    p.add_argument("--preprocess", default="mindformers_v3", choices=["mindformers_v3", "chat"])
+    p.add_argument(
+        "--preprocess",
+        default="mindformers_v3",
+        choices=["mindformers_v3", "chat"],
+        help="prompt format: MindFormers' ADGEN format (default) or a chat turn",
+    )
     p.set_defaults(func=cmd_eval_adgen)

@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("prefect", help="`glm3 prefect up`: a local Prefect server serving the glm3 deployments")
-    prefect_sub = p.add_subparsers(dest="action", required=True, metavar="<action>")
+    prefect_sub = p.add_subparsers(dest="action", required=True, metavar="<action>", help="what to do")
     p = prefect_sub.add_parser(
         "up",
         help="start a local Prefect server (SQLite, 127.0.0.1) and serve glm3/pipeline and glm3/finetune until Ctrl-C",

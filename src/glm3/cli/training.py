@@ -154,7 +154,9 @@ def register(sub) -> None:
         "--device-ips IP,IP,...) --out FILE builds one server's table; glm3 rank-table merge A.json "
         "B.json ... --out FILE joins per-server tables, numbering ranks in server order.",
     )
-    p.add_argument("action", nargs="?", choices=["build", "merge"], default="build")
+    p.add_argument(
+        "action", nargs="?", choices=["build", "merge"], default="build", help="build (default) or merge tables"
+    )
     p.add_argument("tables", nargs="*", help="merge: per-server rank table files, in server order")
     p.add_argument("--server-ip", help="this server's IP (server_id)")
     p.add_argument(
