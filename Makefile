@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 # The venv's bin first: DVC stages run `python -m stages.<name>`, msrun starts `python` workers.
 IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: setup run prefect lint test test-fast bench bench-6b rehearsal-6b rehearsal-6b-args clean
+.PHONY: setup run serve prefect lint test test-fast bench bench-6b rehearsal-6b rehearsal-6b-args clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ run: setup
 	@echo "plots:          metrics/loss.png, metrics/ceval_categories.png (all in dvc_plots/index.html, offline)"
 	@echo "exported model: models/export (prefill.mindir, decode.mindir; try: .venv/bin/glm3 infer --model models/export --prompt 你好)"
 	@echo "fine-tuned:     models/finetune (run, checkpoints, train_log.tsv), models/merged (merged model)"
+
+# The pipeline's export behind the OpenAI-compatible API on http://127.0.0.1:8000/v1 (Ctrl-C stops it);
+# SERVE_ARGS for more flags (`glm3 serve --help`), e.g. SERVE_ARGS="--port 9000 --api-key KEY".
+serve: setup
+	@test -f models/export/export_config.json || { echo "no models/export yet: run 'make run' first"; exit 2; }
+	$(IN_VENV) glm3 serve --model models/export $(SERVE_ARGS)
 
 # A local Prefect server serving glm3/pipeline and glm3/finetune (Ctrl-C stops it).
 prefect: setup
@@ -67,6 +73,7 @@ rehearsal-6b-args:
 
 bench: setup
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/convert_6b.py
 	$(IN_VENV) python benchmarks/train.py
 	$(IN_VENV) python benchmarks/pipeline.py

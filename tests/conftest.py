@@ -131,3 +131,33 @@ def ckpt_arrays(path):
 def hf_config(directory):
     with open(os.path.join(directory, "config.json")) as f:
         return json.load(f)
+
+
+def write_scripted_model(tiny_dir, script, directory):
+    """The tiny ChatGLM3 with weights set so that it writes a chosen text: every block's output projections are
+    zero (each position keeps its own embedding), and the output layer maps each token of `script` to the next
+    one (so each token may appear once). A real model and real decoding, with a known output: after
+    script[0] (e.g. <|assistant|>, the end of every chat prompt) it writes script[1:]. Returns `directory`."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    assert len(set(script)) == len(script) and 0 not in script  # every step has one successor
+    weights = {}
+    for name in sorted(os.listdir(tiny_dir)):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(tiny_dir, name)))
+    for name in weights:
+        if name.endswith(("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")):
+            weights[name] = np.zeros_like(weights[name])
+    weights["transformer.encoder.final_layernorm.weight"][:] = 1.0
+    embedding = weights["transformer.embedding.word_embeddings.weight"]
+    output = np.zeros_like(weights["transformer.output_layer.weight"])
+    for token, successor in zip(script, script[1:]):
+        row = embedding[token] / np.sqrt(np.mean(embedding[token] ** 2))  # what the final RMSNorm gives
+        output[successor] = 10.0 * row / np.linalg.norm(row)
+    weights["transformer.output_layer.weight"] = output
+    os.makedirs(directory, exist_ok=True)
+    save_file(weights, os.path.join(str(directory), "model.safetensors"))
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_dir, name), os.path.join(str(directory), name))
+    return str(directory)

@@ -2,12 +2,11 @@
 
 import json
 import os
-import shutil
 
-import numpy as np
 import pytest
 
 import glm3
+from conftest import write_scripted_model
 from glm3.conversation import process_response
 from glm3.tool_call import ToolCallError, parse_tool_call
 
@@ -141,12 +140,8 @@ def test_chat_turn_with_tiny_model(tiny_model, tokenizer):
 
 @pytest.fixture(scope="module")
 def scripted_model(tiny_dir, tokenizer, tmp_path_factory):
-    """The tiny ChatGLM3 with weights set so that it writes a chosen reply: every block's output projections are
-    zero (each position keeps its own embedding), and the output layer maps each token of the script to the
-    next one. A real model, real decoding, a known text: "\n好" then 龘, which the tokenizer has as three
-    byte-fallback pieces (a character that arrives in parts), then eos."""
-    from safetensors.numpy import load_file, save_file
-
+    """The tiny ChatGLM3 scripted (conftest.write_scripted_model) to reply "\n好" then 龘, which the tokenizer has
+    as three byte-fallback pieces (a character that arrives in parts), then eos."""
     script = [
         tokenizer.get_command("<|assistant|>"),
         tokenizer.sp.piece_to_id("<0x0A>"),
@@ -154,25 +149,7 @@ def scripted_model(tiny_dir, tokenizer, tmp_path_factory):
         *[tokenizer.sp.piece_to_id(f"<0x{b:02X}>") for b in "龘".encode()],
         tokenizer.eos_id,
     ]
-    assert len(set(script)) == len(script) and 0 not in script  # every step has one successor
-    weights = {}
-    for name in sorted(os.listdir(tiny_dir)):
-        if name.endswith(".safetensors"):
-            weights.update(load_file(os.path.join(tiny_dir, name)))
-    for name in weights:
-        if name.endswith(("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")):
-            weights[name] = np.zeros_like(weights[name])
-    weights["transformer.encoder.final_layernorm.weight"][:] = 1.0
-    embedding = weights["transformer.embedding.word_embeddings.weight"]
-    output = np.zeros_like(weights["transformer.output_layer.weight"])
-    for token, successor in zip(script, script[1:]):
-        row = embedding[token] / np.sqrt(np.mean(embedding[token] ** 2))  # what the final RMSNorm gives
-        output[successor] = 10.0 * row / np.linalg.norm(row)
-    weights["transformer.output_layer.weight"] = output
-    directory = tmp_path_factory.mktemp("scripted")
-    save_file(weights, str(directory / "model.safetensors"))
-    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tiny_dir, name), directory / name)
+    directory = write_scripted_model(tiny_dir, script, tmp_path_factory.mktemp("scripted"))
     return glm3.load_model(directory), len(script) - 2  # the model, and the tokens of its reply
 
 

@@ -1,10 +1,12 @@
-"""The paged KV cache: block manager bookkeeping, and paged attention against dense attention in numpy."""
+"""The paged KV cache: block manager bookkeeping, and paged attention (MindSpore operators, and the CPU kernels that
+write the cache in place) against dense attention in numpy."""
 
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, nn
 
 from glm3.block_manager import BlockManager, OutOfBlocks
+from glm3.kernels import PagedCacheKernels, kernel_library
 from glm3.kernels.paged_attention import paged_attention, write_cache
 
 
@@ -26,7 +28,39 @@ def test_block_manager_allocates_appends_frees_and_runs_out_clearly():
     assert BlockManager().num_blocks == 224 and BlockManager().block_size == 16
 
 
-def test_paged_attention_equals_dense_attention():
+class _InGraph(nn.Cell):
+    """A function of the paged kernels as a compiled graph, as the model's steps run them."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def construct(self, *args):
+        return self.fn(*args)
+
+
+def _plain():
+    return write_cache, lambda *args: paged_attention(*args, 0.5)
+
+
+class _Attend(nn.Cell):
+    def __init__(self, kernels):
+        super().__init__()
+        self.kernels = kernels
+
+    def construct(self, q, key_cache, value_cache, block_tables, context_lens):
+        return self.kernels.attention(q, key_cache, value_cache, block_tables, context_lens, 0.5)
+
+
+def _cpu_kernels():
+    """The CPU kernels, whose write changes the cache it is given (and returns it)."""
+    ops = PagedCacheKernels(kernel_library())
+    return _InGraph(ops.write), _Attend(ops)
+
+
+@pytest.mark.parametrize("kernels", [_plain, _cpu_kernels], ids=["plain", "cpu"])
+def test_paged_attention_equals_dense_attention(kernels):
+    write, attend = kernels()
     rng = np.random.default_rng(0)
     heads, groups, d, block_size = 4, 2, 8, 4
     bm = BlockManager(num_blocks=12, block_size=block_size)
@@ -39,25 +73,26 @@ def test_paged_attention_equals_dense_attention():
         bm.allocate(seq, 1)
         dense[seq] = [rng.standard_normal((1, groups, d)).astype(np.float32) for _ in range(2)]
         slots = bm.slots(seq, [0])
-        key_cache = write_cache(key_cache, Tensor(dense[seq][0]), Tensor(slots))
-        value_cache = write_cache(value_cache, Tensor(dense[seq][1]), Tensor(slots))
+        key_cache = write(key_cache, Tensor(dense[seq][0]), Tensor(slots))
+        value_cache = write(value_cache, Tensor(dense[seq][1]), Tensor(slots))
     for step in range(1, max(lengths.values())):
         for seq, n in lengths.items():
             if step < n:
                 k, v = (rng.standard_normal((1, groups, d)).astype(np.float32) for _ in range(2))
                 slot = np.array([bm.append_slot(seq)], np.int32)
-                key_cache = write_cache(key_cache, Tensor(k), Tensor(slot))
-                value_cache = write_cache(value_cache, Tensor(v), Tensor(slot))
+                key_cache = write(key_cache, Tensor(k), Tensor(slot))
+                value_cache = write(value_cache, Tensor(v), Tensor(slot))
                 dense[seq] = [np.concatenate([dense[seq][0], k]), np.concatenate([dense[seq][1], v])]
+    for seq, (keys, _) in dense.items():  # every token in its slot, whichever way it was written
+        np.testing.assert_array_equal(key_cache.asnumpy().reshape(-1, groups, d)[bm.slots(seq, range(len(keys)))], keys)
     seqs = list(lengths)
     q = rng.standard_normal((len(seqs), 1, heads, d)).astype(np.float32)  # the projection's layout
-    out = paged_attention(
+    out = attend(
         Tensor(q),
         key_cache,
         value_cache,
         Tensor(bm.block_tables(seqs)),
         Tensor(np.array([lengths[s] for s in seqs], np.int32)),
-        0.5,
     ).asnumpy()
     assert out.shape == (len(seqs), 1, heads * d)  # heads side by side, in order
     for row, seq in enumerate(seqs):
@@ -68,3 +103,16 @@ def test_paged_attention_equals_dense_attention():
             probs = np.exp(scores - scores.max())
             probs /= probs.sum()
             np.testing.assert_allclose(out[row, 0, h * d : (h + 1) * d], probs @ values[:, g], atol=1e-5)
+
+
+def test_the_cpu_kernels_write_in_place_and_refuse_slots_outside_the_cache():
+    ops = PagedCacheKernels(kernel_library())
+    write = _InGraph(ops.write)
+    cache = Tensor(np.zeros((3, 2, 1, 8), np.float32))
+    rows = np.arange(16, dtype=np.float32).reshape(2, 1, 8)
+    returned = write(cache, Tensor(rows), Tensor(np.array([5, 0], np.int32)))
+    flat = cache.asnumpy().reshape(6, 8)  # the tensor passed in holds the rows now
+    np.testing.assert_array_equal(flat[[5, 0]], rows[:, 0])
+    assert not flat[1:5].any() and returned.asnumpy().reshape(6, 8)[5].tolist() == rows[0, 0].tolist()
+    with pytest.raises(RuntimeError):
+        write(cache, Tensor(rows), Tensor(np.array([6, 0], np.int32))).asnumpy()

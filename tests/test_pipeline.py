@@ -167,7 +167,7 @@ def test_keyed_layout_changes_exactly_the_affected_stages(project):
 
     assert changed(**{"finetune.lr": 1e-3}) == {"finetune", "merge", "export", "evaluate", "adgen_eval"}
     assert changed(**{"evaluate.shots": 2}) == {"evaluate"}
-    assert changed(**{"export.paged": True}) == {"export", "evaluate"}
+    assert changed(**{"export.paged": False}) == {"export", "evaluate"}
     assert changed(**{"parallel.master_port": 9000}) == {
         "rank_table",
         "finetune",

@@ -1,11 +1,12 @@
-"""Sampling transforms (glm3.generation.process_logits) against their definitions, on logits built by hand:
+"""Sampling transforms (glm3.sampling.process_logits) against their definitions, on logits built by hand:
 repetition penalty (CTRL: a seen token's positive logit divided by the penalty, a negative one multiplied),
 temperature, top-k and top-p (nucleus: the smallest set of the most likely tokens whose mass reaches p)."""
 
 import numpy as np
 import pytest
 
-from glm3.generation import decode_loop, process_logits
+from glm3.generation import decode_loop
+from glm3.sampling import SamplingParams, process_logits
 
 NONE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
 HISTORY = np.array([[0, 1, 1, 2]]), np.array([[1, 1, 1, 0]])  # tokens 0 and 1 seen (1 twice); 2 is padding
@@ -86,16 +87,39 @@ def test_sampling_draws_tokens_with_the_transformed_probabilities():
             np.ones((1, 1), np.int32),
             1,
             1,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=0.75,
-            repetition_penalty=1.0,
+            SamplingParams(do_sample=True, top_p=0.75, seed=seed),
             stop_ids=[],
             pad=0,
-            seed=seed,
         )
         draws.append(int(next(steps)[0]))
     frequency = np.bincount(draws, minlength=4) / len(draws)
     # top_p 0.75 keeps tokens 0 and 1, renormalised to 0.625 and 0.375.
     np.testing.assert_allclose(frequency, [0.625, 0.375, 0.0, 0.0], atol=0.03)
+
+
+def test_settings_no_sampler_can_use_are_refused():
+    for bad in (
+        {"do_sample": True, "temperature": 0.0},
+        {"top_k": -1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"repetition_penalty": 0.0},
+    ):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    SamplingParams(temperature=0.0)  # greedy ignores the temperature
+
+
+def test_a_rows_choice_does_not_depend_on_the_rows_beside_it():
+    """The engine chooses per sequence, the generation loop per batch: both give the same tokens."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 50)).astype(np.float32)
+    history = rng.integers(0, 50, (5, 7))
+    mask = np.ones_like(history)
+    params = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=11)
+    batch = params.choose(logits, history, mask, [params.generator(row) for row in range(5)])
+    alone = [
+        params.choose(logits[r : r + 1], history[r : r + 1], mask[r : r + 1], [params.generator(r)])[0]
+        for r in range(5)
+    ]
+    assert batch.tolist() == alone and len(set(alone)) > 1

@@ -1,4 +1,4 @@
-"""Autoregressive generation: left-padded batches, static KV cache, greedy or seeded sampling."""
+"""Autoregressive generation: left-padded batches, static KV cache, greedy or seeded sampling (glm3.sampling)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 from mindspore import Tensor
 
 from glm3.kv_cache import StaticCacheSteps
-from glm3.steps import DecodeStep, PrefillStep
+from glm3.sampling import SamplingParams
+from glm3.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
 
 # Prompts are left-padded to a multiple of this, and the cache to a multiple of CACHE_BUCKET, so that
 # a handful of compiled graphs serve every prompt length.
@@ -21,16 +22,25 @@ CACHE_BUCKET = 64
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_step(model, kind: str, max_len: int):
-    """The model's "prefill" or "decode" step for a cache of `max_len` positions, built once and reused (graph
-    mode compiles it at its first call). Steps of an older structure of the model (before LoRA was added or
+_STEP_KINDS = {
+    "prefill": lambda model, max_len: PrefillStep(model, max_len),
+    "decode": lambda model, max_len: DecodeStep(model, max_len),
+    "paged_prefill": lambda model, max_len: PagedPrefillStep(model),
+    "paged_decode": lambda model, max_len: PagedDecodeStep(model),
+}
+
+
+def compiled_step(model, kind: str, max_len: int = 0):
+    """The model's step of `kind` ("prefill"/"decode" for a static cache of `max_len` positions,
+    "paged_prefill"/"paged_decode" for block caches), built once and reused (graph mode compiles it at its first
+    call with each new input shape). Steps of an older structure of the model (before LoRA was added or
     merged: GLM3ForCausalLM.structure_changed) are dropped."""
     steps = _STEPS.setdefault(model, {})
     key = (model.structure_version, kind, max_len)
     if key not in steps:
         for stale in [k for k in steps if k[0] != model.structure_version]:
             del steps[stale]
-        steps[key] = {"prefill": PrefillStep, "decode": DecodeStep}[kind](model, max_len)
+        steps[key] = _STEP_KINDS[kind](model, max_len)
     return steps[key]
 
 
@@ -88,57 +98,6 @@ def left_pad(ids: np.ndarray, mask: np.ndarray, width: int, pad: int) -> tuple[n
     return np.pad(ids, ((0, 0), (shift, 0)), constant_values=pad), np.pad(mask, ((0, 0), (shift, 0)))
 
 
-def process_logits(
-    logits: np.ndarray,
-    history: np.ndarray,
-    history_mask: np.ndarray,
-    *,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
-) -> np.ndarray:
-    """Apply repetition penalty, temperature, top-k and top-p to float32 logits [batch, V] (a copy)."""
-    logits = logits.astype(np.float32, copy=True)
-    if repetition_penalty != 1.0:
-        for row in range(logits.shape[0]):
-            seen = np.unique(history[row][history_mask[row].astype(bool)])
-            scores = logits[row, seen]
-            logits[row, seen] = np.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
-    if temperature != 1.0:
-        logits /= temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-        logits[logits < kth] = -np.inf
-    if top_p < 1.0:
-        order = np.argsort(-logits, axis=-1)
-        sorted_logits = np.take_along_axis(logits, order, -1)
-        probs = _softmax(sorted_logits)
-        # Drop a token once the mass of the tokens ranked above it already reaches top_p (keep >= 1).
-        drop_sorted = (np.cumsum(probs, -1) - probs) >= top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
-        logits[drop] = -np.inf
-    return logits
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = np.exp(x - x.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
-def validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
-    """Raise ValueError for settings no sampler can use (the eager model's and the MindIR runner's)."""
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-
-
 def iter_generate(
     model,
     input_ids,
@@ -177,27 +136,13 @@ def iter_generate(
         )
     if (ids < 0).any() or (ids >= config.padded_vocab_size).any():
         raise ValueError(f"input_ids must be in [0, {config.padded_vocab_size})")
-    validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
+    sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
     if eos_token_id is None:
         eos_token_id = {config.eos_token_id, *model.stop_token_ids}
     bucket = _round_up(prompt_len, PROMPT_BUCKET)
     max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
     steps = StaticCacheSteps(compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len), max_len)
-    yield from decode_loop(
-        steps,
-        ids,
-        mask,
-        bucket,
-        max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        stop_ids=eos_token_id,
-        pad=pad,
-        seed=seed,
-    )
+    yield from decode_loop(steps, ids, mask, bucket, max_new_tokens, sampling, stop_ids=eos_token_id, pad=pad)
 
 
 def decode_loop(
@@ -206,15 +151,10 @@ def decode_loop(
     mask: np.ndarray,
     prompt_slots: int,
     max_new_tokens: int,
+    sampling: SamplingParams,
     *,
-    do_sample: bool,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
     stop_ids,
     pad: int,
-    seed: int | None,
 ) -> Iterator[np.ndarray]:
     """The generation loop over a cache's steps (glm3.kv_cache.StaticCacheSteps or PagedCacheSteps, driving
     compiled Cells or loaded MindIR graphs): steps.start(ids, mask) and steps.step(tokens) return the logits
@@ -224,28 +164,13 @@ def decode_loop(
     stops = {int(stop_ids)} if isinstance(stop_ids, (int, np.integer)) else {int(t) for t in stop_ids}
     stop_array = np.array(sorted(stops), dtype=np.int64)
     # One generator per row: a row's sample depends on the seed and its index, not on the rest of the batch.
-    rngs = [np.random.default_rng(None if seed is None else [seed, row]) for row in range(batch)]
+    rngs = [sampling.generator(row) for row in range(batch)]
     logits = steps.start(*left_pad(ids, mask, prompt_slots, pad))
     history = np.concatenate([ids.astype(np.int64), np.zeros((batch, max_new_tokens), np.int64)], axis=1)
     history_mask = np.concatenate([mask, np.zeros((batch, max_new_tokens), np.int32)], axis=1)
     finished = np.zeros(batch, dtype=bool)
     for step in range(max_new_tokens):
-        scores = logits.asnumpy()
-        if do_sample or repetition_penalty != 1.0:
-            scores = process_logits(
-                scores,
-                history,
-                history_mask,
-                temperature=temperature if do_sample else 1.0,
-                top_k=top_k if do_sample else 0,
-                top_p=top_p if do_sample else 1.0,
-                repetition_penalty=repetition_penalty,
-            )
-        if do_sample:
-            probs = _softmax(scores.astype(np.float64))
-            tokens = np.array([rng.choice(probs.shape[-1], p=p) for rng, p in zip(rngs, probs)], dtype=np.int64)
-        else:
-            tokens = scores.argmax(axis=-1).astype(np.int64)
+        tokens = sampling.choose(logits.asnumpy(), history, history_mask, rngs)
         tokens = np.where(finished, pad, tokens)
         history[:, prompt_len + step] = tokens
         history_mask[:, prompt_len + step] = ~finished

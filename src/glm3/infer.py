@@ -17,7 +17,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from glm3.export import DECODE, PREFILL, ExportConfig, ExportError, graph_file
-from glm3.generation import as_batch, decode_loop, left_pad, validate_sampling
+from glm3.generation import as_batch, decode_loop, left_pad
+from glm3.sampling import SamplingParams
 
 PROMPT_MARKER = "Please enter your predict data:"
 
@@ -165,7 +166,7 @@ class MindIRRunner:
     ) -> list[list[int]]:
         """New tokens of each prompt (stop token included, padding removed), in batches of the export's size."""
         c = self.config
-        validate_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
+        sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         if c.prompt_length + max_new_tokens > c.seq_length:
             raise ExportError(
                 f"prompt_length {c.prompt_length} + max_new_tokens {max_new_tokens} exceeds the "
@@ -180,14 +181,9 @@ class MindIRRunner:
                 mask,
                 c.prompt_length,
                 max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
+                sampling,
                 stop_ids=c.stop_token_ids,
                 pad=c.pad_token_id,
-                seed=seed,
             )
             for row in np.stack(list(steps), axis=1)[:real].tolist():
                 cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))

@@ -6,17 +6,23 @@ Two layouts:
 - paged: one key and one value tensor per layer, [num_blocks, block_size, kv_groups, head_dim], shared by all
   sequences, each owning blocks through a block table (glm3.block_manager); prefill writes the prompt through
   a slot mapping, decode writes one slot per row and attends through the block tables.
-`StaticCacheSteps` / `PagedCacheSteps` hold a prefill and a decode step: start(ids, mask) and step(tokens)
-return the next token's logits.
+`StaticCacheSteps` / `PagedCacheSteps` hold a prefill and a decode step for one batch of prompts: start(ids,
+mask) and step(tokens) return the next token's logits. `PagedKVCache` is the paged cache shared by sequences
+that come and go (the serving engine, glm3.engine): prefill one sequence, decode any set of them, swap a
+sequence's blocks out to host memory and back.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from glm3.block_manager import BlockManager
+
+SCRATCH = -1  # the block manager's sequence id of the scratch block
 
 
 class StaticKVCache:
@@ -69,10 +75,148 @@ class StaticCacheSteps:
         return logits
 
 
+@dataclasses.dataclass(frozen=True)
+class PagedShapes:
+    """The inputs a pair of paged steps takes. Compiled Cells take any shape (each new one compiles once); the
+    graphs of an export have some fixed (glm3.export).
+
+    prompt_width: the prefill width, fixed (an export's prompt_length) or None: the prompt's length rounded up
+    to a multiple of prompt_bucket. prefill_batch: the rows of a prefill call (an export's static batch; a
+    prompt's call is filled up with rows that write only to the scratch block). decode_widths: the batch
+    widths of a decode call, ascending; rows are padded to the smallest that holds them, and more rows than the
+    largest are decoded in calls of the largest. table_width: the block-table width, fixed (an export's
+    max_blocks) or None: the longest sequence's block count rounded up to a power of two (at most max_blocks).
+    """
+
+    max_blocks: int
+    prompt_width: int | None = None
+    prompt_bucket: int = 32
+    prefill_batch: int = 1
+    decode_widths: tuple[int, ...] = (1,)
+    table_width: int | None = None
+
+
+class PagedKVCache:
+    """The block caches of a paged model, shared by many sequences: 2 x layers tensors [num_blocks, block_size,
+    kv_groups, head_dim] (float32), which the prefill and decode steps take and return, the block manager that
+    says which blocks each sequence owns (self.blocks), and the inputs of the steps built from it.
+
+    A padding token, or a row that only fills a call up to its width, writes to the scratch block, which no
+    sequence reads. A row's inputs (its tokens, positions, blocks' contents, context length) do not depend on
+    the other rows, nor on which blocks it was given.
+    """
+
+    def __init__(
+        self,
+        prefill,
+        decode,
+        num_layers: int,
+        kv_groups: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        shapes: PagedShapes,
+    ):
+        self.prefill_step, self.decode_step, self.shapes = prefill, decode, shapes
+        self.shape = (num_blocks, block_size, kv_groups, head_dim)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scratch_slot = int(self.blocks.allocate(SCRATCH, 1)[0])
+        self.caches = tuple(Tensor(np.zeros(self.shape, np.float32)) for _ in range(2 * num_layers))
+
+    @property
+    def usable_blocks(self) -> int:
+        """Blocks sequences can hold (all but the scratch block)."""
+        return self.blocks.num_blocks - 1
+
+    def run_prefill(self, ids: np.ndarray, mask: np.ndarray, slot_mapping: np.ndarray):
+        """The prefill step on a whole batch ([b, w] each): the last positions' logits [b, V] (a Tensor)."""
+        return self._keep(self.prefill_step(Tensor(ids), Tensor(mask), Tensor(slot_mapping), ms.mutable(self.caches)))
+
+    def run_decode(self, tokens, positions, slots, block_tables, context_lens):
+        """The decode step on a whole batch: the next-token logits [b, V] (a Tensor)."""
+        return self._keep(
+            self.decode_step(
+                Tensor(np.asarray(tokens, np.int32).reshape(-1, 1)),
+                Tensor(np.asarray(positions, np.int32).reshape(-1, 1)),
+                Tensor(np.asarray(slots, np.int32)),
+                Tensor(block_tables),
+                Tensor(np.asarray(context_lens, np.int32)),
+                ms.mutable(self.caches),
+            )
+        )
+
+    def _keep(self, result):
+        """The logits of a step's result; its caches, when it returns them (steps that write in place don't)."""
+        if isinstance(result, (tuple, list)):
+            logits, caches = result
+            self.caches = tuple(caches)
+            return logits
+        return result
+
+    def prefill(self, seq_id: int, prompt) -> np.ndarray:
+        """Blocks for a new sequence's prompt and its keys and values written into them: the logits [V] after
+        its last token. Raises OutOfBlocks (nothing allocated) when the blocks are not free."""
+        n, s = len(prompt), self.shapes
+        width = s.prompt_width or -(-n // s.prompt_bucket) * s.prompt_bucket
+        if n > width:
+            raise ValueError(f"a prompt of {n} tokens is longer than the prefill width {width}")
+        slots = self.blocks.allocate(seq_id, n)
+        ids = np.zeros((s.prefill_batch, width), np.int32)
+        mask = np.zeros((s.prefill_batch, width), np.int32)
+        slot_mapping = np.full((s.prefill_batch, width), self.scratch_slot, np.int32)
+        ids[:, width - n :], mask[:, width - n :] = prompt, 1  # filler rows: the same prompt, written to scratch
+        slot_mapping[0, width - n :] = slots
+        return self.run_prefill(ids, mask, slot_mapping).asnumpy()[0].copy()
+
+    def decode(self, seq_ids, tokens) -> np.ndarray:
+        """One token per sequence, each written to the slot the block manager last appended for it (the
+        caller appends one per sequence first): the next-token logits [len(seq_ids), V]."""
+        widest = self.shapes.decode_widths[-1]
+        if len(seq_ids) > widest:
+            return np.concatenate(
+                [self.decode(seq_ids[i : i + widest], tokens[i : i + widest]) for i in range(0, len(seq_ids), widest)]
+            )
+        n = len(seq_ids)
+        width = next(w for w in self.shapes.decode_widths if w >= n)
+        lengths = [self.blocks.lengths[s] for s in seq_ids]
+        slots = [int(self.blocks.slots(s, [length - 1])[0]) for s, length in zip(seq_ids, lengths)]
+        table_width = self.shapes.table_width or min(
+            self.shapes.max_blocks, 1 << (max(self.blocks.blocks_needed(length) for length in lengths) - 1).bit_length()
+        )
+        tables = np.zeros((width, table_width), np.int32)
+        tables[:n] = self.blocks.block_tables(seq_ids, table_width)
+        pad = width - n  # filler rows: token 0 at position 0, written to scratch, attending to one key
+        logits = self.run_decode(
+            list(tokens) + [0] * pad,
+            [length - 1 for length in lengths] + [0] * pad,
+            slots + [self.scratch_slot] * pad,
+            tables,
+            lengths + [1] * pad,
+        )
+        return logits.asnumpy()[:n].copy()
+
+    def swap_out(self, seq_id: int) -> tuple[int, list[np.ndarray]]:
+        """Copy a sequence's blocks to host memory and free them: (tokens in the cache, one array per cache)."""
+        length, table = self.blocks.lengths[seq_id], Tensor(np.asarray(self.blocks.tables[seq_id], np.int32))
+        saved = [ops.gather(cache, table, 0).asnumpy().copy() for cache in self.caches]
+        self.blocks.free(seq_id)
+        return length, saved
+
+    def swap_in(self, seq_id: int, swapped: tuple[int, list[np.ndarray]]) -> None:
+        """New blocks for a swapped-out sequence, its saved keys and values written back into them, bit for bit.
+        Raises OutOfBlocks (nothing allocated) when the blocks are not free."""
+        length, saved = swapped
+        self.blocks.allocate(seq_id, length)
+        index = Tensor(np.asarray(self.blocks.tables[seq_id], np.int32).reshape(-1, 1))
+        self.caches = tuple(
+            ops.tensor_scatter_update(cache, index, Tensor(data)) for cache, data in zip(self.caches, saved)
+        )
+
+
 class PagedCacheSteps:
-    """Drives a paged-cache prefill/decode pair. Each row is a sequence with its own blocks; the first block
-    handed out is scratch space where padding positions write. Every start() begins with all blocks free;
-    running out of blocks raises block_manager.OutOfBlocks."""
+    """Drives a paged-cache prefill/decode pair for one batch of prompts (each row a sequence of its own
+    blocks), as StaticCacheSteps does a static cache: start(ids, mask) and step(tokens) return next-token
+    logits. Every start() begins with all blocks free; running out raises block_manager.OutOfBlocks."""
 
     def __init__(
         self,
@@ -85,35 +229,36 @@ class PagedCacheSteps:
         block_size: int,
         max_blocks: int,
     ):
-        self.prefill, self.decode = prefill, decode
-        self.shape = (num_blocks, block_size, kv_groups, head_dim)
-        self.num_layers, self.max_blocks = num_layers, max_blocks
-        self.blocks: BlockManager | None = None
+        self.new_cache = lambda: PagedKVCache(
+            prefill,
+            decode,
+            num_layers,
+            kv_groups,
+            head_dim,
+            num_blocks,
+            block_size,
+            PagedShapes(max_blocks, table_width=max_blocks),
+        )
+        self.cache: PagedKVCache | None = None
 
     def start(self, ids: np.ndarray, mask: np.ndarray):
+        self.cache = cache = self.new_cache()
         batch, width = ids.shape
-        self.blocks = BlockManager(*self.shape[:2])
-        scratch = int(self.blocks.allocate(-1, 1)[0])
         lengths = mask.sum(axis=1).astype(np.int32)
-        slot_mapping = np.full((batch, width), scratch, np.int32)
+        slot_mapping = np.full((batch, width), cache.scratch_slot, np.int32)
         for row in range(batch):
-            slot_mapping[row, width - lengths[row] :] = self.blocks.allocate(row, int(lengths[row]))
+            slot_mapping[row, width - lengths[row] :] = cache.blocks.allocate(row, int(lengths[row]))
         self.rows = list(range(batch))
-        self.next_position = lengths.copy()
-        caches = ms.mutable(tuple(Tensor(np.zeros(self.shape, np.float32)) for _ in range(2 * self.num_layers)))
-        logits, self.caches = self.prefill(Tensor(ids), Tensor(mask), Tensor(slot_mapping), caches)
-        return logits
+        return cache.run_prefill(ids, mask, slot_mapping)
 
     def step(self, tokens: np.ndarray):
-        slots = np.array([self.blocks.append_slot(row) for row in self.rows], np.int32)
-        context_lens = np.array([self.blocks.lengths[row] for row in self.rows], np.int32)
-        logits, self.caches = self.decode(
-            Tensor(tokens.astype(np.int32).reshape(-1, 1)),
-            Tensor(self.next_position.reshape(-1, 1)),
-            Tensor(slots),
-            Tensor(self.blocks.block_tables(self.rows, self.max_blocks)),
-            Tensor(context_lens),
-            ms.mutable(tuple(self.caches)),
+        blocks = self.cache.blocks
+        slots = [blocks.append_slot(row) for row in self.rows]
+        lengths = [blocks.lengths[row] for row in self.rows]
+        return self.cache.run_decode(
+            tokens,
+            [n - 1 for n in lengths],
+            slots,
+            blocks.block_tables(self.rows, self.cache.shapes.max_blocks),
+            lengths,
         )
-        self.next_position = self.next_position + 1
-        return logits

@@ -14,7 +14,7 @@ from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_directory
 from glm3.kernels import resolve_backend
 from glm3.memory import check_memory, inference_estimate
-from glm3.model import GLM3ForCausalLM, to_ms_dtype
+from glm3.model import GLM3ForCausalLM, dtype_name, to_ms_dtype
 from glm3.shards import DEFAULT_SHARD_SIZE, write_model_weights
 from glm3.tokenizer import VOCAB_FILE, ChatGLM3Tokenizer, copy_tokenizer_files
 
@@ -35,13 +35,17 @@ def setup_mindspore(mode: str = "graph") -> None:
 
 
 def load_model(
-    path: str | os.PathLike, dtype: str = "auto", compute_dtype: str = "float32", kernels_backend: str = "auto"
+    path: str | os.PathLike,
+    dtype: str = "auto",
+    compute_dtype: str = "float32",
+    kernels_backend: str = "auto",
+    kernel_rows: int | None = None,
 ) -> GLM3ForCausalLM:
     """Load a ChatGLM3 model directory: config.json plus weights in any supported layout.
 
     dtype: parameter storage, "auto" (the checkpoint's own, config.json torch_dtype), float32, float16 or
     bfloat16; compute_dtype: the precision of the matmuls (float32 on CPU: half-precision weights are
-    converted per layer, on the fly).
+    converted per layer, on the fly); kernel_rows: see glm3.model.BuildOptions.
 
     Layouts: ours (mindspore_model.ckpt, or shards + mindspore_model.ckpt.index.json), MindFormers' single
     .ckpt, HuggingFace safetensors (sharded with index, or not) and pytorch_model*.bin (read with
@@ -55,7 +59,12 @@ def load_model(
     kernels_backend = resolve_backend(kernels_backend)
     check_memory(inference_estimate(config, dtype, kernels=kernels_backend == "cpu", what=f"loading {path} as {dtype}"))
     model = GLM3ForCausalLM(
-        config, dtype=dtype, compute_dtype=compute_dtype, kernels_backend=kernels_backend, param_init="lazy"
+        config,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        kernels_backend=kernels_backend,
+        param_init="lazy",
+        kernel_rows=kernel_rows,
     )
     params = {p.name: p for p in model.get_parameters()}
     target = to_ms_dtype(dtype)
@@ -97,7 +106,7 @@ def save_model(
     Tensor by tensor, so memory stays at one tensor; the directory appears complete or not at all.
     """
     directory = os.fspath(directory)
-    stored = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[model.dtype]
+    stored = dtype_name(model.dtype)
     dtype = stored if dtype == "auto" else dtype
     config = model.config.replace(torch_dtype=dtype)
     with atomic_directory(directory, overwrite=overwrite) as tmp:

@@ -121,13 +121,17 @@ def inference_estimate(
     length: int | None = None,
     kernels: bool = True,
     what: str = "loading the model",
+    cache_tokens: int | None = None,
 ) -> MemoryEstimate:
-    """Weights as stored, a KV cache of `length` positions (default: a 2048-token conversation), prefill
-    activations, and without the CPU kernels the blocks a matmul casts to float32 (see CAST_BLOCK_BYTES)."""
+    """Weights as stored, a KV cache of `length` positions per row (default: a 2048-token conversation) or a
+    paged one of `cache_tokens` slots shared by the rows, prefill activations, and without the CPU kernels the
+    blocks a matmul casts to float32 (see CAST_BLOCK_BYTES)."""
     length = min(config.seq_length, length or 2048)
     parts = {
         f"weights {dtype}": weight_bytes(config, dtype),
-        "KV cache": kv_cache_bytes(config, batch, length),
+        "KV cache": kv_cache_bytes(config, batch, length)
+        if cache_tokens is None
+        else kv_cache_bytes(config, 1, cache_tokens),
         "activations": _activations(config, batch * min(length, 512), _INFER_ACT)
         + batch * config.padded_vocab_size * 4 * 4,
         "runtime": RUNTIME_BYTES,

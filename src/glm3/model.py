@@ -39,6 +39,11 @@ def to_ms_dtype(dtype) -> ms.Type:
     raise ValueError(f"unsupported dtype {dtype!r}")
 
 
+def dtype_name(dtype: ms.Type) -> str:
+    """ "float32", "float16" or "bfloat16" of a MindSpore dtype."""
+    return next(name for name, value in _DTYPES.items() if value == dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
     """How a model is built, beside what it is (its GLM3Config): every cell's constructor takes (config,
@@ -46,12 +51,16 @@ class BuildOptions:
 
     dtype: parameter storage; compute_dtype: matmul precision (float32 on CPU); backend: a resolved kernel
     backend ("plain", "cpu" or "ascend", see glm3.kernels); init: "normal" (a fresh model) or "lazy" (nothing
-    allocated: load_model fills the weights next)."""
+    allocated: load_model fills the weights next); kernel_rows: with the "cpu" backend, products of up to this
+    many rows with a float32 weight go through our kernels (above it MindSpore's MatMul is faster). Our kernels
+    give every row the same result whatever the number of rows, MindSpore's MatMul does not, so the serving
+    engine raises this to its widest decode batch (glm3.engine)."""
 
     dtype: ms.Type = ms.float32
     compute_dtype: ms.Type = ms.float32
     backend: str = "plain"
     init: str = "normal"
+    kernel_rows: int = kernels.SMALL_M
 
     def initializer(self):
         return Normal(0.02) if self.init == "normal" else Zero()
@@ -97,7 +106,7 @@ class Linear(nn.Cell):
         cpu_kernels = options.backend == "cpu" and compute_dtype == ms.float32
         self.library = kernels.kernel_library() if cpu_kernels else None
         self.xwt = kernels.xwt_op(self.library) if self.library else None
-        self.kernel_rows = 1 << 62 if dtype != ms.float32 else kernels.SMALL_M  # rows the kernel takes
+        self.kernel_rows = 1 << 62 if dtype != ms.float32 else options.kernel_rows  # rows the kernel takes
         # Without the kernels a half-precision W is cast per call, in blocks of rows of CAST_BLOCK_BYTES as
         # float32, each cast when the previous block's product is done (what the exported graphs do: at 6B,
         # 0.6 GB above the weights instead of 1.9 GB with the output layer cast in two halves).
@@ -232,6 +241,9 @@ class SelfAttention(nn.Cell):
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.fused = options.backend == "ascend"
+        library = kernels.kernel_library() if options.backend == "cpu" else None
+        # The CPU kernels write the paged cache in place and attend through its block tables.
+        self.paged_kernels = kernels.PagedCacheKernels(library) if library else None
         self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.add_qkv_bias, options)
         self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, options)
 
@@ -266,9 +278,15 @@ class SelfAttention(nn.Cell):
     ):
         """One token per row, stored in its slot of the block caches [num_blocks, block_size, groups, d], then
         attention over the row's blocks (MindSpore's PagedAttention operator with fused_paged_attention, for
-        MindSpore Lite on Ascend). Returns the updated caches."""
+        MindSpore Lite on Ascend). Returns the updated caches (with the CPU kernels: the caches given, written
+        in place)."""
         b = x.shape[0]
         q, k, v = self._project(x, cos, sin)
+        if self.paged_kernels is not None and not (fused_paged_attention or self.fused):
+            cache_k = self.paged_kernels.write(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
+            cache_v = self.paged_kernels.write(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
+            out = self.paged_kernels.attention(q, cache_k, cache_v, block_tables, context_lens, self.scale)
+            return self.dense(out), cache_k, cache_v
         cache_k = kernels.write_cache(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
         cache_v = kernels.write_cache(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
         out = kernels.paged_attention(
@@ -450,6 +468,7 @@ class GLM3ForCausalLM(nn.Cell):
     dtype: parameter storage (float32, float16, bfloat16); compute_dtype: matmul precision (float32 on CPU).
     kernels_backend: "auto", "plain", "cpu" or "ascend" (see glm3.kernels).
     param_init: "normal" for a freshly initialised model, "lazy" to allocate nothing (weights loaded next).
+    kernel_rows: see BuildOptions (None: its default).
     The cache modes (prefill, static and paged decoding) are `model.transformer`'s entry points (ChatGLMModel);
     generation (glm3.generation) compiles steps over them.
     """
@@ -462,6 +481,7 @@ class GLM3ForCausalLM(nn.Cell):
         kernels_backend="auto",
         param_init="normal",
         seed=None,
+        kernel_rows: int | None = None,
     ):
         super().__init__()
         config.validate()
@@ -469,7 +489,11 @@ class GLM3ForCausalLM(nn.Cell):
             raise ValueError(f"param_init must be 'normal' or 'lazy', got {param_init!r}")
         self.config = config
         self.options = BuildOptions(
-            to_ms_dtype(dtype), to_ms_dtype(compute_dtype), kernels.resolve_backend(kernels_backend), param_init
+            to_ms_dtype(dtype),
+            to_ms_dtype(compute_dtype),
+            kernels.resolve_backend(kernels_backend),
+            param_init,
+            kernels.SMALL_M if kernel_rows is None else kernel_rows,
         )
         if seed is not None:
             ms.set_seed(seed)
@@ -489,6 +513,12 @@ class GLM3ForCausalLM(nn.Cell):
     @property
     def kernels_backend(self) -> str:
         return self.options.backend
+
+    @property
+    def paged_kernels(self):
+        """The CPU kernels of the paged cache (glm3.kernels.PagedCacheKernels) when the model has them: its paged
+        entry points then write the block caches in place."""
+        return self.transformer.encoder.layers[0].self_attention.paged_kernels
 
     def construct(self, input_ids, attention_mask=None):
         positions, keep = positions_and_mask(attention_mask, input_ids.shape[1])

@@ -24,22 +24,28 @@ def cache_dir() -> str:
 
 
 @functools.cache
-def build_library(source: str, without: str) -> str | None:
-    """Path of the shared library compiled from `source` (a .cc file), building it once; None if it cannot be
-    built. `without` completes the warning "... : <without>", saying what the caller does instead."""
+def build_library(sources: str | tuple[str, ...], without: str, name: str | None = None) -> str | None:
+    """Path of the shared library compiled from `sources` (.cc files; the headers beside them count too),
+    building it once; None if it cannot be built. `without` completes the warning "... : <without>", saying
+    what the caller does instead. `name`: the library's name (default: the first source's)."""
+    sources = (sources,) if isinstance(sources, str) else tuple(sources)
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         log.warning("no C++ compiler found: %s", without)
         return None
-    with open(source, "rb") as f:
-        code = f.read()
+    code = b""
+    folders = sorted({os.path.dirname(os.path.abspath(s)) for s in sources})
+    headers = [os.path.join(d, n) for d in folders for n in sorted(os.listdir(d)) if n.endswith(".h")]
+    for path in (*sources, *headers):
+        with open(path, "rb") as f:
+            code += f.read()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("C++ compiler %s unusable (%s): %s", compiler, exc, without)
         return None
     key = hashlib.sha256(code + " ".join(FLAGS).encode() + version + os.uname().machine.encode()).hexdigest()[:16]
-    stem = os.path.splitext(os.path.basename(source))[0]
+    stem = name or os.path.splitext(os.path.basename(sources[0]))[0]
     target = os.path.join(cache_dir(), f"{stem}-{key}.so")
     if os.path.isfile(target):
         return target
@@ -47,9 +53,10 @@ def build_library(source: str, without: str) -> str | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, source], capture_output=True, text=True, timeout=300)
+        command = [compiler, *FLAGS, "-o", tmp, *sources]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            log.warning("building %s failed: %s\n%s", os.path.basename(source), without, result.stderr[-2000:])
+            log.warning("building %s failed: %s\n%s", stem, without, result.stderr[-2000:])
             os.unlink(tmp)
             return None
         os.replace(tmp, target)  # atomic: concurrent builders (msrun workers) all end with a complete file

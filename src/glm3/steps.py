@@ -2,8 +2,9 @@
 
 Each is a Cell over the model's transformer calling one of its named entry points (glm3.model.ChatGLMModel),
 so it compiles into one graph, runs eagerly, or exports to MindIR (glm3.export) as it is. The caches are
-graph inputs and outputs, never hidden state. Host-side bookkeeping (which cache columns or blocks are in use)
-is glm3.kv_cache's.
+graph inputs and outputs, never hidden state; a model with the CPU kernels of the paged cache writes the block
+caches it is given in place, and its paged steps return the logits only (nothing is copied). Host-side
+bookkeeping (which cache columns or blocks are in use) is glm3.kv_cache's.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class DecodeStep(nn.Cell):
 
 
 class PagedPrefillStep(nn.Cell):
-    """(input_ids [b, s], attention_mask [b, s], slot_mapping [b, s], caches) -> (last logits [b, V], caches).
+    """(input_ids [b, s], attention_mask [b, s], slot_mapping [b, s], caches) -> (last logits [b, V], caches),
+    or the logits only when the model writes the caches in place (GLM3ForCausalLM.paged_kernels).
 
     Attention within the prompt is the ordinary causal one; the prompt's keys and values are then written
     into the block caches at their slots (padding positions point at a scratch slot)."""
@@ -60,6 +62,7 @@ class PagedPrefillStep(nn.Cell):
         super().__init__(auto_prefix=False)
         self.transformer = model.transformer
         self.groups, self.head_dim = model.config.num_kv_groups, model.config.kv_channels
+        self.in_place = model.paged_kernels
 
     def construct(self, input_ids, attention_mask, slot_mapping, caches):
         positions, keep = positions_and_mask(attention_mask, input_ids.shape[1])
@@ -68,21 +71,31 @@ class PagedPrefillStep(nn.Cell):
         new_caches = ()
         for cache, t in zip(caches, kv):
             rows = t.transpose(0, 2, 1, 3).reshape(-1, self.groups, self.head_dim)
-            new_caches = new_caches + (kernels.write_cache(cache, rows, slots),)
+            if self.in_place is not None:
+                new_caches = new_caches + (self.in_place.write(cache, rows, slots),)
+            else:
+                new_caches = new_caches + (kernels.write_cache(cache, rows, slots),)
+        if self.in_place is not None:
+            return ops.depend(logits, new_caches)
         return logits, new_caches
 
 
 class PagedDecodeStep(nn.Cell):
     """(input_ids [b, 1], position_ids [b, 1], slots [b], block_tables [b, max_blocks], context_lens [b], caches)
-    -> (logits [b, V], caches). fused_paged_attention: MindSpore's PagedAttention operator (MindSpore Lite on
+    -> (logits [b, V], caches), or the logits only when the model writes the caches in place.
+    fused_paged_attention: MindSpore's PagedAttention operator (MindSpore Lite on
     Ascend only; see glm3.kernels.paged_attention)."""
 
     def __init__(self, model: GLM3ForCausalLM, fused_paged_attention: bool = False):
         super().__init__(auto_prefix=False)
         self.transformer = model.transformer
         self.fused_paged_attention = fused_paged_attention
+        self.in_place = model.paged_kernels is not None and not fused_paged_attention
 
     def construct(self, input_ids, position_ids, slots, block_tables, context_lens, caches):
-        return self.transformer.decode_paged(
+        logits, caches = self.transformer.decode_paged(
             input_ids, position_ids, caches, slots, block_tables, context_lens, self.fused_paged_attention
         )
+        if self.in_place:
+            return ops.depend(logits, caches)
+        return logits, caches

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ast
 import io
+import json
+import keyword as _keyword
 import math
 import tokenize
 from typing import Any
@@ -151,3 +153,41 @@ def parse_tool_call(text: str) -> dict[str, Any]:
             raise ToolCallError(f"argument {keyword.arg!r} is given twice")
         params[keyword.arg] = _value(keyword.value, f"argument {keyword.arg!r}")
     return params
+
+
+def _literal(value: Any, depth: int = 0) -> str:
+    if depth > MAX_DEPTH:
+        raise ToolCallError(f"tool call arguments nested deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is also a Python string literal
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise ToolCallError("integer out of the 64-bit range")
+        return repr(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ToolCallError(f"{value} is not a finite number")
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(item, depth + 1) for item in value) + "]"
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise ToolCallError("dict keys must be strings")
+        return (
+            "{"
+            + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_literal(v, depth + 1)}" for k, v in value.items())
+            + "}"
+        )
+    raise ToolCallError(f"{type(value).__name__} values cannot be tool call arguments")
+
+
+def format_tool_call(params: dict[str, Any]) -> str:
+    """The code block ChatGLM3 writes for a call with these (JSON) arguments, which parse_tool_call reads back
+    as `params`: how an earlier call is replayed in a conversation's history."""
+    for name in params:
+        if not (isinstance(name, str) and name.isidentifier()) or _keyword.iskeyword(name):
+            raise ToolCallError(f"{name!r} cannot be a tool call argument name")
+    args = ", ".join(f"{name}={_literal(value)}" for name, value in params.items())
+    return f"```python\ntool_call({args})\n```"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from glm3.cli import checkpoints, deploy, evaluation, pipeline, ranks, training, use
+from glm3.cli import checkpoints, deploy, evaluation, pipeline, ranks, serving, training, use
 
-GROUPS = (use, checkpoints, training, ranks, deploy, evaluation, pipeline)
+GROUPS = (use, checkpoints, training, ranks, deploy, evaluation, serving, pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ChatGLM3 on MindSpore: download and convert "
         "checkpoints; chat, generate, score; fine-tune (full, LoRA, msrun), build rank "
         "tables, merge and split distributed checkpoints; export to MindIR and run it; "
-        "evaluate on C-Eval and ADGEN; run pipeline stages and the Prefect server.",
+        "evaluate on C-Eval and ADGEN; serve an OpenAI-compatible API; run pipeline stages and the Prefect server.",
     )
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="<command>", help="`glm3 <command> --help` for its flags"

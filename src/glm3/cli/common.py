@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 
@@ -108,3 +109,42 @@ def report_metrics(metrics: dict, out: str | None) -> int:
         atomic_write_text(out, text + "\n")
     print(text)
     return 0
+
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _flag_type(annotation: str):
+    """int, float, str or bool of a settings field's annotation ("int", "str | None", ...)."""
+    base = annotation.replace(" | None", "").strip()
+    return bool if base == "bool" else _TYPES.get(base, str)
+
+
+def add_settings_flags(p: argparse.ArgumentParser, cls, prefix: str = "") -> list[tuple[str, str]]:
+    """One flag per field of a settings dataclass (see glm3.settings), its help from the field's description;
+    unset flags stay None so --config values and the defaults show through. Returns [(dest, field name)]."""
+    added = []
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        if not meta.get("cli", True):
+            continue
+        flag, dest = "--" + (prefix + field.name).replace("_", "-"), prefix + field.name
+        default = "" if field.default in (dataclasses.MISSING, None) else f" (default {field.default})"
+        kind = _flag_type(field.type)
+        if kind is bool:
+            p.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=meta["help"] + default
+            )
+        elif field.name == "targets":  # LoRA's targets: comma-separated
+            p.add_argument(
+                flag, dest=dest, help=meta["help"] + f" (comma-separated; default {','.join(field.default)})"
+            )
+        else:
+            p.add_argument(flag, dest=dest, type=kind, choices=meta.get("choices"), help=meta["help"] + default)
+        added.append((dest, field.name))
+    return added
+
+
+def settings_from_args(cls, args, flags: list[tuple[str, str]]):
+    """An instance of settings dataclass `cls`: the flags given (add_settings_flags' list), defaults elsewhere."""
+    return cls(**{name: getattr(args, dest) for dest, name in flags if getattr(args, dest) is not None})

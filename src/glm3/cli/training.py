@@ -2,45 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import sys
 
+from glm3.cli import common
 from glm3.train.settings import FinetuneConfig, LoraConfig
-
-_TYPES = {"int": int, "float": float, "str": str}
-
-
-def _flag_type(annotation: str):
-    """int, float, str or bool of a settings field's annotation ("int", "str | None", ...)."""
-    base = annotation.replace(" | None", "").strip()
-    return bool if base == "bool" else _TYPES.get(base, str)
-
-
-def add_settings_flags(p: argparse.ArgumentParser, cls, prefix: str = "") -> list[tuple[str, str]]:
-    """One flag per field of a settings dataclass (glm3.train.settings), its help from the field's description;
-    unset flags stay None so --config values and the defaults show through. Returns [(dest, field name)]."""
-    added = []
-    for field in dataclasses.fields(cls):
-        meta = field.metadata
-        if not meta.get("cli", True):
-            continue
-        flag, dest = "--" + (prefix + field.name).replace("_", "-"), prefix + field.name
-        default = "" if field.default in (dataclasses.MISSING, None) else f" (default {field.default})"
-        kind = _flag_type(field.type)
-        if kind is bool:
-            p.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=meta["help"] + default
-            )
-        elif field.name == "targets":  # LoRA's targets: comma-separated
-            p.add_argument(
-                flag, dest=dest, help=meta["help"] + f" (comma-separated; default {','.join(field.default)})"
-            )
-        else:
-            p.add_argument(flag, dest=dest, type=kind, choices=meta.get("choices"), help=meta["help"] + default)
-        added.append((dest, field.name))
-    return added
 
 
 def finetune_config_from_args(args):
@@ -135,11 +101,11 @@ def register(sub) -> None:
         "the command starts N msrun data-parallel workers.",
     )
     p.add_argument("--config", help="JSON or YAML file of finetune settings (FinetuneConfig fields); flags override")
-    setting_flags = add_settings_flags(p, FinetuneConfig)
+    setting_flags = common.add_settings_flags(p, FinetuneConfig)
     lora = p.add_mutually_exclusive_group()
     lora.add_argument("--lora", dest="lora", action="store_true", default=None, help="train LoRA adapters only")
     lora.add_argument("--full", dest="lora", action="store_false", help="train all parameters")
-    lora_flags = add_settings_flags(p, LoraConfig, prefix="lora_")
+    lora_flags = common.add_settings_flags(p, LoraConfig, prefix="lora_")
     p.add_argument("--workers", type=int, help="data-parallel workers (msrun)")
     p.add_argument("--model-parallel", type=int, help="tensor-parallel ranks (Ascend/GPU only)")
     p.add_argument("--pipeline-stage", type=int, help="pipeline stages (Ascend/GPU only)")

@@ -2,10 +2,11 @@
 
 The backend is chosen once, when a model is built (`GLM3ForCausalLM(config, kernels_backend=...)`):
 - "plain": MindSpore operators only (any device; what export and training use).
-- "cpu": plain, plus our linear-layer kernels (csrc/linear.cc), which read float32, float16 or bfloat16
-  weights as stored: decoding-size products at about twice MindSpore's MatMul speed with float32 weights
-  (decoding is bound by reading weights) and half the bytes again with half precision; and every product
-  with a half-precision weight, so no float32 copy of one is ever made (inference and LoRA training).
+- "cpu": plain, plus our kernels (csrc/): the linear layers' products, which read float32, float16 or
+  bfloat16 weights as stored: decoding-size products at about twice MindSpore's MatMul speed with float32
+  weights (decoding is bound by reading weights) and half the bytes again with half precision; and every
+  product with a half-precision weight, so no float32 copy of one is ever made (inference and LoRA
+  training); and the paged cache's write (in place) and decode attention (glm3.kernels.paged_attention).
 - "ascend": MindSpore's fused RmsNorm, RotaryPositionEmbedding and FlashAttentionScore (Ascend only).
 - "auto": "ascend" on Ascend, else "cpu" when the kernel can be built, else "plain".
 """
@@ -16,8 +17,9 @@ import mindspore as ms
 
 from glm3.kernels.attention import attention
 from glm3.kernels.broadcast import like
-from glm3.kernels.linear import SMALL_M, FrozenWeightMatMul, kernel_library, xw_op, xwt_op
-from glm3.kernels.paged_attention import paged_attention, write_cache
+from glm3.kernels.library import kernel_library
+from glm3.kernels.linear import SMALL_M, FrozenWeightMatMul, xw_op, xwt_op
+from glm3.kernels.paged_attention import PagedCacheKernels, paged_attention, write_cache
 from glm3.kernels.rms_norm import rms_norm
 from glm3.kernels.rope import apply_rotary, rope_tables
 
@@ -50,6 +52,7 @@ __all__ = [
     "BACKENDS",
     "SMALL_M",
     "FrozenWeightMatMul",
+    "PagedCacheKernels",
     "apply_rotary",
     "attention",
     "kernel_library",

@@ -5,33 +5,18 @@ float32, float16 or bfloat16 weights as stored and never make a float32 copy of 
 - `xw` (x W, the backward pass of the forward: dx = dy W);
 - FrozenWeightMatMul: x W^T for a weight that gets no gradient (LoRA's base), whose backward computes dx only.
 
-The library is compiled on first use into a per-user cache (glm3.native: GLM3_KERNEL_CACHE, default
-~/.cache/glm3/kernels); without a working compiler the model keeps MindSpore's MatMul (`kernel_library()`
-returns None and says why in the log).
+The kernels are compiled on first use (glm3.kernels.library); without a working compiler the model keeps
+MindSpore's MatMul (`kernel_library()` returns None and says why in the log).
 """
 
 from __future__ import annotations
 
-import os
-
 import mindspore as ms
 from mindspore import nn, ops
-
-from glm3.native import build_library
 
 # Rows of x up to which the kernel streams the weights (decoding); above it MindSpore's MatMul is faster
 # for float32 weights (half-precision weights always go through the kernel: no float32 copy).
 SMALL_M = 8
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "linear.cc")
-
-
-def kernel_library() -> str | None:
-    """Path of the compiled kernel library, building it if needed (glm3.native); None if it cannot be built."""
-    if os.environ.get("GLM3_DISABLE_CPU_KERNEL") == "1":
-        return None
-    return build_library(
-        _SOURCE, "linear layers use MindSpore's MatMul (slower, float32 copies of half-precision weights)"
-    )
 
 
 def xwt_op(library: str):

@@ -6,6 +6,11 @@ The plain version, MindSpore ops for any device, gathers each sequence's blocks 
 [batch, groups, max_blocks*block_size, d] view and runs the masked grouped-query attention of
 glm3.kernels.attention on it. The fused version is MindSpore's PagedAttention operator (float16, same cache
 layout), which MindSpore itself cannot execute: it exists to be exported to MindIR for MindSpore Lite on Ascend.
+
+On CPU, PagedCacheKernels (csrc/paged_attention.cc) writes a token into the cache where it belongs, in place,
+and attends through the block table without gathering: the plain ops copy the whole cache at every write
+(they are functional; the cache is a graph input) and gather every row's blocks into a copy. Steps built with
+them change the caches they are given and return none (glm3.steps).
 """
 
 from __future__ import annotations
@@ -50,3 +55,40 @@ def paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale
     span = k.shape[2]
     keep = ops.arange(span, dtype=ms.int32).reshape(1, span) < context_lens.reshape(-1, 1).astype(ms.int32)
     return attention(q, k, v, keep.reshape(-1, 1, 1, span), scale)
+
+
+class PagedCacheKernels:
+    """The CPU kernels of the paged cache (float32 caches; `library` from glm3.kernels.kernel_library)."""
+
+    def __init__(self, library: str):
+        self.write_op = ops.Custom(
+            f"{library}:glm3_cache_write",
+            out_shape=lambda cache, rows, slots: (1,),
+            out_dtype=lambda cache, rows, slots: ms.int32,
+            func_type="aot",
+        )
+        self.attention_op = ops.Custom(
+            f"{library}:glm3_paged_attention",
+            out_shape=lambda q, k, v, tables, lens, scale: (q[0], q[1] * q[2]),
+            out_dtype=lambda q, k, v, tables, lens, scale: ms.float32,
+            func_type="aot",
+        )
+
+    def write(self, cache, values, slot_mapping):
+        """`values` [tokens, groups, d] into `cache` at flat slots [tokens], in place: returns `cache` ordered
+        after the write (a depend edge), to be read from then on."""
+        flag = self.write_op(cache, values.astype(ms.float32), slot_mapping.reshape(-1).astype(ms.int32))
+        return ops.depend(cache, flag)
+
+    def attention(self, q, key_cache, value_cache, block_tables, context_lens, scale: float):
+        """q: [batch, 1, heads, d] -> [batch, 1, heads * d], as paged_attention."""
+        b, _, heads, d = q.shape
+        out = self.attention_op(
+            q.reshape(b, heads, d).astype(ms.float32),
+            key_cache,
+            value_cache,
+            block_tables,
+            context_lens,
+            ops.fill(ms.float32, (1,), scale),
+        )
+        return out.reshape(b, 1, heads * d).astype(q.dtype)

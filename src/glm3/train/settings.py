@@ -13,18 +13,13 @@ import os
 
 from glm3.config import DTYPE_CHOICES
 from glm3.parallel import ParallelConfig
+from glm3.settings import setting
 
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 class LoraError(ValueError):
     pass
-
-
-def setting(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, **extra):  # noqa: A002
-    """A settings field and its one-line description: the source of `glm3 finetune --help`, of the valid keys
-    of params.yaml's finetune section, and of the docs. extra: "choices", "cli" (False: no flag of its own)."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, **extra})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,351 @@
+"""The serving engine: continuous batching of many requests over one paged KV cache.
+
+Each step (a token boundary) the scheduler (glm3.scheduler) says which sequences swap out or in, which new
+ones are prefilled (one prompt per call) and which decode; the cache (glm3.kv_cache.PagedKVCache) runs the
+steps; each sequence's next token is chosen by its own settings and generator (glm3.sampling); a finished or
+aborted sequence leaves the batch at once and its blocks are free for the next step.
+
+A sequence's tokens do not depend on what else runs. Each prompt is prefilled alone, in a call whose shape
+depends on the prompt only; decode calls are padded to fixed widths, and every product in them gives a row
+the same bits whatever the width: with the CPU kernels (any width: the engine builds the model with
+`kernel_rows` covering its widest decode call; attention's batched matmul runs over rows x key/value groups,
+never a batch of one, for which MindSpore takes another path), else at one fixed width (MindSpore's MatMul
+rounds differently for different row counts), the export's static batch or max_num_seqs.
+
+`Engine` is driven by one thread (`step()`); `add` and `abort` may be called from any thread.
+`BackgroundEngine` runs the steps in a thread of its own while there is work, and hands each sequence's
+events to a listener.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from glm3.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
+from glm3.sampling import SamplingParams
+from glm3.scheduler import FINISHED, QueueFull, Scheduler, Sequence
+from glm3.settings import setting
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BackgroundEngine", "Engine", "EngineConfig", "Event", "QueueFull", "load_engine"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = setting(16, "sequences decoded together at most")
+    num_blocks: int = setting(DEFAULT_NUM_BLOCKS, "KV-cache blocks, shared by all sequences (an export's own)")
+    block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per KV-cache block (an export's own)")
+    max_queue: int = setting(64, "requests waiting for a place at most; more are refused (HTTP 429)")
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "num_blocks", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks < 2:
+            raise ValueError("num_blocks must be >= 2 (one is the scratch block)")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLimits:
+    """What the served model takes: prompt + new tokens <= max_model_len, prompts <= max_prompt_len."""
+
+    max_model_len: int
+    max_prompt_len: int
+    vocab_size: int
+    stop_ids: frozenset[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A sequence's news: a new token (None when it ended without one) and, at its end, why: "stop" (a stop
+    token, which is `token`), "length" (max_tokens), "abort" or "error" (then `error` says what failed)."""
+
+    seq: Sequence
+    token: int | None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, cache, limits: ModelLimits, config: EngineConfig, description: str = ""):
+        self.cache, self.limits, self.config, self.description = cache, limits, config, description
+        self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_queue)
+        self.lock = threading.Lock()
+        self._aborts: list[Sequence] = []
+        self._ids = itertools.count()
+        self.listeners: dict[int, Callable[[Event], None]] = {}
+        self.tokens_generated = 0
+        self.peak_decode_batch = 0  # the most sequences one step has decoded
+
+    @property
+    def max_tokens_limit(self) -> int:
+        """The most tokens a sequence can hold: the model's context or the whole cache, the smaller."""
+        return min(self.limits.max_model_len, self.scheduler.capacity_tokens)
+
+    def check_prompt(self, prompt: list[int], max_tokens: int | None) -> int:
+        """The max_tokens a request gets (ValueError naming the limit when the prompt or its budget is too
+        long): at most what the context and the cache hold; None: all that is left of them."""
+        n, limit = len(prompt), self.max_tokens_limit
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.limits.vocab_size for t in prompt):
+            raise ValueError(f"token ids must be in [0, {self.limits.vocab_size})")
+        if n > self.limits.max_prompt_len or n >= limit:
+            most = min(self.limits.max_prompt_len, limit - 1)
+            raise ValueError(f"the prompt has {n} tokens; this model takes at most {most}")
+        if max_tokens is None:
+            return limit - n
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if n + max_tokens > limit:
+            what = (
+                f"this model's context is {limit} tokens"
+                if limit == self.limits.max_model_len
+                else f"the KV cache holds {limit} tokens ({self.config.num_blocks - 1} usable blocks of "
+                f"{self.config.block_size})"
+            )
+            raise ValueError(
+                f"{what}: the prompt has {n} and max_tokens asks for {max_tokens} more (at most {limit - n})"
+            )
+        return max_tokens
+
+    def add(
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        max_tokens: int | None = None,
+        listener: Callable[[Event], None] | None = None,
+    ) -> Sequence:
+        """Queue a request (ValueError for a bad one, QueueFull when the queue is at its bound)."""
+        max_tokens = self.check_prompt(prompt, max_tokens)
+        with self.lock:
+            seq = Sequence(next(self._ids), list(prompt), max_tokens, sampling, self.limits.stop_ids)
+            self.scheduler.add(seq)
+            if listener is not None:
+                self.listeners[seq.seq_id] = listener
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a sequence; it leaves at the next token boundary, its blocks freed."""
+        with self.lock:
+            if seq.status != FINISHED:
+                self._aborts.append(seq)
+
+    def has_work(self) -> bool:
+        s = self.scheduler
+        return bool(s.running or s.waiting or s.swapped or self._aborts)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {
+                **self.scheduler.stats(),
+                "tokens_generated": self.tokens_generated,
+                "peak_decode_batch": self.peak_decode_batch,
+            }
+
+    def step(self) -> list[Event]:
+        """One token boundary: aborts applied, then swaps, prefills and one decode call per width's worth of
+        rows. Returns the events of this step (also given to each sequence's listener)."""
+        events: list[Event] = []
+        with self.lock:
+            for seq in self._aborts:
+                if seq.status != FINISHED:
+                    self.scheduler.abort(seq)
+                    events.append(Event(seq, None, "abort"))
+            self._aborts.clear()
+            plan = self.scheduler.schedule()
+        for seq in plan.prefill:
+            try:
+                logits = self.cache.prefill(seq.seq_id, seq.prompt)[None]
+            except Exception as exc:  # a runtime failure fails this request, not the server
+                events.append(self._fail([seq], exc, allocated=seq.seq_id in self.cache.blocks.tables)[0])
+                continue
+            events.append(self._advance(seq, logits))
+        if plan.decode:
+            self.peak_decode_batch = max(self.peak_decode_batch, len(plan.decode))
+            try:
+                logits = self.cache.decode([s.seq_id for s in plan.decode], [s.output[-1] for s in plan.decode])
+            except Exception as exc:
+                events.extend(self._fail(plan.decode, exc, allocated=True))
+            else:
+                events.extend(self._advance(seq, row[None]) for seq, row in zip(plan.decode, logits))
+        for event in events:
+            listener = self.listeners.get(event.seq.seq_id)
+            if event.finish_reason is not None:
+                self.listeners.pop(event.seq.seq_id, None)
+            if listener is not None:
+                listener(event)
+        return events
+
+    def _advance(self, seq: Sequence, logits: np.ndarray) -> Event:
+        history = seq.history() if seq.sampling.repetition_penalty != 1.0 else np.zeros((1, 0), np.int64)
+        token = int(seq.sampling.choose(logits, history, np.ones_like(history), [seq.rng])[0])
+        seq.output.append(token)
+        self.tokens_generated += 1
+        reason = "stop" if token in seq.stop_ids else "length" if len(seq.output) >= seq.max_tokens else None
+        if reason is not None:
+            with self.lock:
+                self.scheduler.finish(seq, reason)
+        return Event(seq, token, reason)
+
+    def _fail(self, seqs: list[Sequence], exc: Exception, allocated: bool) -> list[Event]:
+        log.exception("engine step failed for sequence(s) %s", [s.seq_id for s in seqs], exc_info=exc)
+        with self.lock:
+            for seq in seqs:
+                if allocated:
+                    self.scheduler.finish(seq, "error")
+                else:
+                    self.scheduler.running.remove(seq)
+                    seq.status, seq.finish_reason = FINISHED, "error"
+        return [Event(seq, None, "error", f"{type(exc).__name__}: {exc}") for seq in seqs]
+
+
+class BackgroundEngine:
+    """An Engine stepping in a thread of its own whenever it has work."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Condition()
+        self._closed = False
+        self.thread = threading.Thread(target=self._run, name="glm3-engine", daemon=True)
+        self.thread.start()
+
+    def add(self, prompt, sampling, max_tokens=None, listener=None) -> Sequence:
+        seq = self.engine.add(prompt, sampling, max_tokens, listener)
+        with self._wake:
+            self._wake.notify()
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        self.engine.abort(seq)
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self._closed
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self.engine.has_work():
+                    self._wake.wait()
+                if self._closed:
+                    return
+            self.engine.step()
+
+
+def _pow2_widths(most: int, least: int) -> tuple[int, ...]:
+    widths = [least]
+    while widths[-1] < most:
+        widths.append(widths[-1] * 2)
+    return tuple(widths)
+
+
+def load_engine(path: str | os.PathLike, config: EngineConfig, dtype: str = "auto", kernels: str = "auto"):
+    """(Engine, tokenizer) for a model directory (run eagerly, with compiled steps) or a paged export's
+    directory (its MindIR graphs; its own block size, block count and batch)."""
+    from glm3.export import EXPORT_CONFIG
+    from glm3.tokenizer import load_tokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a directory")
+    if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
+        cache, limits, description = _export_cache(path, config)
+        config = dataclasses.replace(config, num_blocks=cache.blocks.num_blocks, block_size=cache.blocks.block_size)
+    else:
+        cache, limits, description = _eager_cache(path, config, dtype, kernels)
+    return Engine(cache, limits, config, description), load_tokenizer(path)
+
+
+def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
+    import glm3
+    from glm3.config import GLM3Config, resolve_dtype
+    from glm3.generation import PROMPT_BUCKET, compiled_step
+    from glm3.kernels import resolve_backend
+    from glm3.kv_cache import PagedKVCache, PagedShapes
+    from glm3.memory import check_memory, inference_estimate
+    from glm3.model import dtype_name
+
+    model_config = GLM3Config.from_hf(path)
+    backend = resolve_backend(kernels)
+    # With the CPU kernels every decode width gives the same rows; otherwise one width only (see the module).
+    # Attention's batched matmul runs over rows x groups, which is never 1 with two or more groups.
+    least = 1 if model_config.num_kv_groups >= 2 else 2
+    widths = _pow2_widths(config.max_num_seqs, least) if backend == "cpu" else (config.max_num_seqs,)
+    check_memory(
+        inference_estimate(
+            model_config,
+            resolve_dtype(dtype, model_config),
+            batch=widths[-1],
+            kernels=backend == "cpu",
+            cache_tokens=config.num_blocks * config.block_size,
+            what=f"serving {path}",
+        )
+    )
+    model = glm3.load_model(path, dtype=dtype, kernels_backend=backend, kernel_rows=max(widths))
+    c = model.config
+    shapes = PagedShapes(-(-c.seq_length // config.block_size), prompt_bucket=PROMPT_BUCKET, decode_widths=widths)
+    cache = PagedKVCache(
+        compiled_step(model, "paged_prefill"),
+        compiled_step(model, "paged_decode"),
+        c.num_layers,
+        c.num_kv_groups,
+        c.kv_channels,
+        config.num_blocks,
+        config.block_size,
+        shapes,
+    )
+    limits = ModelLimits(
+        c.seq_length, c.seq_length - 1, c.padded_vocab_size, frozenset({c.eos_token_id, *model.stop_token_ids})
+    )
+    return (
+        cache,
+        limits,
+        f"{path} (eager, {dtype_name(model.dtype)} weights, {backend} kernels, decode widths {list(widths)})",
+    )
+
+
+def _export_cache(path: str, config: EngineConfig):
+    from glm3.export import ExportError
+    from glm3.infer import MindIRRunner
+    from glm3.kv_cache import PagedKVCache, PagedShapes
+
+    runner = MindIRRunner(path)
+    c = runner.config
+    if not c.paged:
+        raise ExportError(
+            f"{path} is a static-cache export; serving needs a paged one (export with --paged, or "
+            "export.paged: true in params.yaml)"
+        )
+    widths = (c.batch_size,) if c.batch_size is not None else (config.max_num_seqs,)
+    shapes = PagedShapes(
+        c.max_blocks,
+        prompt_width=c.prompt_length,
+        prefill_batch=c.batch_size or 1,
+        decode_widths=widths,
+        table_width=c.max_blocks,
+    )
+    cache = PagedKVCache(
+        runner.prefill, runner.decode, c.num_layers, c.kv_groups, c.head_dim, c.num_blocks, c.block_size, shapes
+    )
+    limits = ModelLimits(c.seq_length, c.prompt_length, c.vocab_size, frozenset(c.stop_token_ids))
+    batch = "dynamic" if c.batch_size is None else c.batch_size
+    return cache, limits, f"{path} (paged export, {c.dtype} weights, {runner.backend}, batch {batch})"
