@@ -318,7 +318,7 @@ def test_params_refuse_unknown_keys_everywhere(tmp_path):
         r"unknown setting\(s\) finetune.lora.rnak; finetune.lora takes alpha, dropout, enabled, rank": text.replace(
             "    rank: 8", "    rnak: 8"
         ),
-        r"unknown setting\(s\) export.pagd; export takes .*paged": text.replace("  paged: false", "  pagd: false"),
+        r"unknown setting\(s\) export.pagd; export takes .*paged": text.replace("  paged: true", "  pagd: true"),
         r"parallel.servers\[0\] must hold ip and devices": re.sub(r"\n  servers: \[\][^\n]*\n", server, text),
     }
     for message, changed in cases.items():

@@ -175,7 +175,7 @@ def test_a_client_that_disconnects_mid_stream_gives_its_blocks_back(server):
     before = server.stats()["tokens_generated"]
     # A completion streams every token as it comes (a chat reply of this random model may be held back whole).
     stream = server.client.completions.create(
-        model="chatglm3-6b", prompt="写一篇很长的文章", max_tokens=900, stream=True
+        model="chatglm3-6b", prompt="写一篇很长的文章", max_tokens=900, stream=True, extra_body={"ignore_eos": True}
     )
     received = 0
     for _ in stream:
@@ -298,7 +298,7 @@ def test_out_of_blocks_requests_wait_and_all_finish_as_they_would_alone(tiny_dir
 def test_a_full_queue_answers_429_and_the_queue_drains(tiny_dir, tmp_path):
     busy = Server(tiny_dir, tmp_path, "--max-num-seqs", "1", "--max-queue", "1")
     try:
-        stream = chat(busy, "写一篇很长的文章", stream=True, max_tokens=900)
+        stream = chat(busy, "写一篇很长的文章", stream=True, max_tokens=900, extra_body={"ignore_eos": True})
         next(iter(stream))
         waiting = threading.Thread(target=lambda: chat(busy, "你好", max_tokens=4))
         waiting.start()

@@ -125,11 +125,14 @@ class Engine:
         sampling: SamplingParams,
         max_tokens: int | None = None,
         listener: Callable[[Event], None] | None = None,
+        ignore_stop: bool = False,
     ) -> Sequence:
-        """Queue a request (ValueError for a bad one, QueueFull when the queue is at its bound)."""
+        """Queue a request (ValueError for a bad one, QueueFull when the queue is at its bound). ignore_stop:
+        generate max_tokens, past any stop token."""
         max_tokens = self.check_prompt(prompt, max_tokens)
+        stops = frozenset() if ignore_stop else self.limits.stop_ids
         with self.lock:
-            seq = Sequence(next(self._ids), list(prompt), max_tokens, sampling, self.limits.stop_ids)
+            seq = Sequence(next(self._ids), list(prompt), max_tokens, sampling, stops)
             self.scheduler.add(seq)
             if listener is not None:
                 self.listeners[seq.seq_id] = listener
@@ -220,8 +223,8 @@ class BackgroundEngine:
         self.thread = threading.Thread(target=self._run, name="glm3-engine", daemon=True)
         self.thread.start()
 
-    def add(self, prompt, sampling, max_tokens=None, listener=None) -> Sequence:
-        seq = self.engine.add(prompt, sampling, max_tokens, listener)
+    def add(self, prompt, sampling, max_tokens=None, listener=None, ignore_stop=False) -> Sequence:
+        seq = self.engine.add(prompt, sampling, max_tokens, listener, ignore_stop)
         with self._wake:
             self._wake.notify()
         return seq
@@ -291,10 +294,10 @@ def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
     least = 1 if model_config.num_kv_groups >= 2 else 2
     widths = _pow2_widths(config.max_num_seqs, least) if backend == "cpu" else (config.max_num_seqs,)
     check_memory(
-        inference_estimate(
+        inference_estimate(  # prompts are prefilled one at a time: the activations of one
             model_config,
             resolve_dtype(dtype, model_config),
-            batch=widths[-1],
+            batch=1,
             kernels=backend == "cpu",
             cache_tokens=config.num_blocks * config.block_size,
             what=f"serving {path}",

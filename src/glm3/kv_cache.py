@@ -81,7 +81,8 @@ class PagedShapes:
     graphs of an export have some fixed (glm3.export).
 
     prompt_width: the prefill width, fixed (an export's prompt_length) or None: the prompt's length rounded up
-    to a multiple of prompt_bucket. prefill_batch: the rows of a prefill call (an export's static batch; a
+    to a power of two, at least prompt_bucket (few shapes, each compiled once, for at most twice the prompt's
+    work). prefill_batch: the rows of a prefill call (an export's static batch; a
     prompt's call is filled up with rows that write only to the scratch block). decode_widths: the batch
     widths of a decode call, ascending; rows are padded to the smallest that holds them, and more rows than the
     largest are decoded in calls of the largest. table_width: the block-table width, fixed (an export's
@@ -157,7 +158,7 @@ class PagedKVCache:
         """Blocks for a new sequence's prompt and its keys and values written into them: the logits [V] after
         its last token. Raises OutOfBlocks (nothing allocated) when the blocks are not free."""
         n, s = len(prompt), self.shapes
-        width = s.prompt_width or -(-n // s.prompt_bucket) * s.prompt_bucket
+        width = s.prompt_width or max(s.prompt_bucket, 1 << (n - 1).bit_length())
         if n > width:
             raise ValueError(f"a prompt of {n} tokens is longer than the prefill width {width}")
         slots = self.blocks.allocate(seq_id, n)

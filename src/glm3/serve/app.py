@@ -86,14 +86,19 @@ def _sse(payload) -> str:
 
 
 class Generation:
-    """One request's sequence in the engine, its events as an asyncio queue."""
+    """One request's sequence in the engine (its prompt ids, and settings from the request `body`), its events
+    as an asyncio queue."""
 
-    def __init__(self, engine: BackgroundEngine, prompt, sampling, max_tokens):
+    def __init__(self, engine: BackgroundEngine, prompt, body):
         loop = asyncio.get_running_loop()
         self.engine, self.queue = engine, asyncio.Queue()
         try:
             self.seq = engine.add(
-                prompt, sampling, max_tokens, lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e)
+                prompt,
+                body.sampling(),
+                body.token_budget(),
+                lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e),
+                body.ignore_eos,
             )
         except QueueFull as exc:
             raise APIError(
@@ -198,7 +203,7 @@ def create_app(
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         stops = body.stops()
-        generation = Generation(engine, prompt, body.sampling(), body.max_completion_tokens or body.max_tokens)
+        generation = Generation(engine, prompt, body)
         reply = ChatReply(tokenizer, history, stops)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -260,7 +265,7 @@ def create_app(
     async def completions(request: Request):
         body: CompletionRequest = parse(CompletionRequest, await read_body(request))
         check_model(body.model)
-        generation = Generation(engine, body.prompt_ids(tokenizer), body.sampling(), body.max_tokens or 16)
+        generation = Generation(engine, body.prompt_ids(tokenizer), body)
         stream = TextStream(tokenizer, body.stops())
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -107,6 +107,7 @@ class SamplingFields(_Lenient):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # beyond OpenAI's API, as vLLM takes it
     repetition_penalty: float | None = Field(None, gt=0)  # idem
+    ignore_eos: bool = False  # idem: generate max_tokens, past the model's stop tokens
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1)
@@ -135,6 +136,10 @@ class SamplingFields(_Lenient):
             seed=self.seed,
         )
 
+    def token_budget(self) -> int | None:
+        """max_tokens; None: all the context leaves."""
+        return self.max_tokens
+
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOPS or any(not s or len(s) > 256 for s in stops):
@@ -154,6 +159,9 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: dict | None = None
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
     def unsupported(self) -> str | None:
         if self.tool_choice not in (None, "auto", "none"):
@@ -177,6 +185,9 @@ class CompletionRequest(SamplingFields):
         if self.echo or self.suffix:
             return "echo and suffix are not supported"
         return super().unsupported()
+
+    def token_budget(self) -> int | None:
+        return self.max_tokens or 16  # OpenAI's default for completions
 
     def prompt_ids(self, tokenizer) -> list[int]:
         prompt = (
