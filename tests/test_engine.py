@@ -1,12 +1,14 @@
 """The serving engine on real tiny models: continuous batching, rows that do not depend on the batch (bit for
 bit), swapping when blocks run out, the queue bound, aborts, finish reasons."""
 
+import threading
+
 import numpy as np
 import pytest
 
 import glm3
 from conftest import write_scripted_model
-from glm3.engine import EngineConfig, load_engine
+from glm3.engine import BackgroundEngine, EngineConfig, load_engine
 from glm3.export import export_model
 from glm3.sampling import SamplingParams
 from glm3.scheduler import QueueFull
@@ -163,3 +165,37 @@ def test_a_stop_token_ends_a_sequence_with_stop_and_max_tokens_with_length(tiny_
         engine.step()
     assert stop.output == script[1:] and stop.finish_reason == "stop"
     assert length.output == script[1:3] and length.finish_reason == "length"
+
+
+def test_a_failing_step_fails_its_sequences_and_the_engine_serves_on(tiny_dir, tokenizer):
+    """Faults injected into the cache (a decode that raises) and the scheduler (a step that raises)."""
+    engine, _ = load_engine(tiny_dir, EngineConfig())
+    background = BackgroundEngine(engine)
+    batch = prompts(tokenizer, 3, seed=5)
+    try:
+
+        def served(prompt, max_tokens=8):
+            done = threading.Event()
+            events = []
+            engine_seq = background.add(
+                prompt, GREEDY, max_tokens, lambda e: (events.append(e), e.finish_reason and done.set())
+            )
+            assert done.wait(60)
+            return engine_seq, events
+
+        decode = engine.cache.decode
+        engine.cache.decode = lambda *args: (_ for _ in ()).throw(RuntimeError("injected decode failure"))
+        seq, events = served(batch[0])
+        assert events[-1].finish_reason == "error" and "injected decode failure" in events[-1].error
+        assert len(seq.output) == 1  # the prefill's token, then the failed decode
+        engine.cache.decode = decode
+        schedule = engine.scheduler.schedule
+        engine.scheduler.schedule = lambda: (_ for _ in ()).throw(RuntimeError("injected scheduler failure"))
+        seq, events = served(batch[1])
+        assert [e.finish_reason for e in events] == ["error"] and "injected scheduler failure" in events[0].error
+        engine.scheduler.schedule = schedule
+        seq, events = served(batch[2])
+        assert seq.finish_reason == "length" and len(seq.output) == 8 and background.alive
+        assert engine.stats()["free_blocks"] == engine.cache.usable_blocks
+    finally:
+        background.close()

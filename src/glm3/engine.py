@@ -201,6 +201,23 @@ class Engine:
                 self.scheduler.finish(seq, reason)
         return Event(seq, token, reason)
 
+    def fail_all(self, exc: Exception) -> None:
+        """After an unexpected failure of a step: every sequence ends with an error event, and the cache and
+        the scheduler start over empty (the server stays up)."""
+        log.exception("engine step failed; failing every sequence", exc_info=exc)
+        s = self.scheduler
+        with self.lock:
+            seqs = [*s.waiting, *s.running, *s.swapped, *self._aborts]
+            s.waiting.clear(), s.running.clear(), s.swapped.clear(), self._aborts.clear()
+            self.cache.reset()
+            s.blocks = self.cache.blocks
+            for seq in seqs:
+                seq.status, seq.finish_reason, seq.swapped = FINISHED, "error", None
+        for seq in dict.fromkeys(seqs):
+            listener = self.listeners.pop(seq.seq_id, None)
+            if listener is not None:
+                listener(Event(seq, None, "error", f"{type(exc).__name__}: {exc}"))
+
     def _fail(self, seqs: list[Sequence], exc: Exception, allocated: bool) -> list[Event]:
         log.exception("engine step failed for sequence(s) %s", [s.seq_id for s in seqs], exc_info=exc)
         with self.lock:
@@ -251,7 +268,10 @@ class BackgroundEngine:
                     self._wake.wait()
                 if self._closed:
                     return
-            self.engine.step()
+            try:
+                self.engine.step()
+            except Exception as exc:  # a bug, not a request's fault: fail what runs, keep serving
+                self.engine.fail_all(exc)
 
 
 def _pow2_widths(most: int, least: int) -> tuple[int, ...]:

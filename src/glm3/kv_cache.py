@@ -119,10 +119,14 @@ class PagedKVCache:
         shapes: PagedShapes,
     ):
         self.prefill_step, self.decode_step, self.shapes = prefill, decode, shapes
-        self.shape = (num_blocks, block_size, kv_groups, head_dim)
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.shape, self.num_layers = (num_blocks, block_size, kv_groups, head_dim), num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        """Every block free (but the scratch block), the caches zero."""
+        self.blocks = BlockManager(*self.shape[:2])
         self.scratch_slot = int(self.blocks.allocate(SCRATCH, 1)[0])
-        self.caches = tuple(Tensor(np.zeros(self.shape, np.float32)) for _ in range(2 * num_layers))
+        self.caches = tuple(Tensor(np.zeros(self.shape, np.float32)) for _ in range(2 * self.num_layers))
 
     @property
     def usable_blocks(self) -> int:

@@ -198,8 +198,8 @@ def create_app(
         body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
         check_model(body.model)
         history, query, role = conversation(body)
-        try:
-            prompt = tokenizer.build_chat_input(query, history, role)["input_ids"][0]
+        try:  # a long prompt takes a while to tokenize: not on the event loop
+            prompt = (await asyncio.to_thread(tokenizer.build_chat_input, query, history, role))["input_ids"][0]
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         stops = body.stops()
@@ -265,7 +265,7 @@ def create_app(
     async def completions(request: Request):
         body: CompletionRequest = parse(CompletionRequest, await read_body(request))
         check_model(body.model)
-        generation = Generation(engine, body.prompt_ids(tokenizer), body)
+        generation = Generation(engine, await asyncio.to_thread(body.prompt_ids, tokenizer), body)
         stream = TextStream(tokenizer, body.stops())
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -3,7 +3,8 @@
 MindSpore complicates the report. While it runs a graph (nearly all of a training step) it installs its own
 SIGINT handler, which sends the process a SIGTERM instead, so a Ctrl-C arrives as SIGTERM (the run was
 reported as "stopped by signal 15"). A small native helper (csrc/sigterm_sender.cc, built like the kernels)
-records who sent each SIGTERM: one the process sent itself is the user's Ctrl-C, passed on by MindSpore.
+records whether a SIGTERM came from the process itself: that one is the user's Ctrl-C, passed on by MindSpore
+(even when a launcher's SIGTERM follows before Python's handler runs).
 Without a compiler the report says SIGTERM.
 """
 
@@ -35,7 +36,7 @@ def _sender_helper():
     if path is None:
         return None
     helper = ctypes.CDLL(path)
-    helper.glm3_last_sigterm_sender.restype = ctypes.c_int
+    helper.glm3_sigterm_from_self.restype = ctypes.c_int
     return helper
 
 
@@ -65,11 +66,7 @@ class StopRequests:
         return self
 
     def _handle(self, signum, frame):
-        if (
-            signum == signal.SIGTERM
-            and self._helper is not None
-            and self._helper.glm3_last_sigterm_sender() == os.getpid()
-        ):
+        if signum == signal.SIGTERM and self._helper is not None and self._helper.glm3_sigterm_from_self():
             signum = signal.SIGINT  # MindSpore's handler passing on a Ctrl-C (see the module docstring)
         if self.signum is None:  # a launcher's SIGTERM after the user's Ctrl-C does not replace it
             self.signum = signum
