@@ -121,6 +121,7 @@ def decode_benchmark() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="bench", help="synthetic preset to serve (bench, glm3_6b, ...)")
+    parser.add_argument("--model", help="serve this model directory instead (e.g. glm3 download --synthetic's)")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="concurrency levels")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of simultaneous requests per level")
     parser.add_argument("--prompt-tokens", type=int, default=256)
@@ -132,7 +133,7 @@ def main() -> int:
     from glm3.synthetic import cached_synthetic_checkpoint
 
     work = tempfile.mkdtemp(prefix="glm3-serve-bench-")
-    model = cached_synthetic_checkpoint(os.path.join(work, "model"), args.preset)
+    model = args.model or cached_synthetic_checkpoint(os.path.join(work, "model"), args.preset)
     vocab = GLM3Config.from_hf(model).padded_vocab_size
     rng = np.random.default_rng(0)
     most = max(args.clients)

@@ -303,7 +303,7 @@ def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
     from glm3.config import GLM3Config, resolve_dtype
     from glm3.generation import PROMPT_BUCKET, compiled_step
     from glm3.kernels import resolve_backend
-    from glm3.kv_cache import PagedKVCache, PagedShapes
+    from glm3.kv_cache import BlockCaches, PagedKVCache, PagedShapes
     from glm3.memory import check_memory, inference_estimate
     from glm3.model import dtype_name
 
@@ -326,16 +326,8 @@ def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
     model = glm3.load_model(path, dtype=dtype, kernels_backend=backend, kernel_rows=max(widths))
     c = model.config
     shapes = PagedShapes(-(-c.seq_length // config.block_size), prompt_bucket=PROMPT_BUCKET, decode_widths=widths)
-    cache = PagedKVCache(
-        compiled_step(model, "paged_prefill"),
-        compiled_step(model, "paged_decode"),
-        c.num_layers,
-        c.num_kv_groups,
-        c.kv_channels,
-        config.num_blocks,
-        config.block_size,
-        shapes,
-    )
+    geometry = BlockCaches(c.num_layers, c.num_kv_groups, c.kv_channels, config.num_blocks, config.block_size)
+    cache = PagedKVCache(compiled_step(model, "paged_prefill"), compiled_step(model, "paged_decode"), geometry, shapes)
     limits = ModelLimits(
         c.seq_length, c.seq_length - 1, c.padded_vocab_size, frozenset({c.eos_token_id, *model.stop_token_ids})
     )
@@ -366,9 +358,7 @@ def _export_cache(path: str, config: EngineConfig):
         decode_widths=widths,
         table_width=c.max_blocks,
     )
-    cache = PagedKVCache(
-        runner.prefill, runner.decode, c.num_layers, c.kv_groups, c.head_dim, c.num_blocks, c.block_size, shapes
-    )
+    cache = PagedKVCache(runner.prefill, runner.decode, c.block_caches, shapes)
     limits = ModelLimits(c.seq_length, c.prompt_length, c.vocab_size, frozenset(c.stop_token_ids))
     batch = "dynamic" if c.batch_size is None else c.batch_size
     return cache, limits, f"{path} (paged export, {c.dtype} weights, {runner.backend}, batch {batch})"

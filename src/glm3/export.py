@@ -40,6 +40,7 @@ from glm3.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
 from glm3.checkpoint import detect_layout, iter_checkpoint
 from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_directory, public_permissions
+from glm3.kv_cache import BlockCaches
 from glm3.shards import write_model_weights
 from glm3.tokenizer import copy_tokenizer_files
 
@@ -94,6 +95,11 @@ class ExportConfig:
     @property
     def max_blocks(self) -> int:
         return -(-self.seq_length // self.block_size)
+
+    @property
+    def block_caches(self) -> BlockCaches:
+        """The geometry of a paged export's cache."""
+        return BlockCaches(self.num_layers, self.kv_groups, self.head_dim, self.num_blocks, self.block_size)
 
 
 def graph_file(directory: str | os.PathLike, name: str) -> str:

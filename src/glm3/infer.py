@@ -195,14 +195,5 @@ class MindIRRunner:
 
         c = self.config
         if c.paged:
-            return PagedCacheSteps(
-                self.prefill,
-                self.decode,
-                c.num_layers,
-                c.kv_groups,
-                c.head_dim,
-                c.num_blocks,
-                c.block_size,
-                c.max_blocks,
-            )
+            return PagedCacheSteps(self.prefill, self.decode, c.block_caches, c.max_blocks)
         return StaticCacheSteps(self.prefill, self.decode, c.seq_length)

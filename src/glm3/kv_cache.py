@@ -76,6 +76,22 @@ class StaticCacheSteps:
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockCaches:
+    """The geometry of a paged cache: per layer one key and one value tensor [num_blocks, block_size,
+    kv_groups, head_dim]."""
+
+    num_layers: int
+    kv_groups: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.num_blocks, self.block_size, self.kv_groups, self.head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
 class PagedShapes:
     """The inputs a pair of paged steps takes. Compiled Cells take any shape (each new one compiles once); the
     graphs of an export have some fixed (glm3.export).
@@ -107,26 +123,16 @@ class PagedKVCache:
     the other rows, nor on which blocks it was given.
     """
 
-    def __init__(
-        self,
-        prefill,
-        decode,
-        num_layers: int,
-        kv_groups: int,
-        head_dim: int,
-        num_blocks: int,
-        block_size: int,
-        shapes: PagedShapes,
-    ):
-        self.prefill_step, self.decode_step, self.shapes = prefill, decode, shapes
-        self.shape, self.num_layers = (num_blocks, block_size, kv_groups, head_dim), num_layers
+    def __init__(self, prefill, decode, geometry: BlockCaches, shapes: PagedShapes):
+        self.prefill_step, self.decode_step, self.geometry, self.shapes = prefill, decode, geometry, shapes
         self.reset()
 
     def reset(self) -> None:
         """Every block free (but the scratch block), the caches zero."""
-        self.blocks = BlockManager(*self.shape[:2])
+        g = self.geometry
+        self.blocks = BlockManager(g.num_blocks, g.block_size)
         self.scratch_slot = int(self.blocks.allocate(SCRATCH, 1)[0])
-        self.caches = tuple(Tensor(np.zeros(self.shape, np.float32)) for _ in range(2 * self.num_layers))
+        self.caches = tuple(Tensor(np.zeros(g.shape, np.float32)) for _ in range(2 * g.num_layers))
 
     @property
     def usable_blocks(self) -> int:
@@ -223,27 +229,9 @@ class PagedCacheSteps:
     blocks), as StaticCacheSteps does a static cache: start(ids, mask) and step(tokens) return next-token
     logits. Every start() begins with all blocks free; running out raises block_manager.OutOfBlocks."""
 
-    def __init__(
-        self,
-        prefill,
-        decode,
-        num_layers: int,
-        kv_groups: int,
-        head_dim: int,
-        num_blocks: int,
-        block_size: int,
-        max_blocks: int,
-    ):
-        self.new_cache = lambda: PagedKVCache(
-            prefill,
-            decode,
-            num_layers,
-            kv_groups,
-            head_dim,
-            num_blocks,
-            block_size,
-            PagedShapes(max_blocks, table_width=max_blocks),
-        )
+    def __init__(self, prefill, decode, geometry: BlockCaches, max_blocks: int):
+        shapes = PagedShapes(max_blocks, table_width=max_blocks)
+        self.new_cache = lambda: PagedKVCache(prefill, decode, geometry, shapes)
         self.cache: PagedKVCache | None = None
 
     def start(self, ids: np.ndarray, mask: np.ndarray):
