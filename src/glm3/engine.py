@@ -46,7 +46,7 @@ class EngineConfig:
     max_queue: int = setting(64, "requests waiting for a place at most; more are refused (HTTP 429)")
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "num_blocks", "block_size"):
+        for name in ("max_num_seqs", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks < 2:
@@ -171,7 +171,7 @@ class Engine:
             try:
                 logits = self.cache.prefill(seq.seq_id, seq.prompt)[None]
             except Exception as exc:  # a runtime failure fails this request, not the server
-                events.append(self._fail([seq], exc, allocated=seq.seq_id in self.cache.blocks.tables)[0])
+                events.extend(self._fail([seq], exc))
                 continue
             events.append(self._advance(seq, logits))
         if plan.decode:
@@ -179,7 +179,7 @@ class Engine:
             try:
                 logits = self.cache.decode([s.seq_id for s in plan.decode], [s.output[-1] for s in plan.decode])
             except Exception as exc:
-                events.extend(self._fail(plan.decode, exc, allocated=True))
+                events.extend(self._fail(plan.decode, exc))
             else:
                 events.extend(self._advance(seq, row[None]) for seq, row in zip(plan.decode, logits))
         for event in events:
@@ -218,15 +218,11 @@ class Engine:
             if listener is not None:
                 listener(Event(seq, None, "error", f"{type(exc).__name__}: {exc}"))
 
-    def _fail(self, seqs: list[Sequence], exc: Exception, allocated: bool) -> list[Event]:
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> list[Event]:
         log.exception("engine step failed for sequence(s) %s", [s.seq_id for s in seqs], exc_info=exc)
         with self.lock:
             for seq in seqs:
-                if allocated:
-                    self.scheduler.finish(seq, "error")
-                else:
-                    self.scheduler.running.remove(seq)
-                    seq.status, seq.finish_reason = FINISHED, "error"
+                self.scheduler.finish(seq, "error")
         return [Event(seq, None, "error", f"{type(exc).__name__}: {exc}") for seq in seqs]
 
 
@@ -328,9 +324,7 @@ def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
     shapes = PagedShapes(-(-c.seq_length // config.block_size), prompt_bucket=PROMPT_BUCKET, decode_widths=widths)
     geometry = BlockCaches(c.num_layers, c.num_kv_groups, c.kv_channels, config.num_blocks, config.block_size)
     cache = PagedKVCache(compiled_step(model, "paged_prefill"), compiled_step(model, "paged_decode"), geometry, shapes)
-    limits = ModelLimits(
-        c.seq_length, c.seq_length - 1, c.padded_vocab_size, frozenset({c.eos_token_id, *model.stop_token_ids})
-    )
+    limits = ModelLimits(c.seq_length, c.seq_length - 1, c.padded_vocab_size, model.end_token_ids)
     return (
         cache,
         limits,

@@ -234,7 +234,7 @@ def export_model(
         config.kv_channels,
         config.padded_vocab_size,
         config.pad_token_id,
-        sorted({config.eos_token_id, *model.stop_token_ids}),
+        sorted(model.end_token_ids),
         paged,
         fused_paged_attention,
         block_size,

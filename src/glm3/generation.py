@@ -138,7 +138,7 @@ def iter_generate(
         raise ValueError(f"input_ids must be in [0, {config.padded_vocab_size})")
     sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
     if eos_token_id is None:
-        eos_token_id = {config.eos_token_id, *model.stop_token_ids}
+        eos_token_id = model.end_token_ids
     bucket = _round_up(prompt_len, PROMPT_BUCKET)
     max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
     steps = StaticCacheSteps(compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len), max_len)

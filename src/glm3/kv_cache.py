@@ -25,6 +25,11 @@ from glm3.block_manager import BlockManager
 SCRATCH = -1  # the block manager's sequence id of the scratch block
 
 
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 class StaticKVCache:
     """Host-side bookkeeping of a cache: which columns hold valid keys and where the next token goes."""
 
@@ -168,7 +173,7 @@ class PagedKVCache:
         """Blocks for a new sequence's prompt and its keys and values written into them: the logits [V] after
         its last token. Raises OutOfBlocks (nothing allocated) when the blocks are not free."""
         n, s = len(prompt), self.shapes
-        width = s.prompt_width or max(s.prompt_bucket, 1 << (n - 1).bit_length())
+        width = s.prompt_width or max(s.prompt_bucket, next_power_of_two(n))
         if n > width:
             raise ValueError(f"a prompt of {n} tokens is longer than the prefill width {width}")
         slots = self.blocks.allocate(seq_id, n)
@@ -187,24 +192,28 @@ class PagedKVCache:
             return np.concatenate(
                 [self.decode(seq_ids[i : i + widest], tokens[i : i + widest]) for i in range(0, len(seq_ids), widest)]
             )
+        return self.run_decode(*self.decode_inputs(seq_ids, tokens)).asnumpy()[: len(seq_ids)].copy()
+
+    def decode_inputs(self, seq_ids, tokens) -> tuple:
+        """(tokens, positions, slots, block tables, context lengths) of a decode call for these sequences (at
+        most the widest decode width), padded to the smallest width that holds them."""
         n = len(seq_ids)
         width = next(w for w in self.shapes.decode_widths if w >= n)
         lengths = [self.blocks.lengths[s] for s in seq_ids]
         slots = [int(self.blocks.slots(s, [length - 1])[0]) for s, length in zip(seq_ids, lengths)]
         table_width = self.shapes.table_width or min(
-            self.shapes.max_blocks, 1 << (max(self.blocks.blocks_needed(length) for length in lengths) - 1).bit_length()
+            self.shapes.max_blocks, next_power_of_two(max(self.blocks.blocks_needed(length) for length in lengths))
         )
         tables = np.zeros((width, table_width), np.int32)
         tables[:n] = self.blocks.block_tables(seq_ids, table_width)
         pad = width - n  # filler rows: token 0 at position 0, written to scratch, attending to one key
-        logits = self.run_decode(
+        return (
             list(tokens) + [0] * pad,
             [length - 1 for length in lengths] + [0] * pad,
             slots + [self.scratch_slot] * pad,
             tables,
             lengths + [1] * pad,
         )
-        return logits.asnumpy()[:n].copy()
 
     def swap_out(self, seq_id: int) -> tuple[int, list[np.ndarray]]:
         """Copy a sequence's blocks to host memory and free them: (tokens in the cache, one array per cache)."""
@@ -230,13 +239,13 @@ class PagedCacheSteps:
     logits. Every start() begins with all blocks free; running out raises block_manager.OutOfBlocks."""
 
     def __init__(self, prefill, decode, geometry: BlockCaches, max_blocks: int):
-        shapes = PagedShapes(max_blocks, table_width=max_blocks)
-        self.new_cache = lambda: PagedKVCache(prefill, decode, geometry, shapes)
+        self.prefill, self.decode, self.geometry, self.max_blocks = prefill, decode, geometry, max_blocks
         self.cache: PagedKVCache | None = None
 
     def start(self, ids: np.ndarray, mask: np.ndarray):
-        self.cache = cache = self.new_cache()
         batch, width = ids.shape
+        shapes = PagedShapes(self.max_blocks, decode_widths=(batch,), table_width=self.max_blocks)
+        self.cache = cache = PagedKVCache(self.prefill, self.decode, self.geometry, shapes)
         lengths = mask.sum(axis=1).astype(np.int32)
         slot_mapping = np.full((batch, width), cache.scratch_slot, np.int32)
         for row in range(batch):
@@ -245,13 +254,6 @@ class PagedCacheSteps:
         return cache.run_prefill(ids, mask, slot_mapping)
 
     def step(self, tokens: np.ndarray):
-        blocks = self.cache.blocks
-        slots = [blocks.append_slot(row) for row in self.rows]
-        lengths = [blocks.lengths[row] for row in self.rows]
-        return self.cache.run_decode(
-            tokens,
-            [n - 1 for n in lengths],
-            slots,
-            blocks.block_tables(self.rows, self.cache.shapes.max_blocks),
-            lengths,
-        )
+        for row in self.rows:
+            self.cache.blocks.append_slot(row)
+        return self.cache.run_decode(*self.cache.decode_inputs(self.rows, tokens))

@@ -515,6 +515,11 @@ class GLM3ForCausalLM(nn.Cell):
         return self.options.backend
 
     @property
+    def end_token_ids(self) -> frozenset[int]:
+        """Every token that ends a reply: the config's eos and stop_token_ids."""
+        return frozenset({self.config.eos_token_id, *self.stop_token_ids})
+
+    @property
     def paged_kernels(self):
         """The CPU kernels of the paged cache (glm3.kernels.PagedCacheKernels) when the model has them: its paged
         entry points then write the block caches in place."""

@@ -103,9 +103,10 @@ class Scheduler:
             seq.status, seq.finish_reason = FINISHED, "abort"
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """A running sequence is done: out of the batch, its blocks freed."""
+        """A running sequence is done: out of the batch, its blocks (if it got any) freed."""
         self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
+        if seq.seq_id in self.blocks.tables:
+            self.blocks.free(seq.seq_id)
         seq.status, seq.finish_reason = FINISHED, reason
 
     def _needs_block(self, seq: Sequence) -> bool:

@@ -219,39 +219,24 @@ def create_app(
 
         if body.stream:
 
-            async def events():
-                try:
-                    yield _sse(chunk({"role": "assistant", "content": ""}))
-                    async for kind, value in _run(generation, reply, request):
-                        if kind == "text":
-                            yield _sse(chunk({"content": value[0]}))
-                        elif kind == "error":
-                            yield _sse(APIError(500, value, "server_error").body())
-                            return
-                        else:
-                            message, reason = value
-                            if message.get("tool_calls"):
-                                calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-                                yield _sse(chunk({"tool_calls": calls}))
-                            yield _sse(chunk({}, reason))
-                    if body.include_usage:
-                        yield _sse({**chunk({}), "choices": [], "usage": generation.usage()})
-                    yield _sse("[DONE]")
-                except _Disconnected:
-                    return
+            def end(message, reason):
+                if message.get("tool_calls"):
+                    yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]})
+                yield chunk({}, reason)
 
-            return EventStream(events(), generation.cancel)
-        try:
-            message, reason = None, None
-            async for kind, value in _run(generation, reply, request):
-                if kind == "error":
-                    raise APIError(500, value, "server_error")
-                if kind == "end":
-                    message, reason = value
-        except _Disconnected:
-            return JSONResponse({}, status_code=499)
-        finally:
-            generation.cancel()
+            return _event_stream(
+                generation,
+                reply,
+                request,
+                first=chunk({"role": "assistant", "content": ""}),
+                text=lambda delta, tokens: chunk({"content": delta}),
+                end=end,
+                usage=chunk({}) if body.include_usage else None,
+            )
+        outcome = await _collect(generation, reply, request)
+        if outcome is None:
+            return JSONResponse({}, status_code=499)  # the client is gone
+        _, message, reason = outcome
         return {
             "id": ident,
             "object": "chat.completion",
@@ -276,42 +261,69 @@ def create_app(
             return {"id": ident, "object": "text_completion", "created": now, "model": model_name, "choices": [choice]}
 
         if body.stream:
-
-            async def events():
-                try:
-                    async for kind, value in _run(generation, stream, request, per_token=body.return_token_ids):
-                        if kind == "text":
-                            text, tokens = value
-                            yield _sse(result(text, tokens=tokens))
-                        elif kind == "error":
-                            yield _sse(APIError(500, value, "server_error").body())
-                            return
-                        else:
-                            yield _sse(result("", value[1]))
-                    if body.include_usage:
-                        yield _sse({**result(""), "choices": [], "usage": generation.usage()})
-                    yield _sse("[DONE]")
-                except _Disconnected:
-                    return
-
-            return EventStream(events(), generation.cancel)
-        text, reason = "", None
-        try:
-            async for kind, value in _run(generation, stream, request):
-                if kind == "error":
-                    raise APIError(500, value, "server_error")
-                if kind == "text":
-                    text += value[0]
-                else:
-                    reason = value[1]
-        except _Disconnected:
-            return JSONResponse({}, status_code=499)
-        finally:
-            generation.cancel()
+            return _event_stream(
+                generation,
+                stream,
+                request,
+                text=lambda delta, tokens: result(delta, tokens=tokens),
+                end=lambda message, reason: [result("", reason)],
+                usage=result("") if body.include_usage else None,
+                per_token=body.return_token_ids,
+            )
+        outcome = await _collect(generation, stream, request)
+        if outcome is None:
+            return JSONResponse({}, status_code=499)  # the client is gone
+        text, _, reason = outcome
         return {**result(text, reason, generation.tokens()), "usage": generation.usage()}
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
+
+
+def _event_stream(generation, reply, request, *, text, end, usage, first=None, per_token=False) -> EventStream:
+    """A streamed response: `first`, then text(delta, tokens) for each piece of text, the chunks of
+    end(message, finish reason), the usage chunk (`usage` with the counts, when asked for) and [DONE]; a failure
+    of the engine is an error event. The sequence is cancelled however the stream ends."""
+
+    async def events():
+        try:
+            if first is not None:
+                yield _sse(first)
+            async for kind, value in _run(generation, reply, request, per_token):
+                if kind == "text":
+                    yield _sse(text(*value))
+                elif kind == "error":
+                    yield _sse(APIError(500, value, "server_error").body())
+                    return
+                else:
+                    for item in end(*value):
+                        yield _sse(item)
+            if usage is not None:
+                yield _sse({**usage, "choices": [], "usage": generation.usage()})
+            yield _sse("[DONE]")
+        except _Disconnected:
+            return
+
+    return EventStream(events(), generation.cancel)
+
+
+async def _collect(generation, reply, request) -> tuple[str, dict | None, str] | None:
+    """(text, message, finish reason) of a whole reply, or None when the client went away; a failure of the
+    engine is an APIError (500). The sequence is cancelled however it ends."""
+    text, message, reason = "", None, None
+    try:
+        async for kind, value in _run(generation, reply, request):
+            if kind == "error":
+                raise APIError(500, value, "server_error")
+            if kind == "text":
+                text += value[0]
+            else:
+                message, reason = value
+    except _Disconnected:
+        return None
+    finally:
+        generation.cancel()
+    return text, message, reason
 
 
 async def _run(generation: Generation, reply: TextStream, request: Request, per_token: bool = False):
