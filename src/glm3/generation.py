@@ -1,4 +1,4 @@
-"""Autoregressive generation: left-padded batches, static KV cache, greedy or seeded sampling (glm3.sampling)."""
+"""Autoregressive generation: left-padded batches, a static or (with the CPU kernels) paged KV cache, greedy or seeded sampling (glm3.sampling)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from mindspore import Tensor
 
-from glm3.kv_cache import StaticCacheSteps
+from glm3.block_manager import DEFAULT_BLOCK_SIZE
+from glm3.kv_cache import BlockCaches, PagedCacheSteps, StaticCacheSteps
 from glm3.sampling import SamplingParams
 from glm3.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
 
@@ -141,8 +142,33 @@ def iter_generate(
         eos_token_id = model.end_token_ids
     bucket = _round_up(prompt_len, PROMPT_BUCKET)
     max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
-    steps = StaticCacheSteps(compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len), max_len)
-    yield from decode_loop(steps, ids, mask, bucket, max_new_tokens, sampling, stop_ids=eos_token_id, pad=pad)
+    yield from decode_loop(
+        generation_steps(model, ids.shape[0], max_len),
+        ids,
+        mask,
+        bucket,
+        max_new_tokens,
+        sampling,
+        stop_ids=eos_token_id,
+        pad=pad,
+    )
+
+
+def generation_steps(model, batch: int, max_len: int):
+    """The cache steps of one generate() call: a paged cache when the model has the CPU kernels that write it in
+    place and fuse a decoding layer's attention (the fastest decode here), else a static cache of max_len."""
+    if model.paged_kernels is None:
+        return StaticCacheSteps(
+            compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len), max_len
+        )
+    config = model.config
+    per_row = -(-max_len // DEFAULT_BLOCK_SIZE)
+    geometry = BlockCaches(
+        config.num_layers, config.num_kv_groups, config.kv_channels, batch * per_row + 1, DEFAULT_BLOCK_SIZE
+    )
+    return PagedCacheSteps(
+        compiled_step(model, "paged_prefill"), compiled_step(model, "paged_decode"), geometry, per_row
+    )
 
 
 def decode_loop(

@@ -151,7 +151,8 @@ class Linear(nn.Cell):
                 delattr(self, name)  # drops the Parameter from the cell, then a plain None stands in
                 object.__setattr__(self, name, None)
 
-    def construct(self, x):
+    def construct(self, x, with_bias: bool = True):
+        """y = x W^T (+ b unless with_bias is False: a caller that adds it itself, see SelfAttention)."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).astype(self.compute_dtype)
         if self.training and self.frozen_matmul is not None:
@@ -162,7 +163,7 @@ class Linear(nn.Cell):
             y = self._blockwise_matmul(x2)
         else:
             y = self.matmul(x2, as_compute(self.weight, x2, self.compute_dtype))
-        if self.bias is not None:
+        if self.bias is not None and with_bias:
             y = y + kernels.like(self.bias.astype(self.compute_dtype), y)
         if self.lora_a is not None:
             h = x2 * self.lora_mask.astype(x2.dtype) if self.lora_mask is not None and self.training else x2
@@ -171,13 +172,23 @@ class Linear(nn.Cell):
         return y.reshape(shape[:-1] + (self.out_features,))
 
 
+def _elementwise_kernels(options: BuildOptions):
+    """The CPU kernels of RMSNorm and SwiGLU (inference), when the backend has them."""
+    library = kernels.kernel_library() if options.backend == "cpu" and options.compute_dtype == ms.float32 else None
+    return kernels.ElementwiseKernels(library) if library else None
+
+
 class RMSNorm(nn.Cell):
     def __init__(self, size: int, eps: float, options: BuildOptions):
         super().__init__()
         self.weight = _param((size,), options.dtype, One(), "weight")
         self.eps, self.fused = eps, options.backend == "ascend"
+        self.kernels = _elementwise_kernels(options)
+        self.eps_tensor = Tensor([eps], ms.float32)
 
     def construct(self, x):
+        if self.kernels is not None and not self.training:
+            return self.kernels.rms_norm(x, self.weight, self.eps_tensor)
         return kernels.rms_norm(x, self.weight, self.eps, self.fused)
 
 
@@ -245,6 +256,7 @@ class SelfAttention(nn.Cell):
         # The CPU kernels write the paged cache in place and attend through its block tables.
         self.paged_kernels = kernels.PagedCacheKernels(library) if library else None
         self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.add_qkv_bias, options)
+        self.no_qkv_bias = Tensor(np.zeros(config.qkv_size, np.float32))
         self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, options)
 
     def _project(self, x, cos, sin):
@@ -281,6 +293,25 @@ class SelfAttention(nn.Cell):
         MindSpore Lite on Ascend). Returns the updated caches (with the CPU kernels: the caches given, written
         in place)."""
         b = x.shape[0]
+        if self.paged_kernels is not None and not (fused_paged_attention or self.fused):
+            # One kernel from the projection to attention's output: bias, RoPE, the cache writes, attention.
+            qkv = self.query_key_value(x, with_bias=False).reshape(b, -1)
+            bias = self.query_key_value.bias
+            bias = self.no_qkv_bias if bias is None else bias.astype(ms.float32)
+            out, cache_k, cache_v = self.paged_kernels.decode(
+                qkv,
+                bias,
+                cos.reshape(b, -1),
+                sin.reshape(b, -1),
+                cache_k,
+                cache_v,
+                slots,
+                block_tables,
+                context_lens,
+                self.heads,
+                self.scale,
+            )
+            return self.dense(out.reshape(b, 1, -1)), cache_k, cache_v
         q, k, v = self._project(x, cos, sin)
         if self.paged_kernels is not None and not (fused_paged_attention or self.fused):
             cache_k = self.paged_kernels.write(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
@@ -303,9 +334,12 @@ class MLP(nn.Cell):
         self.ffn = config.ffn_hidden_size
         self.dense_h_to_4h = Linear(config.hidden_size, 2 * self.ffn, config.add_bias_linear, options)
         self.dense_4h_to_h = Linear(self.ffn, config.hidden_size, config.add_bias_linear, options)
+        self.kernels = _elementwise_kernels(options)
 
     def construct(self, x):
         h = self.dense_h_to_4h(x)
+        if self.kernels is not None and not self.training:
+            return self.dense_4h_to_h(self.kernels.swiglu(h))
         return self.dense_4h_to_h(ops.silu(h[..., : self.ffn]) * h[..., self.ffn :])
 
 

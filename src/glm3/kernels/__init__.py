@@ -6,7 +6,9 @@ The backend is chosen once, when a model is built (`GLM3ForCausalLM(config, kern
   bfloat16 weights as stored: decoding-size products at about twice MindSpore's MatMul speed with float32
   weights (decoding is bound by reading weights) and half the bytes again with half precision; and every
   product with a half-precision weight, so no float32 copy of one is ever made (inference and LoRA
-  training); and the paged cache's write (in place) and decode attention (glm3.kernels.paged_attention).
+  training); the paged cache's write (in place) and decode attention, fused with the qkv projection's bias
+  and RoPE (glm3.kernels.paged_attention); and in inference RMSNorm and SwiGLU as one operator each
+  (glm3.kernels.elementwise).
 - "ascend": MindSpore's fused RmsNorm, RotaryPositionEmbedding and FlashAttentionScore (Ascend only).
 - "auto": "ascend" on Ascend, else "cpu" when the kernel can be built, else "plain".
 """
@@ -17,6 +19,7 @@ import mindspore as ms
 
 from glm3.kernels.attention import attention
 from glm3.kernels.broadcast import like
+from glm3.kernels.elementwise import ElementwiseKernels
 from glm3.kernels.library import kernel_library
 from glm3.kernels.linear import SMALL_M, FrozenWeightMatMul, xw_op, xwt_op
 from glm3.kernels.paged_attention import PagedCacheKernels, paged_attention, write_cache
@@ -50,6 +53,7 @@ def resolve_backend(name: str = "auto") -> str:
 
 __all__ = [
     "BACKENDS",
+    "ElementwiseKernels",
     "SMALL_M",
     "FrozenWeightMatMul",
     "PagedCacheKernels",

@@ -10,7 +10,9 @@ import os
 from glm3.native import build_library
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-SOURCES = (os.path.join(_CSRC, "linear.cc"), os.path.join(_CSRC, "paged_attention.cc"))
+SOURCES = tuple(
+    os.path.join(_CSRC, name) for name in ("linear.cc", "paged_attention.cc", "elementwise.cc", "bandwidth.cc")
+)
 
 
 def kernel_library() -> str | None:

@@ -57,6 +57,12 @@ def paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale
     return attention(q, k, v, keep.reshape(-1, 1, 1, span), scale)
 
 
+def _heads(qkv_shape, cache_shape) -> int:
+    """Query heads of a qkv row of `qkv_shape` [b, (heads + 2 groups) d] for a cache [nb, bs, groups, d]."""
+    groups, d = cache_shape[2], cache_shape[3]
+    return qkv_shape[1] // d - 2 * groups
+
+
 class PagedCacheKernels:
     """The CPU kernels of the paged cache (float32 caches; `library` from glm3.kernels.kernel_library)."""
 
@@ -73,6 +79,35 @@ class PagedCacheKernels:
             out_dtype=lambda q, k, v, tables, lens, scale: ms.float32,
             func_type="aot",
         )
+        self.decode_op = ops.Custom(
+            f"{library}:glm3_paged_decode",
+            out_shape=lambda qkv, bias, cos, sin, k, v, slots, tables, lens, scale, heads: (
+                qkv[0],
+                k[3] * _heads(qkv, k),
+            ),
+            out_dtype=lambda *args: ms.float32,
+            func_type="aot",
+        )
+
+    def decode(self, qkv, bias, cos, sin, key_cache, value_cache, slots, block_tables, context_lens, heads, scale):
+        """One decoding layer's attention from its qkv projection: qkv [b, (heads + 2 groups) d] (float32, without
+        its bias), bias [(heads + 2 groups) d], cos/sin [b, rotary_dim / 2]. Adds the bias, rotates q and k,
+        writes k and v into the caches at `slots` in place and attends: returns [b, heads * d] and the caches
+        ordered after the write."""
+        out = self.decode_op(
+            qkv,
+            bias,
+            cos,
+            sin,
+            key_cache,
+            value_cache,
+            slots.reshape(-1).astype(ms.int32),
+            block_tables,
+            context_lens,
+            ops.fill(ms.float32, (1,), scale),
+            ops.fill(ms.int32, (1,), heads),
+        )
+        return out, ops.depend(key_cache, out), ops.depend(value_cache, out)
 
     def write(self, cache, values, slot_mapping):
         """`values` [tokens, groups, d] into `cache` at flat slots [tokens], in place: returns `cache` ordered

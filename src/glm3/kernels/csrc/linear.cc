@@ -31,6 +31,10 @@ typedef _Float16 h8 __attribute__((vector_size(16), aligned(2)));
 typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
 struct bf16 {
   uint16_t bits;
 };
@@ -58,6 +62,34 @@ inline v8 ldw(const bf16 *p) {
   std::memcpy(&out, &wide, sizeof(out));
   return out;
 }
+// Sixteen weights as float32 (one 64-byte vector; the compiler splits it where the host has no AVX-512).
+inline v16 ld16(const float *p) { return *reinterpret_cast<const v16 *>(p); }
+inline v16 ldw16(const float *p) { return ld16(p); }
+inline v16 ldw16(const _Float16 *p) {
+#if defined(__AVX512F__)
+  const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+  v16 out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+#else
+  const v8 lo = ldw(p), hi = ldw(p + 8);
+  v16 out;
+  std::memcpy(&out, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char *>(&out) + sizeof(lo), &hi, sizeof(hi));
+  return out;
+#endif
+}
+inline v16 ldw16(const bf16 *p) {
+  const u32x16 wide = __builtin_convertvector(*reinterpret_cast<const u16x16 *>(p), u32x16) << 16;
+  v16 out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+inline float hsum16(v16 v) {
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
 inline float scalar(float v) { return v; }
 inline float scalar(_Float16 v) { return static_cast<float>(v); }
 inline float scalar(bf16 v) {
@@ -74,14 +106,36 @@ inline float hsum(v8 v) {
 // ---------------------------------------------------------------------------------------------- x W^T
 // M <= 4 rows of x against weight rows [j0, j1): weights converted in registers as they stream by, so
 // every weight is read once per call.
+// Rows ahead that the weight-streaming loop prefetches: rows are short (2-4 KB in decoding shapes), so the
+// hardware prefetcher alone starts every row late (measured: the [65024, 1024] float16 output layer read at
+// 21 GB/s without, 28 GB/s with, on a 30 GB/s host).
+constexpr int64_t PF = 4;
 template <int M, typename W>
 void xwt_rows(const float *x, int64_t ldx, const W *w, float *y, int64_t ldy, int64_t k, int64_t j0, int64_t j1) {
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4) {
     const W *w0 = w + j * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+    v16 c0[M], c1[M], c2[M], c3[M];
+    for (int i = 0; i < M; ++i) c0[i] = c1[i] = c2[i] = c3[i] = v16{};
+    int64_t t = 0;
+    for (; t + 16 <= k; t += 16) {
+      if (t % (64 / sizeof(W)) == 0) {  // the next four rows, one cache line each per row
+        __builtin_prefetch(w0 + PF * k + t);
+        __builtin_prefetch(w1 + PF * k + t);
+        __builtin_prefetch(w2 + PF * k + t);
+        __builtin_prefetch(w3 + PF * k + t);
+      }
+      const v16 b0 = ldw16(w0 + t), b1 = ldw16(w1 + t), b2 = ldw16(w2 + t), b3 = ldw16(w3 + t);
+      for (int i = 0; i < M; ++i) {
+        const v16 xv = ld16(x + i * ldx + t);
+        c0[i] += xv * b0;
+        c1[i] += xv * b1;
+        c2[i] += xv * b2;
+        c3[i] += xv * b3;
+      }
+    }
     v8 a0[M], a1[M], a2[M], a3[M];
     for (int i = 0; i < M; ++i) a0[i] = a1[i] = a2[i] = a3[i] = v8{};
-    int64_t t = 0;
     for (; t + 8 <= k; t += 8) {
       const v8 b0 = ldw(w0 + t), b1 = ldw(w1 + t), b2 = ldw(w2 + t), b3 = ldw(w3 + t);
       for (int i = 0; i < M; ++i) {
@@ -93,7 +147,8 @@ void xwt_rows(const float *x, int64_t ldx, const W *w, float *y, int64_t ldy, in
       }
     }
     for (int i = 0; i < M; ++i) {
-      float s0 = hsum(a0[i]), s1 = hsum(a1[i]), s2 = hsum(a2[i]), s3 = hsum(a3[i]);
+      float s0 = hsum16(c0[i]) + hsum(a0[i]), s1 = hsum16(c1[i]) + hsum(a1[i]);
+      float s2 = hsum16(c2[i]) + hsum(a2[i]), s3 = hsum16(c3[i]) + hsum(a3[i]);
       for (int64_t r = t; r < k; ++r) {
         const float xv = x[i * ldx + r];
         s0 += xv * scalar(w0[r]);
