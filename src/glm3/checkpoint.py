@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from glm3.config import GLM3Config, rope_inv_freq
+from glm3.quantization import scale_name
 from glm3.tensor_files import TensorFileError, iter_ms_ckpt, iter_safetensors, iter_torch_bin
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
@@ -48,7 +49,38 @@ def ms_to_hf_name(name: str) -> str:
 
 
 def expected_shapes(config: GLM3Config) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the model, by MindSpore name, with its shape (PyTorch [out, in] for linears)."""
+    """Every tensor of the model's checkpoint, by MindSpore name, with its shape (PyTorch [out, in] for linears);
+    for a quantized config, quantized weights as stored and their scales beside them (glm3.quantization)."""
+    shapes = float_shapes(config)
+    q = config.quantization
+    if q is None:
+        return shapes
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if q.covers(name):
+            q.check_shape(name, shape)
+            out[name] = q.stored_shape(shape)
+            out[scale_name(name)] = q.scale_shape(shape)
+        else:
+            out[name] = shape
+    return out
+
+
+def expected_dtypes(config: GLM3Config) -> dict[str, str]:
+    """The exact storage dtype of the tensors that must have one: a quantized model's data (int8 / uint8) and
+    scales (float16). Every other tensor is a floating-point weight of any float dtype."""
+    q = config.quantization
+    if q is None:
+        return {}
+    out = {}
+    for name in float_shapes(config):
+        if q.covers(name):
+            out[name], out[scale_name(name)] = q.storage_dtype, "float16"
+    return out
+
+
+def float_shapes(config: GLM3Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the float model, by MindSpore name, with its shape (PyTorch [out, in] for linears)."""
     h, f, v = config.hidden_size, config.ffn_hidden_size, config.padded_vocab_size
     shapes: dict[str, tuple[int, ...]] = {MS_EMBEDDING: (v, h)}
     for i in range(config.num_layers):
@@ -250,6 +282,7 @@ def iter_checkpoint(
     else:
         kind, weight_map = "ms_ckpt", None
     expected = expected_shapes(config)
+    exact = expected_dtypes(config)
     seen: dict[str, str] = {}
     for path in files:
         where = os.path.basename(path)
@@ -276,7 +309,12 @@ def iter_checkpoint(
                     raise CheckpointError(
                         f"tensor {raw_name} in {where} has shape {tuple(array.shape)}, expected {expected[name]}"
                     )
-                if array.dtype.kind != "f":
+                if name in exact and array.dtype != np.dtype(exact[name]):
+                    raise CheckpointError(
+                        f"tensor {raw_name} in {where} has dtype {array.dtype}, expected {exact[name]} "
+                        "(a quantized model's data and scales)"
+                    )
+                if name not in exact and array.dtype.kind != "f":
                     raise CheckpointError(
                         f"tensor {raw_name} in {where} has dtype {array.dtype}, expected a float type"
                     )

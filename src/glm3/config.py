@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from glm3.quantization import CONFIG_KEY as QUANT_KEY
+from glm3.quantization import QuantizationConfig
+
 # Fields of the released HuggingFace config.json that only describe the PyTorch runtime. They are
 # kept and written back so that a round trip through our format stays loadable by the official code.
 _HF_RUNTIME_DEFAULTS: dict[str, Any] = {
@@ -33,6 +36,7 @@ _HF_RUNTIME_DEFAULTS: dict[str, Any] = {
     "use_cache": True,
     "transformers_version": "4.30.2",
 }
+
 
 _DTYPES = ("float16", "bfloat16", "float32")
 # What every `--dtype` option takes: "auto" is the checkpoint's own storage dtype (config.json torch_dtype).
@@ -89,6 +93,8 @@ class GLM3Config:
     eos_token_id: int = 2
     pad_token_id: int = 0
     rope_ratio: float = 1.0
+    # Weight-only quantization of the checkpoint (glm3.quantization), config.json's `glm3_quantization`.
+    quantization: QuantizationConfig | None = None
     # Unknown keys of a config.json, preserved verbatim for the round trip.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -187,8 +193,14 @@ class GLM3Config:
         model_type = data.get("model_type", "chatglm")
         if model_type != "chatglm":
             raise ConfigError(f"model_type {model_type!r} is not a ChatGLM config (expected 'chatglm')")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "quantization"}
         kwargs = {k: v for k, v in data.items() if k in known}
+        if data.get(QUANT_KEY) is not None:
+            try:
+                kwargs["quantization"] = QuantizationConfig.from_dict(data[QUANT_KEY])
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        known = known | {QUANT_KEY}
         if kwargs.get("rope_ratio") is None:
             kwargs.pop("rope_ratio", None)
         # Older uploads store eos_token_id as a list; keep the first as the model's own eos.
@@ -200,7 +212,11 @@ class GLM3Config:
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict the HuggingFace ChatGLM3 code loads."""
         out: dict[str, Any] = dict(_HF_RUNTIME_DEFAULTS)
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        out.update(
+            {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "quantization")}
+        )
+        if self.quantization is not None:
+            out[QUANT_KEY] = self.quantization.to_dict()
         out.update(self.extra)
         return out
 

@@ -129,6 +129,11 @@ def convert_checkpoint(
         raise ValueError(f"format must be 'ckpt' or 'safetensors', got {fmt!r}")
     directory, files = _source(src)
     cfg = resolve_config(config, directory)
+    if cfg.quantization is not None:
+        raise ValueError(
+            f"{src} is a quantized model ({cfg.quantization.bits} bits): convert its float source instead "
+            "(quantization is the last step: glm3 quantize)"
+        )
     out_dtype = (cfg.torch_dtype if cfg.torch_dtype in STORAGE_DTYPES else "float32") if dtype == "auto" else dtype
     if out_dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")

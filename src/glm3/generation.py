@@ -1,4 +1,5 @@
-"""Autoregressive generation: left-padded batches, a static or (with the CPU kernels) paged KV cache, greedy or seeded sampling (glm3.sampling)."""
+"""Autoregressive generation: left-padded batches, a static or (with the CPU kernels) paged KV cache, greedy
+or seeded sampling (glm3.sampling)."""
 
 from __future__ import annotations
 

@@ -78,10 +78,14 @@ def load_export_weights(directory: str, config: ExportConfig) -> tuple:
     from glm3.checkpoint import iter_checkpoint
     from glm3.config import GLM3Config
     from glm3.loading import as_param_data
+    from glm3.quantization import SCALE_SUFFIX
 
     model_config = GLM3Config.from_hf(directory)
     dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[config.dtype]
-    tensors = {name: as_param_data(array, dtype) for name, array, _ in iter_checkpoint(directory, model_config)}
+    tensors = {
+        name: as_param_data(array, ms.float16 if name.endswith(SCALE_SUFFIX) else dtype)
+        for name, array, _ in iter_checkpoint(directory, model_config)
+    }
     missing = [n for n in config.weight_names if n not in tensors]
     if missing or len(tensors) != len(config.weight_names):
         raise ExportError(

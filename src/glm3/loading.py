@@ -15,6 +15,7 @@ from glm3.io import atomic_directory
 from glm3.kernels import resolve_backend
 from glm3.memory import check_memory, inference_estimate
 from glm3.model import GLM3ForCausalLM, dtype_name, to_ms_dtype
+from glm3.quantization import SCALE_SUFFIX
 from glm3.shards import DEFAULT_SHARD_SIZE, write_model_weights
 from glm3.tokenizer import VOCAB_FILE, ChatGLM3Tokenizer, copy_tokenizer_files
 
@@ -22,7 +23,10 @@ _NUMPY = {ms.float32: np.float32, ms.float16: np.float16}
 
 
 def as_param_data(array: np.ndarray, dtype) -> Tensor:
-    """A Tensor of the parameter dtype; no copy when the array already has it."""
+    """A Tensor of the parameter dtype; no copy when the array already has it. A quantized model's integer data
+    and float16 scales (checked by iter_checkpoint) keep their own dtype."""
+    if array.dtype.kind in "iu":
+        return Tensor.from_numpy(np.ascontiguousarray(array))
     if dtype in _NUMPY:
         return Tensor.from_numpy(np.ascontiguousarray(array.astype(_NUMPY[dtype], copy=False)))
     return Tensor(np.ascontiguousarray(array.astype(np.float32, copy=False))).astype(dtype)
@@ -57,7 +61,10 @@ def load_model(
     config = GLM3Config.from_hf(path)
     dtype = resolve_dtype(dtype, config)
     kernels_backend = resolve_backend(kernels_backend)
-    check_memory(inference_estimate(config, dtype, kernels=kernels_backend == "cpu", what=f"loading {path} as {dtype}"))
+    described = f"{dtype}, {config.quantization.bits}-bit weights" if config.quantization else dtype
+    check_memory(
+        inference_estimate(config, dtype, kernels=kernels_backend == "cpu", what=f"loading {path} as {described}")
+    )
     model = GLM3ForCausalLM(
         config,
         dtype=dtype,
@@ -68,8 +75,9 @@ def load_model(
     )
     params = {p.name: p for p in model.get_parameters()}
     target = to_ms_dtype(dtype)
+    scales = {n for n in params if n.endswith(SCALE_SUFFIX)}  # a quantized model's scales: float16 as stored
     for name, array, _ in iter_checkpoint(path, config, skip_training_state=True):
-        params[name].set_data(as_param_data(array, target))
+        params[name].set_data(as_param_data(array, params[name].dtype if name in scales else target))
     if os.path.isfile(os.path.join(path, VOCAB_FILE)):
         tokenizer = ChatGLM3Tokenizer.from_pretrained(path)
         model.stop_token_ids = tokenizer.stop_token_ids[1:]
@@ -78,7 +86,7 @@ def load_model(
 
 
 def parameter_array(param) -> np.ndarray:
-    """A parameter's value as a numpy array: float32/float16 as stored, bfloat16 as float32 (exact)."""
+    """A parameter's value as a numpy array: float32/float16/int8/uint8 as stored, bfloat16 as float32 (exact)."""
     if param.dtype == ms.bfloat16:
         return param.value().astype(ms.float32).asnumpy()
     return param.asnumpy()

@@ -26,7 +26,7 @@ ADAPTER_WEIGHTS = "adapter_model.ckpt"
 def adapter_shapes(model_config: GLM3Config, config: LoraConfig) -> dict[str, tuple[int, int]]:
     """Every adapter tensor of `config` on a model of `model_config`, by name: `<linear>.lora_a` [rank, in] and
     `<linear>.lora_b` [out, rank] for each target Linear of every layer."""
-    from glm3.checkpoint import expected_shapes
+    from glm3.checkpoint import float_shapes as expected_shapes
 
     shapes = {}
     for name, (out, inp) in ((n, s) for n, s in expected_shapes(model_config).items() if len(s) == 2):

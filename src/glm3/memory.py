@@ -15,13 +15,13 @@ import dataclasses
 import logging
 import os
 
-from glm3.checkpoint import expected_shapes
+from glm3.checkpoint import expected_dtypes, expected_shapes, float_shapes
 from glm3.config import GLM3Config
 
 log = logging.getLogger(__name__)
 
 GB = 1e9
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 # MindSpore, its compiled graphs and Python: measured 0.4-0.5 GB before any weight; with the graphs of a
 # 28-layer model a little more.
 RUNTIME_BYTES = int(0.8 * GB)
@@ -87,13 +87,13 @@ def available_bytes() -> int:
 
 
 def weight_bytes(config: GLM3Config, dtype: str) -> int:
-    """Bytes of every weight of the model stored as `dtype`."""
-    count = sum(_numel(shape) for shape in expected_shapes(config).values())
-    return count * _ITEMSIZE[dtype]
+    """Bytes of every weight of the model stored as `dtype` (a quantized model's data and scales as stored)."""
+    exact = expected_dtypes(config)
+    return sum(_numel(shape) * _ITEMSIZE[exact.get(name, dtype)] for name, shape in expected_shapes(config).items())
 
 
 def largest_weight_bytes(config: GLM3Config, dtype: str) -> int:
-    return max(_numel(shape) for shape in expected_shapes(config).values()) * _ITEMSIZE[dtype]
+    return max(_numel(shape) for shape in float_shapes(config).values()) * _ITEMSIZE[dtype]
 
 
 def _numel(shape) -> int:
@@ -178,7 +178,7 @@ def finetune_estimate(
     tokens = batch * seq_length
     parts = {f"weights {weights_dtype}": weight_bytes(config, weights_dtype)}
     if lora_trainable is None:
-        trainable = sum(_numel(s) for s in expected_shapes(config).values())
+        trainable = sum(_numel(s) for s in float_shapes(config).values())
         parts["gradients"] = trainable * 4
         parts["optimizer state"] = 2 * trainable * 4
         if grad_accumulation > 1:

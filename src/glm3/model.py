@@ -24,6 +24,7 @@ from mindspore.common.initializer import Normal, One, Uniform, Zero, initializer
 from glm3 import kernels
 from glm3.config import GLM3Config
 from glm3.memory import CAST_BLOCK_BYTES
+from glm3.quantization import QuantizationConfig
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -52,7 +53,8 @@ class BuildOptions:
     dtype: parameter storage; compute_dtype: matmul precision (float32 on CPU); backend: a resolved kernel
     backend ("plain", "cpu" or "ascend", see glm3.kernels); init: "normal" (a fresh model) or "lazy" (nothing
     allocated: load_model fills the weights next); kernel_rows: with the "cpu" backend, products of up to this
-    many rows with a float32 weight go through our kernels (above it MindSpore's MatMul is faster). Our kernels
+    many rows with a float32 weight go through our kernels (above it MindSpore's MatMul is faster); quantization:
+    the model's weight-only quantization (config.quantization), if any. Our kernels
     give every row the same result whatever the number of rows, MindSpore's MatMul does not, so the serving
     engine raises this to its widest decode batch (glm3.engine)."""
 
@@ -61,6 +63,7 @@ class BuildOptions:
     backend: str = "plain"
     init: str = "normal"
     kernel_rows: int = kernels.SMALL_M
+    quantization: QuantizationConfig | None = None  # weight-only quantized linear weights (glm3.quantization)
 
     def initializer(self):
         return Normal(0.02) if self.init == "normal" else Zero()
@@ -95,28 +98,45 @@ class Linear(nn.Cell):
     (freeze(), LoRA's base) trains through FrozenWeightMatMul, whose backward computes dx only.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, options: BuildOptions):
+    def __init__(self, in_features: int, out_features: int, bias: bool, options: BuildOptions, quantized: bool = False):
         super().__init__()
         dtype, compute_dtype = options.dtype, options.compute_dtype
         self.in_features, self.out_features = in_features, out_features
-        self.weight = _param((out_features, in_features), dtype, options.initializer(), "weight")
+        # A quantized W: int8 / packed-int4 data under the name `weight` and float16 scales beside it.
+        self.quant = options.quantization if quantized else None
+        self.weight_scale = self.qxwt = None
+        if self.quant is not None:
+            shape = (out_features, in_features)
+            self.quant.check_shape("a linear weight", shape)
+            stored = ms.int8 if self.quant.bits == 8 else ms.uint8
+            self.weight = _param(self.quant.stored_shape(shape), stored, Zero(), "weight")
+            self.weight_scale = _param(self.quant.scale_shape(shape), ms.float16, Zero(), "weight_scale")
+        else:
+            self.weight = _param((out_features, in_features), dtype, options.initializer(), "weight")
         self.bias = _param((out_features,), dtype, Zero(), "bias") if bias else None
         self.compute_dtype = compute_dtype
         self.matmul = ops.MatMul(transpose_b=True)
         cpu_kernels = options.backend == "cpu" and compute_dtype == ms.float32
         self.library = kernels.kernel_library() if cpu_kernels else None
-        self.xwt = kernels.xwt_op(self.library) if self.library else None
+        self.xwt = kernels.xwt_op(self.library) if self.library and self.quant is None else None
+        if self.library and self.quant is not None:
+            self.qxwt = kernels.quantized_xwt_op(self.library, self.quant.bits)
         self.kernel_rows = 1 << 62 if dtype != ms.float32 else options.kernel_rows  # rows the kernel takes
         # Without the kernels a half-precision W is cast per call, in blocks of rows of CAST_BLOCK_BYTES as
         # float32, each cast when the previous block's product is done (what the exported graphs do: at 6B,
         # 0.6 GB above the weights instead of 1.9 GB with the output layer cast in two halves).
-        blocks = -(-out_features * in_features * 4 // CAST_BLOCK_BYTES) if dtype != compute_dtype else 1
+        converted = dtype != compute_dtype or self.quant is not None
+        blocks = -(-out_features * in_features * 4 // CAST_BLOCK_BYTES) if converted else 1
         self.cast_block_rows = -(-out_features // blocks)
         self.frozen_matmul = None  # set by freeze(): the weight gets no gradient
         self.lora_a = self.lora_b = self.lora_mask = None
 
     def freeze(self, frozen: bool = True) -> None:
         """Train without a gradient for W (LoRA's base): W's backward keeps no float32 copy of it."""
+        if self.quant is not None:
+            raise ValueError(
+                "a quantized model cannot be trained: fine-tune its float source, then quantize (glm3 quantize)"
+            )
         self.weight.requires_grad = not frozen
         if self.bias is not None:
             self.bias.requires_grad = not frozen
@@ -127,6 +147,14 @@ class Linear(nn.Cell):
     def _blockwise_matmul(self, x2):
         outs = ()
         done = x2
+        if self.quant is not None:  # dequantized a block of rows at a time, each after the previous product
+            data = ops.split(ops.depend(self.weight, x2), self.cast_block_rows, 0)
+            scales = ops.split(ops.depend(self.weight_scale, x2), self.cast_block_rows, 0)
+            for block, scale in zip(data, scales):
+                w = kernels.dequantize(ops.depend(block, done), ops.depend(scale, done), self.quant.bits)
+                done = self.matmul(x2, w.astype(self.compute_dtype))
+                outs = outs + (done,)
+            return ops.concat(outs, -1) if len(outs) > 1 else outs[0]
         for block in ops.split(ops.depend(self.weight, x2), self.cast_block_rows, 0):
             done = self.matmul(x2, ops.depend(block, done).astype(self.compute_dtype))
             outs = outs + (done,)
@@ -155,7 +183,11 @@ class Linear(nn.Cell):
         """y = x W^T (+ b unless with_bias is False: a caller that adds it itself, see SelfAttention)."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).astype(self.compute_dtype)
-        if self.training and self.frozen_matmul is not None:
+        if self.qxwt is not None:
+            y = self.qxwt(x2, self.weight, self.weight_scale)
+        elif self.quant is not None:
+            y = self._blockwise_matmul(x2)
+        elif self.training and self.frozen_matmul is not None:
             y = self.frozen_matmul(x2, self.weight)
         elif not self.training and self.xwt is not None and x2.shape[0] <= self.kernel_rows:
             y = self.xwt(x2, self.weight)
@@ -216,7 +248,16 @@ class Embedding(nn.Cell):
     def __init__(self, vocab: int, hidden: int, options: BuildOptions):
         super().__init__()
         dtype, backend = options.dtype, options.backend
-        self.embedding_table = _param((vocab, hidden), dtype, options.initializer(), "embedding_table")
+        q = options.quantization
+        self.quant = q if q is not None and q.embedding else None
+        if self.quant is not None:  # quantized rows, dequantized after the lookup
+            stored = ms.int8 if self.quant.bits == 8 else ms.uint8
+            self.embedding_table = _param(self.quant.stored_shape((vocab, hidden)), stored, Zero(), "embedding_table")
+            self.embedding_table_scale = _param(
+                self.quant.scale_shape((vocab, hidden)), ms.float16, Zero(), "embedding_table_scale"
+            )
+        else:
+            self.embedding_table = _param((vocab, hidden), dtype, options.initializer(), "embedding_table")
         self.compute_dtype = options.compute_dtype
         self.gather = ops.Gather()  # a primitive, so the parallel config can shard() it
         # On Ascend MindSpore's own gradient stays (it is fast there and known to its auto-parallel).
@@ -227,10 +268,21 @@ class Embedding(nn.Cell):
 
     def freeze(self, frozen: bool = True) -> None:
         """No gradient for the table: the backward pass stops here instead of building a zero table."""
+        if self.quant is not None:
+            raise ValueError(
+                "a quantized model cannot be trained: fine-tune its float source, then quantize (glm3 quantize)"
+            )
         self.embedding_table.requires_grad = not frozen
         self.frozen = frozen
 
     def construct(self, input_ids):
+        if self.quant is not None:
+            shape = input_ids.shape
+            ids = input_ids.reshape(-1)
+            rows = self.gather(self.embedding_table, ids, 0)
+            scales = self.gather(self.embedding_table_scale, ids, 0)
+            out = kernels.dequantize(rows, scales, self.quant.bits).astype(self.compute_dtype)
+            return out.reshape(shape + (out.shape[-1],))
         table = as_compute(self.embedding_table, input_ids, ms.float32) if self.cast_table else self.embedding_table
         if self.frozen:
             return ops.stop_gradient(self.gather(table, input_ids, 0)).astype(self.compute_dtype)
@@ -255,9 +307,10 @@ class SelfAttention(nn.Cell):
         library = kernels.kernel_library() if options.backend == "cpu" else None
         # The CPU kernels write the paged cache in place and attend through its block tables.
         self.paged_kernels = kernels.PagedCacheKernels(library) if library else None
-        self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.add_qkv_bias, options)
+        quantized = options.quantization is not None
+        self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.add_qkv_bias, options, quantized)
         self.no_qkv_bias = Tensor(np.zeros(config.qkv_size, np.float32))
-        self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, options)
+        self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, options, quantized)
 
     def _project(self, x, cos, sin):
         """q [b, s, heads, d] and k, v [b, s, groups, d], q and k rotated."""
@@ -332,8 +385,9 @@ class MLP(nn.Cell):
     def __init__(self, config: GLM3Config, options: BuildOptions):
         super().__init__()
         self.ffn = config.ffn_hidden_size
-        self.dense_h_to_4h = Linear(config.hidden_size, 2 * self.ffn, config.add_bias_linear, options)
-        self.dense_4h_to_h = Linear(self.ffn, config.hidden_size, config.add_bias_linear, options)
+        quantized = options.quantization is not None
+        self.dense_h_to_4h = Linear(config.hidden_size, 2 * self.ffn, config.add_bias_linear, options, quantized)
+        self.dense_4h_to_h = Linear(self.ffn, config.hidden_size, config.add_bias_linear, options, quantized)
         self.kernels = _elementwise_kernels(options)
 
     def construct(self, x):
@@ -439,7 +493,10 @@ class ChatGLMModel(nn.Cell):
         self.config = config
         self.embedding = Embedding(config.padded_vocab_size, config.hidden_size, options)
         self.encoder = GLMTransformer(config, options)
-        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, False, options)
+        q = options.quantization
+        self.output_layer = Linear(
+            config.hidden_size, config.padded_vocab_size, False, options, q is not None and q.output_layer
+        )
         cos, sin = kernels.rope_tables(config.seq_length, config.rotary_dim, config.rope_base)
         # Constants, not Parameters: they are not part of the checkpoint (HF's inv_freq is recomputable).
         self.rope_cos = Tensor(cos)
@@ -528,6 +585,7 @@ class GLM3ForCausalLM(nn.Cell):
             kernels.resolve_backend(kernels_backend),
             param_init,
             kernels.SMALL_M if kernel_rows is None else kernel_rows,
+            config.quantization,
         )
         if seed is not None:
             ms.set_seed(seed)

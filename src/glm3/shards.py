@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from glm3.checkpoint import MS_CKPT_INDEX, MS_ST_INDEX, CheckpointError, expected_shapes
+from glm3.checkpoint import MS_CKPT_INDEX, MS_ST_INDEX, CheckpointError, expected_dtypes, expected_shapes
 from glm3.config import GLM3Config
 from glm3.io import atomic_write_text
 from glm3.tensor_files import STORAGE_DTYPES, MsCkptWriter, SafetensorsWriter, safetensors_header_bound, storage_nbytes
@@ -127,6 +127,7 @@ def write_model_weights(
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     expected = expected_shapes(config)
+    exact = expected_dtypes(config)  # a quantized model's data and scales: stored as they are
     header_bound = safetensors_header_bound(list(expected.items())) if fmt == "safetensors" else 0
     out = ShardedWriter(directory, MS_STEM, fmt, parse_size(shard_size), header_bound)
     seen: set[str] = set()
@@ -138,6 +139,12 @@ def write_model_weights(
                 raise CheckpointError(f"{where}: tensor {name} appears twice")
             if tuple(array.shape) != tuple(expected[name]):
                 raise CheckpointError(f"{where}: {name} has shape {tuple(array.shape)}, expected {expected[name]}")
+            if name in exact:
+                if array.dtype != np.dtype(exact[name]):
+                    raise CheckpointError(f"{where}: {name} has dtype {array.dtype}, expected {exact[name]}")
+                out.add(name, array, exact[name])
+                seen.add(name)
+                continue
             if array.dtype.kind != "f":
                 raise CheckpointError(f"{where}: {name} has dtype {array.dtype}, expected a float type")
             out.add(name, array, dtype)

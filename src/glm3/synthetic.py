@@ -19,7 +19,7 @@ from glm3.checkpoint import (
     HF_INV_FREQ,
     HF_ST_INDEX,
     MS_EMBEDDING,
-    expected_shapes,
+    float_shapes,
     hf_tensor_shapes,
     ms_to_hf_name,
     release_inv_freq,
@@ -41,7 +41,7 @@ def random_hf_weights(config: GLM3Config, seed: int = 0, dtype: str = "float32")
     """Yield (hf_name, array) for every tensor of the release, in the release's order, one at a time."""
     rng = np.random.default_rng(seed)
     np_dtype = _NP_DTYPES[dtype]
-    for name, shape in expected_shapes(config).items():
+    for name, shape in float_shapes(config).items():
         noise = rng.standard_normal(shape, dtype=np.float32)
         array = 1.0 + 0.1 * noise if name.endswith("layernorm.weight") else 0.05 * noise
         del noise

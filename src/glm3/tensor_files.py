@@ -34,9 +34,12 @@ class TensorFileError(ValueError):
 
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+# The data of quantized weights (glm3.quantization), stored exactly as given.
+QUANTIZED_DTYPES = ("int8", "uint8")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
 # ------------------------------------------------------------------------------------------- dtypes
-_CKPT_TYPES = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
+_CKPT_TYPES = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16", "int8": "Int8", "uint8": "UInt8"}
 _CKPT_NUMPY = {
     "Float32": np.float32,
     "Float16": np.float16,
@@ -52,7 +55,7 @@ _CKPT_NUMPY = {
     "UInt64": np.uint64,
     "Bool": np.bool_,
 }
-_ST_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_ST_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "uint8": "U8"}
 
 
 def bfloat16_bits(array: np.ndarray) -> np.ndarray:
@@ -77,11 +80,15 @@ def to_storage(array: np.ndarray, dtype: str) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=np.float16)
     if dtype == "bfloat16":
         return bfloat16_bits(array)
+    if dtype in QUANTIZED_DTYPES:
+        if array.dtype != np.dtype(dtype):
+            raise ValueError(f"quantized data must be {dtype} already, got {array.dtype}")
+        return np.ascontiguousarray(array)
     raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
 
 
 def storage_nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * (4 if dtype == "float32" else 2)
+    return int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
 
 
 # ------------------------------------------------------------------------------- protobuf helpers

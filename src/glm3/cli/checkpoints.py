@@ -1,7 +1,8 @@
-"""`glm3` download, convert, train-tokenizer: get and convert checkpoints."""
+"""`glm3` download, convert, quantize, train-tokenizer: get, convert and quantize checkpoints."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 
@@ -34,6 +35,29 @@ def cmd_download(args) -> int:
         timeout=args.timeout,
     )
     print(summary.describe())
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from glm3.quantize import quantize_model
+
+    summary = quantize_model(
+        args.src,
+        args.dst,
+        args.bits,
+        args.group_size,
+        output_layer=args.output_layer,
+        embedding=args.embedding,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(summary.describe())
+    if args.summary:
+        from glm3.io import atomic_write_text
+
+        atomic_write_text(args.summary, json.dumps(summary.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -144,6 +168,42 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "quantize",
+        help="weight-only int8/int4 quantization of a model (per group, symmetric, float16 scales)",
+        description="Streams one tensor at a time: every linear weight (and the output layer unless "
+        "--no-output-layer; the embedding with --embedding) becomes int8 or packed int4 data with one float16 "
+        "scale per group of input channels; DST is our MindSpore layout with config.json's glm3_quantization "
+        "(format version 1). load, generate, chat, export, infer, eval and serve take DST as any model.",
+    )
+    p.add_argument("--src", required=True, help="float model directory (any layout glm3 reads)")
+    p.add_argument("--dst", required=True, help="output model directory")
+    p.add_argument("--bits", type=int, required=True, choices=[8, 4], help="bits per weight: 8 or 4")
+    p.add_argument("--group-size", type=int, default=32, help="input channels per scale, a multiple of 32 (default 32)")
+    p.add_argument(
+        "--output-layer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize the output layer too (default: yes; it is the largest weight read per token)",
+    )
+    p.add_argument(
+        "--embedding",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="quantize the embedding table too (default: no; one row of it is read per token)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="dtype of the weights left in floating point (auto: the source's)",
+    )
+    p.add_argument("--shard-size", default="2GB", help="max bytes per output file, e.g. 2GB, 500MiB; 0: one file")
+    p.add_argument("--summary", help="also write the summary as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("train-tokenizer", help="train a ChatGLM3-style SentencePiece model from text files")
     p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files to train on (one sentence per line)")

@@ -8,7 +8,8 @@ The backend is chosen once, when a model is built (`GLM3ForCausalLM(config, kern
   product with a half-precision weight, so no float32 copy of one is ever made (inference and LoRA
   training); the paged cache's write (in place) and decode attention, fused with the qkv projection's bias
   and RoPE (glm3.kernels.paged_attention); and in inference RMSNorm and SwiGLU as one operator each
-  (glm3.kernels.elementwise).
+  (glm3.kernels.elementwise); products with int8 / int4 weight-only quantized weights read as stored
+  (glm3.kernels.quantized).
 - "ascend": MindSpore's fused RmsNorm, RotaryPositionEmbedding and FlashAttentionScore (Ascend only).
 - "auto": "ascend" on Ascend, else "cpu" when the kernel can be built, else "plain".
 """
@@ -23,6 +24,7 @@ from glm3.kernels.elementwise import ElementwiseKernels
 from glm3.kernels.library import kernel_library
 from glm3.kernels.linear import SMALL_M, FrozenWeightMatMul, xw_op, xwt_op
 from glm3.kernels.paged_attention import PagedCacheKernels, paged_attention, write_cache
+from glm3.kernels.quantized import dequantize, quantized_xwt_op
 from glm3.kernels.rms_norm import rms_norm
 from glm3.kernels.rope import apply_rotary, rope_tables
 
@@ -61,6 +63,8 @@ __all__ = [
     "attention",
     "kernel_library",
     "like",
+    "dequantize",
+    "quantized_xwt_op",
     "paged_attention",
     "resolve_backend",
     "rms_norm",

@@ -28,6 +28,8 @@ _SECTION_KEYS = {
         "fused_paged_attention",
         "weights",
         "dtype",
+        "quantize_bits",
+        "quantize_group_size",
     ),
     "evaluate": ("data", "split", "shots", "subjects", "batch_size"),
     "adgen_eval": ("data", "max_source_length", "max_new_tokens", "batch_size", "limit"),

@@ -296,6 +296,12 @@ def setup(config: FinetuneConfig) -> TrainingRun:
     steps, per_epoch = total_steps(config, data, ranks)
     ms.set_seed(config.seed)
 
+    from glm3.config import GLM3Config
+
+    if GLM3Config.from_hf(config.model).quantization is not None:
+        raise ValueError(
+            f"{config.model} is a quantized model: fine-tune its float source, then quantize (glm3 quantize)"
+        )
     # On CPU our kernels carry a half-precision frozen base (no float32 copies); elsewhere MindSpore's ops.
     model = load_model(
         config.model,
