@@ -44,8 +44,8 @@ glm3.generate(model, ids, max_new_tokens=4, eos_token_id=[])  # compile
 start = time.perf_counter()
 glm3.generate(model, ids, max_new_tokens=17, eos_token_id=[], streamer=lambda t: stamps.append(time.perf_counter()))
 step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-weights = sum(int(np.prod(p.shape)) * (4 if p.dtype == ms.float32 else 2) for p in model.get_parameters()
-              if p.name != "transformer.embedding.embedding_table")
+from decode import weight_bytes_per_token
+weights = weight_bytes_per_token(model)
 print(json.dumps({"dtype": str(model.dtype), "decode_step_s": step, "decode_tokens_per_s": 1 / step,
                   "prefill_32_s": stamps[0] - start, "weight_bytes_per_token": weights, "memory_read": bandwidth,
                   "weight_read_limit_tokens_per_s": bandwidth["limit_GBps"] * 1e9 / weights,

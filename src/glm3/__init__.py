@@ -30,6 +30,8 @@ _EXPORTS = {
     "ConfigError": "glm3.config",
     "GLM3Config": "glm3.config",
     "convert_checkpoint": "glm3.convert",
+    "quantize_model": "glm3.quantize",
+    "QuantizationConfig": "glm3.quantization",
     "DownloadError": "glm3.download",
     "download_from_hub": "glm3.download",
     "generate": "glm3.generation",
