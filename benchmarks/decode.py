@@ -10,7 +10,7 @@ streaming-read bandwidth measured in the same run (glm3.kernels.bandwidth; numpy
 The checkpoints (synthetic random weights of the preset, converted and quantized by glm3's own commands) are
 kept in --workdir (default ~/.cache/glm3/bench-decode). chatglm.cpp's converter reads a HuggingFace directory
 through transformers: ours, written by `glm3 convert --to hf`, plus the official ChatGLM3 modeling files from
---peer-modeling (configuration_chatglm.py, modeling_chatglm.py, tokenization_chatglm.py; from the
+--peer-modeling (configuration_, modeling_, tokenization_chatglm.py and quantization.py; from the
 THUDM/chatglm3-6b repository, never part of this project). PY is a Python with the pip package chatglm-cpp
 (CMAKE_ARGS=-DCMAKE_POLICY_VERSION_MINIMUM=3.5 pip install chatglm-cpp) and transformers 4.x.
 
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 WEIGHTS = {"f32": "float32", "f16": "float16", "q8": 8, "q4": 4}
 PEER_TYPES = {"f32": "f32", "f16": "f16", "q8": "q8_0", "q4": "q4_0"}
-MODELING_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py")
+MODELING_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py")
 
 
 def numpy_bandwidth(gib: float = 1.0, repeats: int = 3) -> dict:

@@ -66,3 +66,42 @@ def test_frozen_weight_matmul_gradient_is_dy_w_and_nothing_for_w(dtype):
         grad = ops.GradOperation(sens_param=True)(cell)
         dx = grad(Tensor(x), w, Tensor(dy)).asnumpy()
         np.testing.assert_allclose(dx, dy.astype(np.float64) @ w64, rtol=1e-5, atol=1e-4)
+
+
+class Elementwise(nn.Cell):
+    def __init__(self, kernels, which):
+        super().__init__()
+        self.kernels, self.which = kernels, which
+
+    def construct(self, x, w, eps):
+        if self.which == "rms_norm":
+            return self.kernels.rms_norm(x, w, eps)
+        return self.kernels.swiglu(x)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows", [1, 3, 4, 37])
+def test_rms_norm_and_swiglu_kernels_equal_numpy(dtype, rows):
+    """Fewer than 4 rows run on the calling thread, more on the pool: both give numpy's values."""
+    from glm3.kernels import ElementwiseKernels
+
+    rng = np.random.default_rng(rows)
+    kernels = ElementwiseKernels(LIB)
+    x = rng.standard_normal((2, rows, 48), dtype=np.float32)
+    w, w64 = weight(rng, (48,), dtype)
+    eps = Tensor(np.array([1e-5], np.float32))
+    y = Elementwise(kernels, "rms_norm")(Tensor(x), w, eps).asnumpy()
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-5) * w64
+    np.testing.assert_allclose(y, expected, rtol=2e-5, atol=2e-5)
+    z = Elementwise(kernels, "swiglu")(Tensor(x), w, eps).asnumpy()
+    a, b = x64[..., :24], x64[..., 24:]
+    assert z.shape == (2, rows, 24)
+    np.testing.assert_allclose(z, a / (1 + np.exp(-a)) * b, rtol=2e-5, atol=2e-6)
+
+
+def test_the_streaming_read_kernel_reads_every_float():
+    from glm3.kernels.bandwidth import stream_read_bandwidth
+
+    rate = stream_read_bandwidth(nbytes=8 << 20, repeats=2)  # raises if the sum of the ones is wrong
+    assert rate is not None and 1e8 < rate < 1e13  # bytes per second: between 0.1 GB/s and 10 TB/s

@@ -172,9 +172,8 @@ def test_a_quantized_model_generates_exports_and_runs_from_mindir(quantized, tmp
         glm3.load_model(quantized[4], kernels_backend="plain"), ids, max_new_tokens=6, eos_token_id=[]
     )
     np.testing.assert_array_equal(tokens, plain)
-    from glm3.infer import MindIRRunner
-
     from glm3.export import export_model
+    from glm3.infer import MindIRRunner
 
     dst = export_model(quantized[4], tmp_path / "export", paged=True, prompt_length=32, seq_length=64)
     runner = MindIRRunner(dst)

@@ -23,6 +23,18 @@ def cache_dir() -> str:
     return os.environ.get("GLM3_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm3", "kernels"))
 
 
+def _machine() -> bytes:
+    """The machine and its instruction-set extensions: -march=native code built on one host may not run on
+    another (a cache directory shared between hosts, or a VM moved to an older CPU)."""
+    flags = b""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            flags = next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
+    except OSError:
+        pass
+    return os.uname().machine.encode() + b" " + flags
+
+
 @functools.cache
 def build_library(sources: str | tuple[str, ...], without: str, name: str | None = None) -> str | None:
     """Path of the shared library compiled from `sources` (.cc files; the headers beside them count too),
@@ -44,7 +56,7 @@ def build_library(sources: str | tuple[str, ...], without: str, name: str | None
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("C++ compiler %s unusable (%s): %s", compiler, exc, without)
         return None
-    key = hashlib.sha256(code + " ".join(FLAGS).encode() + version + os.uname().machine.encode()).hexdigest()[:16]
+    key = hashlib.sha256(code + " ".join(FLAGS).encode() + version + _machine()).hexdigest()[:16]
     stem = name or os.path.splitext(os.path.basename(sources[0]))[0]
     target = os.path.join(cache_dir(), f"{stem}-{key}.so")
     if os.path.isfile(target):
