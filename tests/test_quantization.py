@@ -71,6 +71,19 @@ def test_quantize_and_dequantize_follow_the_format(bits, group):
     np.testing.assert_array_equal(unpack_int4(pack_int4(codes8)), codes8)
 
 
+def test_quantizing_in_blocks_of_rows_changes_nothing(monkeypatch):
+    import glm3.quantization as quantization
+
+    w = np.random.default_rng(3).standard_normal((37, 64), dtype=np.float32)
+    for bits in (8, 4):
+        whole = quantize(w, QuantizationConfig(bits))
+        monkeypatch.setattr(quantization, "BLOCK_ELEMENTS", 64 * 5)  # 5 rows at a time, a ragged last block
+        blocks = quantize(w, QuantizationConfig(bits))
+        monkeypatch.undo()
+        np.testing.assert_array_equal(whole[0], blocks[0])
+        np.testing.assert_array_equal(whole[1], blocks[1])
+
+
 def test_bad_settings_and_shapes_are_refused():
     for bits, group in ((3, 32), (8, 16), (8, 48), (4, 0)):
         with pytest.raises(QuantizationError):

@@ -27,6 +27,7 @@ BITS = (8, 4)
 BLOCK = 32  # weights per packing block; a group is a multiple of it
 CONFIG_KEY = "glm3_quantization"
 SCALE_SUFFIX = "_scale"
+BLOCK_ELEMENTS = 1 << 24  # weights quantized at a time (64 MB of float32 temporaries)
 OUTPUT_LAYER = "transformer.output_layer.weight"
 EMBEDDING = "transformer.embedding.embedding_table"
 _LINEAR = re.compile(
@@ -130,9 +131,21 @@ def scale_name(name: str) -> str:
 
 # ------------------------------------------------------------------------------------ numpy reference
 def quantize(weight: np.ndarray, config: QuantizationConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(data, scales) of a [rows, cols] floating-point weight, as stored (see the module docstring)."""
+    """(data, scales) of a [rows, cols] floating-point weight, as stored (see the module docstring). Works in
+    blocks of rows, so the float32 temporaries stay at about 64 MB whatever the weight's size."""
     rows, cols = weight.shape
     config.check_shape("weight", weight.shape)
+    out_cols = cols if config.bits == 8 else cols // 2
+    data = np.empty((rows, out_cols), np.int8 if config.bits == 8 else np.uint8)
+    scales = np.empty((rows, cols // config.group_size), np.float16)
+    step = max(1, BLOCK_ELEMENTS // cols)
+    for r in range(0, rows, step):
+        data[r : r + step], scales[r : r + step] = _quantize_rows(weight[r : r + step], config)
+    return data, scales
+
+
+def _quantize_rows(weight: np.ndarray, config: QuantizationConfig) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = weight.shape
     w = np.asarray(weight, dtype=np.float32).reshape(rows, cols // config.group_size, config.group_size)
     amax = np.abs(w).max(axis=-1)
     if not np.isfinite(amax).all():
