@@ -310,6 +310,8 @@ class SelfAttention(nn.Cell):
         quantized = options.quantization is not None
         self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.add_qkv_bias, options, quantized)
         self.no_qkv_bias = Tensor(np.zeros(config.qkv_size, np.float32))
+        self.heads_tensor = Tensor([self.heads], ms.int32)  # the fused decode kernel's constants
+        self.scale_tensor = Tensor([self.scale], ms.float32)
         self.dense = Linear(config.q_size, config.hidden_size, config.add_bias_linear, options, quantized)
 
     def _project(self, x, cos, sin):
@@ -361,8 +363,8 @@ class SelfAttention(nn.Cell):
                 slots,
                 block_tables,
                 context_lens,
-                self.heads,
-                self.scale,
+                self.heads_tensor,
+                self.scale_tensor,
             )
             return self.dense(out.reshape(b, 1, -1)), cache_k, cache_v
         q, k, v = self._project(x, cos, sin)

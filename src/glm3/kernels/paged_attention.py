@@ -93,7 +93,8 @@ class PagedCacheKernels:
         """One decoding layer's attention from its qkv projection: qkv [b, (heads + 2 groups) d] (float32, without
         its bias), bias [(heads + 2 groups) d], cos/sin [b, rotary_dim / 2]. Adds the bias, rotates q and k,
         writes k and v into the caches at `slots` in place and attends: returns [b, heads * d] and the caches
-        ordered after the write."""
+        ordered after the write. heads ([1] int32) and scale ([1] float32) are the caller's constant tensors (no
+        fill operator per call)."""
         out = self.decode_op(
             qkv,
             bias,
@@ -104,8 +105,8 @@ class PagedCacheKernels:
             slots.reshape(-1).astype(ms.int32),
             block_tables,
             context_lens,
-            ops.fill(ms.float32, (1,), scale),
-            ops.fill(ms.int32, (1,), heads),
+            scale,
+            heads,
         )
         return out, ops.depend(key_cache, out), ops.depend(value_cache, out)
 
