@@ -143,14 +143,18 @@ def run_glm3(*args, cwd):
 
 @pytest.fixture(scope="module")
 def quantized(tiny_dir, tmp_path_factory):
-    """The tiny model in our layout, and its 8- and 4-bit quantizations made by `glm3 quantize`."""
+    """The tiny model in our layout, and its 8-bit (embedding included) and 4-bit quantizations made by
+    `glm3 quantize`."""
     root = tmp_path_factory.mktemp("quantized")
     base = root / "float"
     glm3.convert_checkpoint(tiny_dir, base, progress=False)
     out = {"float": base}
     for bits in (8, 4):
         dst = root / f"q{bits}"
-        r = run_glm3("quantize", "--src", str(base), "--dst", str(dst), "--bits", str(bits), "--quiet", cwd=root)
+        flags = ["--embedding"] if bits == 8 else []  # the 8-bit model quantizes its embedding table too
+        r = run_glm3(
+            "quantize", "--src", str(base), "--dst", str(dst), "--bits", str(bits), *flags, "--quiet", cwd=root
+        )
         assert r.returncode == 0, r.stderr
         assert f"to {bits} bits" in r.stdout
         out[bits] = dst
@@ -170,6 +174,8 @@ def test_quantize_writes_the_format_and_loads_with_every_backend(quantized):
             model = glm3.load_model(quantized[bits], kernels_backend=backend)
             qkv = model.transformer.encoder.layers[0].self_attention.query_key_value
             assert qkv.weight.dtype == (ms.int8 if bits == 8 else ms.uint8) and qkv.weight_scale.dtype == ms.float16
+            table = model.transformer.embedding.embedding_table
+            assert table.dtype == (ms.int8 if bits == 8 else ms.float32)
             logits[backend] = model(Tensor(ids)).asnumpy()
         np.testing.assert_allclose(logits["cpu"], logits["plain"], atol=1e-5)
         error = np.abs(logits["cpu"] - reference).max() / np.abs(reference).max()
