@@ -85,7 +85,6 @@ def prepare(workdir: str, preset: str, names: list[str], peer: bool) -> dict[str
     if not os.path.isdir(source):  # hard links into glm3's synthetic-checkpoint cache
         cached_synthetic_checkpoint(source, preset, progress=False)
     dirs = {}
-    float_src = source
     for name in names:
         path = os.path.join(workdir, name)
         if not os.path.isdir(path):
@@ -101,7 +100,7 @@ def prepare(workdir: str, preset: str, names: list[str], peer: bool) -> dict[str
         if not os.path.isdir(hf):
             ours = os.path.join(workdir, "f32")
             if not os.path.isdir(ours):
-                glm3.convert_checkpoint(float_src, ours, dtype="float32", progress=False)
+                glm3.convert_checkpoint(source, ours, dtype="float32", progress=False)
             glm3.convert_checkpoint(ours, hf, to="hf", dtype="float32", progress=False)
         dirs["hf"] = hf
     return dirs

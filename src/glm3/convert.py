@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 
 from glm3.checkpoint import (
@@ -31,7 +30,7 @@ from glm3.checkpoint import (
     release_inv_freq,
 )
 from glm3.config import PRESETS, ConfigError, GLM3Config
-from glm3.io import atomic_directory, check_destination
+from glm3.io import atomic_directory, byte_progress, check_destination
 from glm3.shards import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size
 from glm3.tensor_files import STORAGE_DTYPES, safetensors_header_bound, storage_nbytes
 from glm3.tokenizer import copy_tokenizer_files
@@ -118,8 +117,6 @@ def convert_checkpoint(
     RoPE's inv_freq buffer is checked against the config and dropped on the way in, and recomputed
     from the config on the way out to HF.
     """
-    from tqdm import tqdm
-
     src, dst = os.fspath(src), os.fspath(dst)
     if to not in ("mindspore", "hf"):
         raise ValueError(f"to must be 'mindspore' or 'hf', got {to!r}")
@@ -156,16 +153,7 @@ def convert_checkpoint(
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         out = ShardedWriter(tmp, stem, fmt, shard_bytes, header_bound, metadata)
         try:
-            with tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=f"convert to {to}",
-                disable=not progress,
-                file=sys.stderr,
-                mininterval=0.5,
-            ) as bar:
+            with byte_progress(total, f"convert to {to}", progress, mininterval=0.5) as bar:
                 for name, array, _ in iter_checkpoint(
                     directory, cfg, files=files, skip_training_state=True, skipped=skipped
                 ):

@@ -18,11 +18,10 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 from urllib.parse import urlparse
 
-from glm3.io import atomic_directory, atomic_write_text, check_destination
+from glm3.io import atomic_directory, atomic_write_text, byte_progress, check_destination
 
 DEFAULT_REPO = "THUDM/chatglm3-6b"
 DEFAULT_REVISION = "main"
@@ -118,7 +117,6 @@ def download_from_hub(
     """Download a ChatGLM3 checkpoint from the Hub into `dst` (complete and verified, or not at all)."""
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
-    from tqdm import tqdm
 
     dst = os.fspath(dst)
     check_destination(dst, 0, overwrite)
@@ -154,15 +152,7 @@ def download_from_hub(
         raise DownloadError(f"download of {repo_id}@{commit} is incomplete: missing {', '.join(missing)}")
     sizes = {n: os.path.getsize(os.path.join(snapshot, n)) for n in wanted}
     checksums: dict[str, str] = {}
-    with tqdm(
-        total=sum(sizes[n] for n in lfs_sha),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="verify sha256",
-        disable=not progress,
-        file=sys.stderr,
-    ) as bar:
+    with byte_progress(sum(sizes[n] for n in lfs_sha), "verify sha256", progress) as bar:
         for name, expected in lfs_sha.items():
             actual = sha256_file(os.path.join(snapshot, name), bar)
             if expected and actual != expected:

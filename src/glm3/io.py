@@ -193,3 +193,21 @@ def check_destination(
             f"not enough disk space for {dst}: needs about {needed_bytes / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free in {parent}"
         )
+
+
+def byte_progress(total: int, desc: str, enabled: bool, mininterval: float = 0.1):
+    """A progress bar over `total` bytes on stderr (tqdm; binary units), shown only when `enabled`."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+        mininterval=mininterval,
+    )

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 
 from glm3.checkpoint import expected_dtypes, expected_shapes, iter_checkpoint
 from glm3.config import GLM3Config, resolve_dtype
-from glm3.io import atomic_directory, check_destination
+from glm3.io import atomic_directory, byte_progress, check_destination
 from glm3.quantization import QuantizationConfig, quantize, scale_name
 from glm3.shards import DEFAULT_SHARD_SIZE, write_model_weights
 from glm3.tensor_files import storage_nbytes
@@ -57,8 +56,6 @@ def quantize_model(
     progress: bool = True,
 ) -> QuantizeSummary:
     """Quantize the model directory `src` into `dst` (see the module docstring)."""
-    from tqdm import tqdm
-
     src, dst = os.fspath(src), os.fspath(dst)
     source = GLM3Config.from_hf(src)
     if source.quantization is not None:
@@ -71,14 +68,12 @@ def quantize_model(
     source_bytes = sum(storage_nbytes(shape, source.torch_dtype) for shape in expected_shapes(source).values())
     check_destination(dst, total, overwrite, src=src)
     start = time.perf_counter()
-    counted = {"quantized": 0}
 
     def tensors(bar):
         for name, array, _ in iter_checkpoint(src, source, skip_training_state=True):
             if settings.covers(name):
                 data, scales = quantize(array, settings)
                 del array
-                counted["quantized"] += 1
                 bar.update(data.nbytes + scales.nbytes)
                 yield name, data
                 yield scale_name(name), scales
@@ -87,19 +82,10 @@ def quantize_model(
                 yield name, array
 
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"quantize to {bits} bits",
-            disable=not progress,
-            file=sys.stderr,
-            mininterval=0.5,
-        ) as bar:
+        with byte_progress(total, f"quantize to {bits} bits", progress, mininterval=0.5) as bar:
             write_model_weights(tensors(bar), tmp, config, dtype, shard_size, where=src)
         config.save(tmp)
         copy_tokenizer_files(src, tmp)
     return QuantizeSummary(
-        src, dst, bits, group_size, counted["quantized"], source_bytes, total, time.perf_counter() - start
+        src, dst, bits, group_size, len(exact) // 2, source_bytes, total, time.perf_counter() - start
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from importlib import resources
 
 import numpy as np
@@ -25,7 +24,7 @@ from glm3.checkpoint import (
     release_inv_freq,
 )
 from glm3.config import PRESETS, GLM3Config
-from glm3.io import atomic_directory, atomic_write_text, check_destination, exclusive_lock
+from glm3.io import atomic_directory, atomic_write_text, byte_progress, check_destination, exclusive_lock
 from glm3.tensor_files import SafetensorsWriter, safetensors_header_bound, storage_nbytes
 from glm3.tokenizer import ChatGLM3Tokenizer, train_sentencepiece
 
@@ -121,8 +120,6 @@ def _plan_shards(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, num_shar
 def _write_shards(
     directory: str, config: GLM3Config, seed: int, dtype: str, fmt: str, num_shards: int, progress: bool
 ) -> None:
-    from tqdm import tqdm
-
     shapes = hf_tensor_shapes(config)
     groups = _plan_shards(shapes, dtype, num_shards)
     ext, stem = ("safetensors", "model") if fmt == "safetensors" else ("bin", "pytorch_model")
@@ -134,15 +131,7 @@ def _write_shards(
     tensors = random_hf_weights(config, seed, dtype)
     total = sum(storage_nbytes(s, dtype) for _, s in shapes)
     header_bound = safetensors_header_bound(shapes, {"format": "pt"})
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="synthetic weights",
-        disable=not progress,
-        file=sys.stderr,
-    ) as bar:
+    with byte_progress(total, "synthetic weights", progress) as bar:
         for group, fname in zip(groups, names):
             path = os.path.join(directory, fname)
             if fmt == "safetensors":

@@ -38,6 +38,16 @@ def cmd_download(args) -> int:
     return 0
 
 
+def _report(summary, json_path: str | None) -> int:
+    """Print a summary (convert, quantize) and, with --summary, write it as JSON too."""
+    print(summary.describe())
+    if json_path:
+        from glm3.io import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(summary.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from glm3.quantize import quantize_model
 
@@ -53,12 +63,7 @@ def cmd_quantize(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    print(summary.describe())
-    if args.summary:
-        from glm3.io import atomic_write_text
-
-        atomic_write_text(args.summary, json.dumps(summary.to_dict(), indent=2) + "\n")
-    return 0
+    return _report(summary, args.summary)
 
 
 def cmd_convert(args) -> int:
@@ -76,12 +81,7 @@ def cmd_convert(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    print(summary.describe())
-    if args.summary:
-        from glm3.io import atomic_write_text
-
-        atomic_write_text(args.summary, json.dumps(summary.to_dict(), indent=2) + "\n")
-    return 0
+    return _report(summary, args.summary)
 
 
 def cmd_train_tokenizer(args) -> int:
@@ -91,6 +91,14 @@ def cmd_train_tokenizer(args) -> int:
     tok = glm3.ChatGLM3Tokenizer(path)
     print(f"wrote {path}: {tok.n_words} pieces + {tok.vocab_size - tok.n_words} special tokens")
     return 0
+
+
+def _add_output_flags(p) -> None:
+    """The flags of a command that writes a model directory (convert, quantize)."""
+    p.add_argument("--shard-size", default="2GB", help="max bytes per output file, e.g. 2GB, 500MiB; 0: one file")
+    p.add_argument("--summary", help="also write the summary as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def register(sub) -> None:
@@ -161,12 +169,9 @@ def register(sub) -> None:
         choices=["ckpt", "safetensors"],
         help="MindSpore output file format (--to hf always writes safetensors)",
     )
-    p.add_argument("--shard-size", default="2GB", help="max bytes per output file, e.g. 2GB, 500MiB; 0: one file")
     p.add_argument("--config", help="preset or config.json, when SRC has none (MindFormers' glm3_6b.ckpt)")
     p.add_argument("--tokenizer", help="directory with tokenizer.model, when SRC has none")
-    p.add_argument("--summary", help="also write the summary as JSON to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_flags(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -199,10 +204,7 @@ def register(sub) -> None:
         choices=["auto", "float32", "float16", "bfloat16"],
         help="dtype of the weights left in floating point (auto: the source's)",
     )
-    p.add_argument("--shard-size", default="2GB", help="max bytes per output file, e.g. 2GB, 500MiB; 0: one file")
-    p.add_argument("--summary", help="also write the summary as JSON to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_flags(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("train-tokenizer", help="train a ChatGLM3-style SentencePiece model from text files")

@@ -7,22 +7,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "float_types.h"
 #include "pool.h"
 
 namespace {
 inline float weight_at(const void *w, int kind, int64_t i) {
   if (kind == 1) return static_cast<const float *>(w)[i];
   if (kind == 2) return static_cast<float>(static_cast<const _Float16 *>(w)[i]);
-  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t *>(w)[i]) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-int kind_of(const char *dtype) {
-  if (std::strcmp(dtype, "float32") == 0) return 1;
-  if (std::strcmp(dtype, "float16") == 0) return 2;
-  if (std::strcmp(dtype, "bfloat16") == 0) return 3;
-  return 0;
+  return glm3::bf16_to_float(static_cast<const uint16_t *>(w)[i]);
 }
 }  // namespace
 
@@ -32,7 +24,7 @@ extern "C" int glm3_rms_norm(int nparam, void **params, int *ndims, int64_t **sh
   (void)stream;
   (void)extra;
   if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || shapes[1][0] != shapes[0][1]) return 1;
-  const int kind = kind_of(dtypes[1]);
+  const int kind = glm3::float_kind(dtypes[1]);
   if (std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[2], "float32") != 0 || kind == 0) return 2;
   const float *x = static_cast<const float *>(params[0]);
   const float eps = static_cast<const float *>(params[2])[0];

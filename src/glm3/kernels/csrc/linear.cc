@@ -18,6 +18,7 @@
 #include <functional>
 #include <vector>
 
+#include "float_types.h"
 #include "pool.h"
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -92,12 +93,7 @@ inline float hsum16(v16 v) {
 }
 inline float scalar(float v) { return v; }
 inline float scalar(_Float16 v) { return static_cast<float>(v); }
-inline float scalar(bf16 v) {
-  const uint32_t wide = static_cast<uint32_t>(v.bits) << 16;
-  float out;
-  std::memcpy(&out, &wide, sizeof(out));
-  return out;
-}
+inline float scalar(bf16 v) { return glm3::bf16_to_float(v.bits); }
 inline float hsum(v8 v) {
   float s = 0.f;
   for (int l = 0; l < 8; ++l) s += v[l];
@@ -273,14 +269,6 @@ void xw(const float *x, const W *w, float *y, int64_t m, int64_t n, int64_t k) {
   });
 }
 
-// The weight's storage type from MindSpore's dtype name; 0 if unsupported.
-int weight_kind(const char *dtype) {
-  if (std::strcmp(dtype, "float32") == 0) return 1;
-  if (std::strcmp(dtype, "float16") == 0) return 2;
-  if (std::strcmp(dtype, "bfloat16") == 0) return 3;
-  return 0;
-}
-
 }  // namespace
 
 // Inputs x [m, k], w [n, k]; output y [m, n].
@@ -293,7 +281,7 @@ extern "C" int glm3_linear_xwt(int nparam, void **params, int *ndims, int64_t **
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[2]);
   const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
-  switch (weight_kind(dtypes[1])) {
+  switch (glm3::float_kind(dtypes[1])) {
     case 1: xwt(x, static_cast<const float *>(params[1]), y, m, k, n); return 0;
     case 2: xwt(x, static_cast<const _Float16 *>(params[1]), y, m, k, n); return 0;
     case 3: xwt(x, static_cast<const bf16 *>(params[1]), y, m, k, n); return 0;
@@ -311,7 +299,7 @@ extern "C" int glm3_linear_xw(int nparam, void **params, int *ndims, int64_t **s
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[2]);
   const int64_t m = shapes[0][0], n = shapes[0][1], k = shapes[1][1];
-  switch (weight_kind(dtypes[1])) {
+  switch (glm3::float_kind(dtypes[1])) {
     case 1: xw(x, static_cast<const float *>(params[1]), y, m, n, k); return 0;
     case 2: xw(x, static_cast<const _Float16 *>(params[1]), y, m, n, k); return 0;
     case 3: xw(x, static_cast<const bf16 *>(params[1]), y, m, n, k); return 0;
