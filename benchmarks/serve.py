@@ -43,11 +43,9 @@ def free_port() -> int:
 
 
 def peak_rss_gib(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 2**30
-    return float("nan")
+    from glm3.memory import peak_rss_bytes
+
+    return peak_rss_bytes(pid) / 2**30
 
 
 def stream_request(url: str, prompt: list[int], new_tokens: int) -> dict:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import mindspore as ms
+import numpy as np
 import pytest
 
 import glm3
@@ -106,6 +107,29 @@ def tiny_model(tiny_dir):
 @pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
     return glm3.load_tokenizer(tiny_dir)
+
+
+def paged_decode_logits(model, steps: int = 24, seed: int = 0) -> np.ndarray:
+    """[steps + 1, 2, V] logits of a left-padded batch of two rows (prefill, then one token a step, past the first
+    cache block) through generate()'s cache steps."""
+    from glm3.generation import generation_steps
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 2000, size=(2, 40)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :13] = 0  # the second row is shorter: left padding
+    cache = generation_steps(model, batch=2, max_len=128)
+    logits = [cache.start(ids, mask).asnumpy()]
+    logits += [cache.step(t).asnumpy() for t in rng.integers(3, 2000, size=(steps, 2))]
+    return np.stack(logits)
+
+
+def without_layer_kernel(model):
+    """The model decoding operator by operator (each block's CPU kernels apart) instead of one kernel a block."""
+    for layer in model.transformer.encoder.layers:
+        layer.decode_kernel = None
+    model.structure_changed()
+    return model
 
 
 def hf_weights(directory):

@@ -20,6 +20,7 @@ from glm3.memory import (
     check_memory,
     finetune_estimate,
     inference_estimate,
+    peak_rss_bytes,
     weight_bytes,
 )
 from glm3.tensor_files import MsCkptWriter
@@ -131,11 +132,27 @@ def _adapter(directory, config, rank=4):
 _MEASURED = """
 import sys
 from glm3.cli import main
+from glm3.memory import peak_rss_bytes
 code = main(sys.argv[1:])
-with open("/proc/self/status", encoding="ascii") as f:
-    print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+print(peak_rss_bytes())
 sys.exit(code)
 """
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A benchmark's child reports its own peak: ru_maxrss of a process started from a big parent starts from
+    the parent's peak (measured: every format of benchmarks/decode.py reported the coordinator's 1.76 GB)."""
+    big = np.ones(600 * 2**20 // 8)  # 600 MiB resident in this process
+    parent = peak_rss_bytes()
+    assert parent >= big.nbytes
+    code = "from glm3.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=subprocess_env()
+        ).stdout
+    )
+    assert 0 < child < big.nbytes / 2
+    assert peak_rss_bytes(os.getpid()) == peak_rss_bytes() and peak_rss_bytes(2**22 + 12345) == 0
 
 
 def test_streaming_merge_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):

@@ -77,6 +77,34 @@ def test_left_padded_batch_equals_single_rows(tiny_model):
     np.testing.assert_allclose(padded, plain, atol=1e-5)
 
 
+def test_decoding_steps_run_one_graph_per_shape_through_the_fast_path(tiny_dir):
+    """A decode step is a Cell per input shape on MindSpore's inference fast path (which keeps one graph a
+    Cell): generations of different widths, interleaved step by step, each get what they get alone."""
+    from glm3.generation import generation_steps
+
+    model = glm3.load_model(tiny_dir)
+    rng = np.random.default_rng(3)
+    prompts = {b: rng.integers(3, 2000, size=(b, 20)).astype(np.int32) for b in (1, 3)}
+    tokens = {b: rng.integers(3, 2000, size=(6, b)) for b in (1, 3)}
+
+    def alone(b):
+        steps = generation_steps(glm3.load_model(tiny_dir), b, 64)
+        return [steps.start(prompts[b], np.ones_like(prompts[b])).asnumpy()] + [
+            steps.step(t).asnumpy() for t in tokens[b]
+        ]
+
+    steps = {b: generation_steps(model, b, 64) for b in (1, 3)}
+    together = {b: [steps[b].start(prompts[b], np.ones_like(prompts[b])).asnumpy()] for b in (1, 3)}
+    for i in range(6):
+        for b in (1, 3):
+            together[b].append(steps[b].step(tokens[b][i]).asnumpy())
+    decode = compiled_step(model, "paged_decode")
+    assert len(decode.cells) == 2
+    assert all(c.phase == "increment" and "increment" in c.phase_cache for c in decode.cells.values())
+    for b in (1, 3):
+        np.testing.assert_array_equal(np.stack(together[b]), np.stack(alone(b)))
+
+
 def test_graph_and_pynative_agree(tiny_dir, tiny_model):
     ids = ms.Tensor([IDS], ms.int32)
     graph = tiny_model(ids).asnumpy()

@@ -1,10 +1,14 @@
 """The paged KV cache: block manager bookkeeping, and paged attention (MindSpore operators, and the CPU kernels that
-write the cache in place) against dense attention in numpy."""
+write the cache in place) against dense attention in numpy; decoding with one CPU kernel a layer against the plain
+operators and against the single kernels."""
 
+import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+import glm3
+from conftest import paged_decode_logits, without_layer_kernel
 from glm3.block_manager import BlockManager, OutOfBlocks
 from glm3.kernels import PagedCacheKernels, kernel_library
 from glm3.kernels.paged_attention import paged_attention, write_cache
@@ -119,25 +123,66 @@ def test_the_cpu_kernels_write_in_place_and_refuse_slots_outside_the_cache():
 
 
 def test_the_fused_cpu_decode_layer_equals_the_plain_operators(tiny_dir):
-    """The CPU model decodes on the paged cache with one fused kernel per layer (qkv bias, RoPE, cache writes,
-    attention) and RMSNorm/SwiGLU kernels; the plain model runs MindSpore's operators on a static cache. Every
-    step's logits agree, for a left-padded batch at positions past the first block."""
-    import glm3
-    from glm3.generation import generation_steps
-
+    """The CPU model decodes on the paged cache with one kernel per layer (RMSNorm, qkv with its bias, RoPE,
+    cache writes, attention, dense, residuals, SwiGLU MLP); the plain model runs MindSpore's operators on a
+    static cache. Every step's logits agree, for a left-padded batch at positions past the first block."""
     fused = glm3.load_model(tiny_dir, kernels_backend="cpu")
     plain = glm3.load_model(tiny_dir, kernels_backend="plain")
     assert fused.paged_kernels is not None and plain.paged_kernels is None
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 2000, size=(2, 40)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :13] = 0  # the second row is shorter: left padding
-    tokens = rng.integers(3, 2000, size=(24, 2))
-    runs = []
-    for model in (fused, plain):
-        steps = generation_steps(model, batch=2, max_len=128)
-        logits = [steps.start(ids, mask).asnumpy()]
-        logits += [steps.step(t).asnumpy() for t in tokens]
-        runs.append(np.stack(logits))
+    assert fused.transformer.encoder.has_decode_kernel() and not plain.transformer.encoder.has_decode_kernel()
+    runs = [paged_decode_logits(model) for model in (fused, plain)]
     assert np.abs(runs[1]).max() > 0.1
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_layer_kernel_computes_the_same_bits_as_the_kernels_one_by_one(tiny_dir, dtype):
+    """One kernel a block runs the very functions of the single kernels in the same order: the same logits to
+    the bit as decoding operator by operator, whatever the weights' storage."""
+    one = paged_decode_logits(glm3.load_model(tiny_dir, dtype=dtype, kernels_backend="cpu"))
+    apart = paged_decode_logits(without_layer_kernel(glm3.load_model(tiny_dir, dtype=dtype, kernels_backend="cpu")))
+    assert np.abs(one).max() > 0.1
+    np.testing.assert_array_equal(one, apart)
+
+
+def test_a_model_with_lora_adapters_decodes_operator_by_operator_until_merged(tiny_dir):
+    """The layer kernel knows no adapters: a LoRA model decodes through the single kernels, which add them, and
+    takes the layer kernel again once they are merged, with the adapted result either way."""
+    from glm3.lora import LoraConfig, apply_lora, merge_lora
+
+    model = glm3.load_model(tiny_dir, kernels_backend="cpu")
+    base = paged_decode_logits(model, steps=4)
+    apply_lora(model, LoraConfig(4, 8.0, 0.0, ("query_key_value", "dense_4h_to_h")), seed=0)
+    rng = np.random.default_rng(1)
+    for p in model.trainable_params():
+        if p.name.endswith("lora_b"):
+            p.set_data(Tensor(rng.normal(0, 0.05, p.shape).astype(np.float32)))
+    assert not model.transformer.encoder.has_decode_kernel()
+    adapted = paged_decode_logits(model, steps=4)
+    assert np.abs(adapted - base).max() > 1e-2  # the adapters count
+    merge_lora(model)
+    assert model.transformer.encoder.has_decode_kernel()
+    np.testing.assert_allclose(paged_decode_logits(model, steps=4), adapted, atol=2e-5)
+
+
+def test_the_layer_kernel_refuses_positions_and_slots_outside_their_tables(tiny_dir):
+    """A position past the rotary tables or a slot outside the cache is an error MindSpore raises, not a read
+    or a write out of bounds."""
+    from glm3.block_manager import DEFAULT_BLOCK_SIZE
+    from glm3.steps import PagedDecodeStep
+
+    model = glm3.load_model(tiny_dir, kernels_backend="cpu")
+    config = model.config
+    step = PagedDecodeStep(model)
+    shape = (4, DEFAULT_BLOCK_SIZE, config.num_kv_groups, config.kv_channels)
+    caches = ms.mutable(tuple(Tensor(np.zeros(shape, np.float32)) for _ in range(2 * config.num_layers)))
+
+    def run(position, slot):
+        i32 = lambda *v: Tensor(np.array(v, np.int32))  # noqa: E731
+        return step(i32([5]), i32([position]), i32(slot), i32([0]), i32(1), caches).asnumpy()
+
+    assert np.isfinite(run(0, 0)).all()
+    with pytest.raises(RuntimeError):
+        run(config.seq_length, 0)
+    with pytest.raises(RuntimeError):
+        run(0, 4 * DEFAULT_BLOCK_SIZE)

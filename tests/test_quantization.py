@@ -14,7 +14,7 @@ import pytest
 from mindspore import Tensor, nn
 
 import glm3
-from conftest import free_port, subprocess_env
+from conftest import free_port, paged_decode_logits, subprocess_env, without_layer_kernel
 from glm3.checkpoint import CheckpointError
 from glm3.config import ConfigError
 from glm3.kernels import dequantize as ms_dequantize
@@ -117,8 +117,9 @@ class Dequantized(nn.Cell):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 65])
 def test_kernels_equal_the_dequantized_matmul_at_every_row_count(bits, rows):
-    """Rows 1-4 stream the weights once; more rows go in blocks of four over panels of 64 weight rows. n = 70
-    leaves tails of both; group 64 over k = 192 spans several packing blocks per group."""
+    """Rows 1-4 stream the weights once; more rows go in blocks of four over panels of 64 weight rows, and from
+    16 rows (prefill) over tiles of 16 weight rows widened to floats once. n = 70 leaves tails of all three;
+    group 64 over k = 192 spans several packing blocks per group."""
     rng = np.random.default_rng(rows * bits)
     n, k = 70, 192
     config = QuantizationConfig(bits, 64)
@@ -181,6 +182,18 @@ def test_quantize_writes_the_format_and_loads_with_every_backend(quantized):
         error = np.abs(logits["cpu"] - reference).max() / np.abs(reference).max()
         assert error < (0.02 if bits == 8 else 0.3), error  # 4 bits on a random tiny model is coarse
         assert error > 0  # it is quantized: not the float model
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_layer_kernel_decodes_quantized_weights_as_the_single_kernels_do(quantized, bits):
+    """One kernel a block reads int8 / int4 weights as the quantized product kernels do: the same logits to the
+    bit, and close to the dequantized plain operators."""
+    one = paged_decode_logits(glm3.load_model(quantized[bits], kernels_backend="cpu"))
+    apart = paged_decode_logits(without_layer_kernel(glm3.load_model(quantized[bits], kernels_backend="cpu")))
+    plain = paged_decode_logits(glm3.load_model(quantized[bits], kernels_backend="plain"))
+    assert np.abs(plain).max() > 0.1
+    np.testing.assert_array_equal(one, apart)
+    np.testing.assert_allclose(one, plain, rtol=1e-4, atol=2e-5)
 
 
 def test_a_quantized_model_generates_exports_and_runs_from_mindir(quantized, tmp_path):

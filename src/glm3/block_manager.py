@@ -66,7 +66,11 @@ class BlockManager:
         if length == len(table) * self.block_size:
             table += self._take(1, seq_id)
         self.lengths[seq_id] = length + 1
-        return int(self.slots(seq_id, [length])[0])
+        return self.slot(seq_id, length)
+
+    def slot(self, seq_id: int, position: int) -> int:
+        """The slot of one position of the sequence (slots() for one, in plain integers: once per decoded token)."""
+        return self.tables[seq_id][position // self.block_size] * self.block_size + position % self.block_size
 
     def slots(self, seq_id: int, positions) -> np.ndarray:
         table = np.asarray(self.tables[seq_id], np.int32)

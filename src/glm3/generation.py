@@ -12,7 +12,7 @@ from mindspore import Tensor
 from glm3.block_manager import DEFAULT_BLOCK_SIZE
 from glm3.kv_cache import BlockCaches, PagedCacheSteps, StaticCacheSteps
 from glm3.sampling import SamplingParams
-from glm3.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
+from glm3.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PerShapeStep, PrefillStep
 
 # Prompts are left-padded to a multiple of this, and the cache to a multiple of CACHE_BUCKET, so that
 # a handful of compiled graphs serve every prompt length.
@@ -26,9 +26,9 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _STEP_KINDS = {
     "prefill": lambda model, max_len: PrefillStep(model, max_len),
-    "decode": lambda model, max_len: DecodeStep(model, max_len),
+    "decode": lambda model, max_len: PerShapeStep(lambda: DecodeStep(model, max_len)),
     "paged_prefill": lambda model, max_len: PagedPrefillStep(model),
-    "paged_decode": lambda model, max_len: PagedDecodeStep(model),
+    "paged_decode": lambda model, max_len: PerShapeStep(lambda: PagedDecodeStep(model)),
 }
 
 

@@ -200,7 +200,7 @@ class PagedKVCache:
         n = len(seq_ids)
         width = next(w for w in self.shapes.decode_widths if w >= n)
         lengths = [self.blocks.lengths[s] for s in seq_ids]
-        slots = [int(self.blocks.slots(s, [length - 1])[0]) for s, length in zip(seq_ids, lengths)]
+        slots = [self.blocks.slot(s, length - 1) for s, length in zip(seq_ids, lengths)]
         table_width = self.shapes.table_width or min(
             self.shapes.max_blocks, next_power_of_two(max(self.blocks.blocks_needed(length) for length in lengths))
         )

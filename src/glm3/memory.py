@@ -86,6 +86,16 @@ def available_bytes() -> int:
     return available
 
 
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """The peak resident set of a process as the kernel counts it (VmHWM, 0 where /proc has none). Unlike
+    ru_maxrss it is the process's own: a child started by fork and exec does not inherit its parent's peak."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def weight_bytes(config: GLM3Config, dtype: str) -> int:
     """Bytes of every weight of the model stored as `dtype` (a quantized model's data and scales as stored)."""
     exact = expected_dtypes(config)

@@ -288,7 +288,7 @@ class Embedding(nn.Cell):
             return ops.stop_gradient(self.gather(table, input_ids, 0)).astype(self.compute_dtype)
         if self.lookup is not None:
             return self.lookup(table, input_ids).astype(self.compute_dtype)
-        return self.gather(table, input_ids, 0).astype(self.compute_dtype)
+        return as_compute(self.gather(table, input_ids, 0), input_ids, self.compute_dtype)
 
 
 class SelfAttention(nn.Cell):
@@ -400,7 +400,8 @@ class MLP(nn.Cell):
 
 
 class GLMBlock(nn.Cell):
-    """Pre-norm block: x + attention(norm(x)), then + MLP(norm(x)). Entry points as SelfAttention's."""
+    """Pre-norm block: x + attention(norm(x)), then + MLP(norm(x)). Entry points as SelfAttention's, and
+    `decode_layer`: the whole block in one CPU kernel (paged decoding, inference; see has_decode_kernel)."""
 
     def __init__(self, config: GLM3Config, options: BuildOptions):
         super().__init__()
@@ -410,6 +411,31 @@ class GLMBlock(nn.Cell):
         self.self_attention = SelfAttention(config, options)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, options)
         self.mlp = MLP(config, options)
+        cpu_kernels = options.backend == "cpu" and options.compute_dtype == ms.float32
+        library = kernels.kernel_library() if cpu_kernels and not config.add_bias_linear else None
+        self.decode_kernel = kernels.DecodeLayerKernel(library) if library else None
+        attention = self.self_attention
+        self.decode_constants = kernels.DecodeLayerKernel.constants(
+            eps, attention.scale, attention.heads, self.residual_from_norm
+        )
+        self.no_scale = Tensor(np.zeros(1, np.float16))  # the scales input of a float weight (unused)
+
+    def _linears(self):
+        return (
+            self.self_attention.query_key_value,
+            self.self_attention.dense,
+            self.mlp.dense_h_to_4h,
+            self.mlp.dense_4h_to_h,
+        )
+
+    def has_decode_kernel(self) -> bool:
+        """Whether decode_layer computes this block: the CPU kernels, and no LoRA adapters (merge them first)."""
+        if self.decode_kernel is None:
+            return False
+        for linear in self._linears():
+            if linear.lora_a is not None:
+                return False
+        return True
 
     def _rest(self, x, normed, attn):
         """The attention residual, then the MLP and its residual."""
@@ -426,6 +452,27 @@ class GLMBlock(nn.Cell):
         normed = self.input_layernorm(x)
         attn, k, v = self.self_attention.decode_static(normed, cos, sin, keep_mask, cache_k, cache_v, write_mask)
         return self._rest(x, normed, attn), k, v
+
+    def decode_layer(self, x, positions, rope, cache_k, cache_v, slots, block_tables, context_lens):
+        """decode_paged in one kernel: x [b, hidden], positions [b], rope the model's (cos, sin) tables."""
+        attention = self.self_attention
+        bias = attention.query_key_value.bias
+        linears = ()
+        for linear in self._linears():
+            linears = linears + ((linear.weight, self.no_scale if linear.quant is None else linear.weight_scale),)
+        return self.decode_kernel(
+            x,
+            (self.input_layernorm.weight, self.post_attention_layernorm.weight),
+            linears,
+            attention.no_qkv_bias if bias is None else bias,
+            rope,
+            positions,
+            (cache_k, cache_v),
+            slots,
+            block_tables,
+            context_lens,
+            self.decode_constants,
+        )
 
     def decode_paged(
         self, x, cos, sin, cache_k, cache_v, slots, block_tables, context_lens, fused_paged_attention=False
@@ -474,6 +521,26 @@ class GLMTransformer(nn.Cell):
             kv = kv + (k, v)
         return self._final(x), kv
 
+    def has_decode_kernel(self) -> bool:
+        """Whether every block decodes in one kernel (GLMBlock.has_decode_kernel)."""
+        for layer in self.layers:
+            if not layer.has_decode_kernel():
+                return False
+        return True
+
+    def decode_layers(self, x, positions, rope, caches, slots, block_tables, context_lens):
+        """decode_paged with each block in one kernel: x [b, 1, hidden], positions [b, 1] -> [b, hidden]."""
+        b, _, hidden = x.shape
+        x = x.reshape(b, hidden)
+        positions = positions.reshape(b)
+        kv = ()
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer.decode_layer(
+                x, positions, rope, caches[2 * i], caches[2 * i + 1], slots, block_tables, context_lens
+            )
+            kv = kv + (k, v)
+        return self._final(x), kv
+
 
 class ChatGLMModel(nn.Cell):
     """Embedding, rotary tables, encoder and output layer: HF's `transformer` module.
@@ -511,7 +578,8 @@ class ChatGLMModel(nn.Cell):
         return self.embedding(input_ids), cos, sin
 
     def _logits(self, x):
-        return self.output_layer(x).astype(ms.float32)
+        logits = self.output_layer(x)
+        return logits if logits.dtype == ms.float32 else logits.astype(ms.float32)
 
     def construct(self, input_ids, position_ids, keep_mask):
         x, cos, sin = self._embed(input_ids, position_ids)
@@ -531,6 +599,13 @@ class ChatGLMModel(nn.Cell):
     def decode_paged(
         self, input_ids, position_ids, caches, slots, block_tables, context_lens, fused_paged_attention=False
     ):
+        if self.encoder.has_decode_kernel() and not fused_paged_attention:  # CPU kernels: a kernel per block
+            x = self.embedding(input_ids)
+            slots = slots.reshape(-1)
+            slots = slots if slots.dtype == ms.int32 else slots.astype(ms.int32)
+            rope = (self.rope_cos, self.rope_sin)
+            x, caches = self.encoder.decode_layers(x, position_ids, rope, caches, slots, block_tables, context_lens)
+            return self._logits(x), caches
         x, cos, sin = self._embed(input_ids, position_ids)
         x, caches = self.encoder.decode_paged(
             x, cos, sin, caches, slots, block_tables, context_lens, fused_paged_attention

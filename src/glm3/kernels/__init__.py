@@ -9,7 +9,8 @@ The backend is chosen once, when a model is built (`GLM3ForCausalLM(config, kern
   training); the paged cache's write (in place) and decode attention, fused with the qkv projection's bias
   and RoPE (glm3.kernels.paged_attention); and in inference RMSNorm and SwiGLU as one operator each
   (glm3.kernels.elementwise); products with int8 / int4 weight-only quantized weights read as stored
-  (glm3.kernels.quantized).
+  (glm3.kernels.quantized); and, in paged decoding, each whole layer as one operator composed of those
+  (glm3.kernels.decode_layer).
 - "ascend": MindSpore's fused RmsNorm, RotaryPositionEmbedding and FlashAttentionScore (Ascend only).
 - "auto": "ascend" on Ascend, else "cpu" when the kernel can be built, else "plain".
 """
@@ -20,6 +21,7 @@ import mindspore as ms
 
 from glm3.kernels.attention import attention
 from glm3.kernels.broadcast import like
+from glm3.kernels.decode_layer import DecodeLayerKernel
 from glm3.kernels.elementwise import ElementwiseKernels
 from glm3.kernels.library import kernel_library
 from glm3.kernels.linear import SMALL_M, FrozenWeightMatMul, xw_op, xwt_op
@@ -55,6 +57,7 @@ def resolve_backend(name: str = "auto") -> str:
 
 __all__ = [
     "BACKENDS",
+    "DecodeLayerKernel",
     "ElementwiseKernels",
     "SMALL_M",
     "FrozenWeightMatMul",

@@ -12,7 +12,7 @@ from glm3.native import build_library
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 SOURCES = tuple(
     os.path.join(_CSRC, name)
-    for name in ("linear.cc", "quantized.cc", "paged_attention.cc", "elementwise.cc", "bandwidth.cc")
+    for name in ("linear.cc", "quantized.cc", "paged_attention.cc", "elementwise.cc", "decode_layer.cc", "bandwidth.cc")
 )
 
 

@@ -43,8 +43,9 @@ def record_stage_stats(name: str, seconds: float) -> None:
         return
     import resource
 
-    with open("/proc/self/status", encoding="ascii") as f:
-        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    from glm3.memory import peak_rss_bytes
+
+    hwm = peak_rss_bytes()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     with open(path, "a", encoding="utf-8") as f:
         f.write(

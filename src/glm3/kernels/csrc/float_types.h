@@ -23,4 +23,11 @@ inline float bf16_to_float(uint16_t bits) {
   return out;
 }
 
+// Element i of a float array of kind `kind` (float_kind) as float32.
+inline float float_at(const void *data, int kind, int64_t i) {
+  if (kind == 1) return static_cast<const float *>(data)[i];
+  if (kind == 2) return static_cast<float>(static_cast<const _Float16 *>(data)[i]);
+  return bf16_to_float(static_cast<const uint16_t *>(data)[i]);
+}
+
 }  // namespace glm3

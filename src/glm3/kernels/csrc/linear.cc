@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "float_types.h"
+#include "layer_ops.h"
 #include "pool.h"
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -271,6 +272,14 @@ void xw(const float *x, const W *w, float *y, int64_t m, int64_t n, int64_t k) {
 
 }  // namespace
 
+void glm3::float_xwt(const float *x, const void *w, int kind, float *y, int64_t m, int64_t k, int64_t n) {
+  switch (kind) {
+    case 1: xwt(x, static_cast<const float *>(w), y, m, k, n); break;
+    case 2: xwt(x, static_cast<const _Float16 *>(w), y, m, k, n); break;
+    default: xwt(x, static_cast<const bf16 *>(w), y, m, k, n); break;
+  }
+}
+
 // Inputs x [m, k], w [n, k]; output y [m, n].
 extern "C" int glm3_linear_xwt(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
@@ -278,15 +287,11 @@ extern "C" int glm3_linear_xwt(int nparam, void **params, int *ndims, int64_t **
   (void)extra;
   if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || shapes[0][1] != shapes[1][1]) return 1;
   if (std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[2], "float32") != 0) return 2;
-  const float *x = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[2]);
-  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
-  switch (glm3::float_kind(dtypes[1])) {
-    case 1: xwt(x, static_cast<const float *>(params[1]), y, m, k, n); return 0;
-    case 2: xwt(x, static_cast<const _Float16 *>(params[1]), y, m, k, n); return 0;
-    case 3: xwt(x, static_cast<const bf16 *>(params[1]), y, m, k, n); return 0;
-    default: return 2;
-  }
+  const int kind = glm3::float_kind(dtypes[1]);
+  if (kind == 0) return 2;
+  glm3::float_xwt(static_cast<const float *>(params[0]), params[1], kind, static_cast<float *>(params[2]),
+                  shapes[0][0], shapes[0][1], shapes[1][0]);
+  return 0;
 }
 
 // Inputs x [m, n], w [n, k]; output y [m, k].

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "layer_ops.h"
 #include "pool.h"
 
 namespace {
@@ -149,6 +150,46 @@ inline void rotate(float *x, const float *cos, const float *sin, int64_t half) {
 }
 }  // namespace
 
+int glm3::check_paged(const PagedCache &c, int64_t b) {
+  for (int64_t r = 0; r < b; ++r) {
+    if (c.slots[r] < 0 || c.slots[r] >= c.num_blocks * c.block_size) return 3;
+    if (c.lens[r] < 1 || c.lens[r] > c.table_width * c.block_size) return 3;
+    for (int64_t k = 0; k < (c.lens[r] + c.block_size - 1) / c.block_size; ++k)
+      if (c.tables[r * c.table_width + k] < 0 || c.tables[r * c.table_width + k] >= c.num_blocks) return 3;
+  }
+  return 0;
+}
+
+void glm3::paged_decode(const float *qkv, const float *bias, const float *cos, const float *sin, const PagedCache &c,
+                        int64_t b, int64_t heads, int64_t half, float scale, float *out) {
+  const int64_t groups = c.groups, d = c.head_dim, width_qkv = (heads + 2 * groups) * d;
+  // q of every row (biased, rotated) in one buffer; k and v straight into their cache slots.
+  thread_local std::vector<float> q;
+  q.resize(static_cast<size_t>(b * heads * d));
+  const int64_t kv = groups * d;
+  for (int64_t r = 0; r < b; ++r) {
+    const float *src = qkv + r * width_qkv;
+    float *qr = q.data() + r * heads * d;
+    float *kr = c.keys + static_cast<int64_t>(c.slots[r]) * kv;
+    float *vr = c.values + static_cast<int64_t>(c.slots[r]) * kv;
+    for (int64_t i = 0; i < heads * d; ++i) qr[i] = src[i] + bias[i];
+    for (int64_t i = 0; i < kv; ++i) kr[i] = src[heads * d + i] + bias[heads * d + i];
+    for (int64_t i = 0; i < kv; ++i) vr[i] = src[heads * d + kv + i] + bias[heads * d + kv + i];
+    for (int64_t h = 0; h < heads; ++h) rotate(qr + h * d, cos + r * half, sin + r * half, half);
+    for (int64_t g = 0; g < groups; ++g) rotate(kr + g * d, cos + r * half, sin + r * half, half);
+  }
+  const int64_t rep = heads / groups;
+  const float *qs = q.data();
+  glm3::parallel_ranges(b * groups, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / groups, g = task % groups;
+      attend(qs + r * heads * d, c.keys, c.values, c.tables + r * c.table_width, c.lens[r], out + r * heads * d,
+             c.block_size, groups, rep, d, scale, g, scores);
+    }
+  });
+}
+
 // Inputs qkv [b, (heads + 2 groups) d], bias [(heads + 2 groups) d], cos and sin [b, half], key and value caches
 // [nb, bs, groups, d], slots [b], tables [b, w], lens [b] (int32), scale [1], heads [1] (int32); output
 // [b, heads * d]. Row r's key and value go to slot slots[r] before it attends over its first lens[r] tokens.
@@ -164,51 +205,16 @@ extern "C" int glm3_paged_decode(int nparam, void **params, int *ndims, int64_t 
   for (int i : {6, 7, 8, 10})
     if (!i32(dtypes[i])) return 2;
   const int64_t b = shapes[0][0], width_qkv = shapes[0][1], half = shapes[2][1];
-  const int64_t num_blocks = shapes[4][0], block_size = shapes[4][1], groups = shapes[4][2], d = shapes[4][3];
-  const int64_t heads = static_cast<const int32_t *>(params[10])[0], width = shapes[7][1];
+  const glm3::PagedCache cache = glm3::paged_cache(params, shapes, 4);
+  const int64_t groups = cache.groups, d = cache.head_dim;
+  const int64_t heads = static_cast<const int32_t *>(params[10])[0];
   if (heads < 1 || heads % groups != 0 || width_qkv != (heads + 2 * groups) * d || shapes[1][0] != width_qkv ||
       shapes[2][0] != b || shapes[3][0] != b || shapes[3][1] != half || 2 * half > d || shapes[6][0] != b ||
       shapes[7][0] != b || shapes[8][0] != b)
     return 1;
-  const float *qkv = static_cast<const float *>(params[0]);
-  const float *bias = static_cast<const float *>(params[1]);
-  const float *cos = static_cast<const float *>(params[2]);
-  const float *sin = static_cast<const float *>(params[3]);
-  float *kc = static_cast<float *>(params[4]);
-  float *vc = static_cast<float *>(params[5]);
-  const int32_t *slots = static_cast<const int32_t *>(params[6]);
-  const int32_t *tables = static_cast<const int32_t *>(params[7]);
-  const int32_t *lens = static_cast<const int32_t *>(params[8]);
-  const float scale = static_cast<const float *>(params[9])[0];
-  float *out = static_cast<float *>(params[11]);
-  for (int64_t r = 0; r < b; ++r) {
-    if (slots[r] < 0 || slots[r] >= num_blocks * block_size) return 3;
-    if (lens[r] < 1 || lens[r] > width * block_size) return 3;
-    for (int64_t k = 0; k < (lens[r] + block_size - 1) / block_size; ++k)
-      if (tables[r * width + k] < 0 || tables[r * width + k] >= num_blocks) return 3;
-  }
-  // q of every row (biased, rotated) in one buffer; k and v straight into their cache slots.
-  std::vector<float> q(static_cast<size_t>(b * heads * d));
-  const int64_t kv = groups * d;
-  for (int64_t r = 0; r < b; ++r) {
-    const float *src = qkv + r * width_qkv;
-    float *qr = q.data() + r * heads * d;
-    float *kr = kc + static_cast<int64_t>(slots[r]) * kv;
-    float *vr = vc + static_cast<int64_t>(slots[r]) * kv;
-    for (int64_t c = 0; c < heads * d; ++c) qr[c] = src[c] + bias[c];
-    for (int64_t c = 0; c < kv; ++c) kr[c] = src[heads * d + c] + bias[heads * d + c];
-    for (int64_t c = 0; c < kv; ++c) vr[c] = src[heads * d + kv + c] + bias[heads * d + kv + c];
-    for (int64_t h = 0; h < heads; ++h) rotate(qr + h * d, cos + r * half, sin + r * half, half);
-    for (int64_t g = 0; g < groups; ++g) rotate(kr + g * d, cos + r * half, sin + r * half, half);
-  }
-  const int64_t rep = heads / groups;
-  glm3::parallel_ranges(b * groups, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / groups, g = task % groups;
-      attend(q.data() + r * heads * d, kc, vc, tables + r * width, lens[r], out + r * heads * d, block_size,
-             groups, rep, d, scale, g, scores);
-    }
-  });
+  if (const int bad = glm3::check_paged(cache, b)) return bad;
+  glm3::paged_decode(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                     static_cast<const float *>(params[2]), static_cast<const float *>(params[3]), cache, b, heads,
+                     half, static_cast<const float *>(params[9])[0], static_cast<float *>(params[11]));
   return 0;
 }

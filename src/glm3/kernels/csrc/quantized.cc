@@ -10,11 +10,14 @@
 // invariance) and whichever path (decoding or prefill) computes it.
 //
 // Work: each thread owns a range of weight rows, taken in panels of kPanel rows; every block of up to four x
-// rows runs over a panel before the next, so a panel is read from memory once and from L2 after that.
+// rows runs over a panel before the next, so a panel is read from memory once and from L2 after that. With many
+// x rows (prefill) a panel is widened to floats once, into a per-thread tile, instead of once per four x rows.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
+#include "layer_ops.h"
 #include "pool.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -87,14 +90,46 @@ struct Int8 {
 struct Int4 {
   static constexpr int64_t row_bytes(int64_t k) { return k / 2; }
   static inline void load(const uint8_t *row, int64_t b, v16 &lo, v16 &hi) {
+#if defined(__AVX512F__)
+    // A nibble n is the float n - 8 looked up in a 16-entry table (vpermps reads the low 4 bits of each lane):
+    // two instructions for 16 weights instead of a mask, a subtraction and a conversion.
+    const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + b * 16)));
+    const __m512 l = _mm512_permutexvar_ps(u, table), h = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
+    std::memcpy(&lo, &l, sizeof(lo));
+    std::memcpy(&hi, &h, sizeof(hi));
+#else
     const i32x16 u = widen_unsigned(row + b * 16);
     lo = to_float((u & 15) - 8);
     hi = to_float((u >> 4) - 8);
+#endif
   }
 };
 
-// Rows [0, MR) of x against weight rows [j, j + NR): y[i, j + r].
-template <typename Q, int MR, int NR>
+// `count` <= 16 float16 scales as float32.
+inline void widen_scales(const _Float16 *src, int64_t count, float *dst) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
+  _mm512_store_ps(dst, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src)));
+#else
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+#endif
+}
+
+// Weights already widened to floats (the prefill path's per-thread tiles below): the same values the two
+// loaders above produce, in the same order, so a row's arithmetic is the same whichever path computes it.
+struct Widened {
+  static constexpr int64_t row_bytes(int64_t k) { return k * static_cast<int64_t>(sizeof(float)); }
+  static inline void load(const uint8_t *row, int64_t b, v16 &lo, v16 &hi) {
+    const float *p = reinterpret_cast<const float *>(row) + b * kBlock;
+    lo = ld(p);
+    hi = ld(p + 16);
+  }
+};
+
+// Rows [0, MR) of x against weight rows [j, j + NR): y[i, j + r]. BPG: packing blocks per group when known
+// when compiling (1 for the default group of 32: no inner loop to run), else 0.
+template <typename Q, int MR, int NR, int BPG = 0>
 void tile(const float *x, int64_t k, const uint8_t *w, const _Float16 *scales, int64_t groups, int64_t group,
           float *y, int64_t ldy, int64_t j) {
   const int64_t rb = Q::row_bytes(k);
@@ -103,8 +138,16 @@ void tile(const float *x, int64_t k, const uint8_t *w, const _Float16 *scales, i
   v16 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = v16{};
-  const int64_t blocks_per_group = group / kBlock;
+  // The rows' scales, sixteen groups at a time, widened to float32 into a small array: each group's scaling is
+  // then one multiply-add whose scale is a broadcast load, not a conversion and a broadcast on the shuffle
+  // port, which the unpacking of 4-bit weights keeps busy.
+  alignas(64) float scale[NR][16];
+  const int64_t blocks_per_group = BPG ? BPG : group / kBlock;
   for (int64_t g = 0; g < groups; ++g) {
+    if (g % 16 == 0) {
+      const int64_t count = std::min<int64_t>(16, groups - g);
+      for (int r = 0; r < NR; ++r) widen_scales(scales + (j + r) * groups + g, count, scale[r]);
+    }
     v16 part[MR][NR];
     for (int i = 0; i < MR; ++i)
       for (int r = 0; r < NR; ++r) part[i][r] = v16{};
@@ -122,7 +165,7 @@ void tile(const float *x, int64_t k, const uint8_t *w, const _Float16 *scales, i
       }
     }
     for (int r = 0; r < NR; ++r) {
-      const v16 s = splat(static_cast<float>(scales[(j + r) * groups + g]));
+      const v16 s = splat(scale[r][g % 16]);
       for (int i = 0; i < MR; ++i) acc[i][r] += part[i][r] * s;
     }
   }
@@ -135,28 +178,64 @@ void rows_block(const float *x, int64_t k, const uint8_t *w, const _Float16 *sca
                 float *y, int64_t ldy, int64_t j0, int64_t j1) {
   constexpr int NR = MR <= 2 ? 4 : 2;
   int64_t j = j0;
-  for (; j + NR <= j1; j += NR) tile<Q, MR, NR>(x, k, w, scales, groups, group, y, ldy, j);
+  if (group == kBlock) {
+    for (; j + NR <= j1; j += NR) tile<Q, MR, NR, 1>(x, k, w, scales, groups, group, y, ldy, j);
+  } else {
+    for (; j + NR <= j1; j += NR) tile<Q, MR, NR>(x, k, w, scales, groups, group, y, ldy, j);
+  }
   for (; j < j1; ++j) tile<Q, MR, 1>(x, k, w, scales, groups, group, y, ldy, j);
 }
+
+template <typename Q>
+void rows_of_x(const float *x, int64_t m, int64_t k, const uint8_t *w, const _Float16 *scales, int64_t groups,
+               int64_t group, float *y, int64_t n, int64_t j0, int64_t j1) {
+  for (int64_t i0 = 0; i0 < m; i0 += 4) {
+    const float *xi = x + i0 * k;
+    float *yi = y + i0 * n;
+    switch (std::min<int64_t>(4, m - i0)) {
+      case 1: rows_block<Q, 1>(xi, k, w, scales, groups, group, yi, n, j0, j1); break;
+      case 2: rows_block<Q, 2>(xi, k, w, scales, groups, group, yi, n, j0, j1); break;
+      case 3: rows_block<Q, 3>(xi, k, w, scales, groups, group, yi, n, j0, j1); break;
+      default: rows_block<Q, 4>(xi, k, w, scales, groups, group, yi, n, j0, j1); break;
+    }
+  }
+}
+
+// Weight rows widened at a time when x has many rows (prefill): each is widened once into a per-thread float
+// tile, which every group of four x rows then reads from L2, instead of being widened again for each group.
+constexpr int64_t kWideRows = 16;
+constexpr int64_t kWideFromRows = 16;  // x rows from which widening once pays
 
 template <typename Q>
 void linear(const float *x, const uint8_t *w, const _Float16 *scales, float *y, int64_t m, int64_t k, int64_t n,
             int64_t group) {
   const int64_t groups = k / group;
-  glm3::parallel_ranges(n, 4, [&](int64_t p0, int64_t p1) {
-    for (int64_t j0 = p0; j0 < p1; j0 += kPanel) {
-      const int64_t j1 = std::min(p1, j0 + kPanel);
-      for (int64_t i0 = 0; i0 < m; i0 += 4) {
-        const float *xi = x + i0 * k;
-        float *yi = y + i0 * n;
-        switch (std::min<int64_t>(4, m - i0)) {
-          case 1: rows_block<Q, 1>(xi, k, w, scales, groups, group, yi, n, j0, j1); break;
-          case 2: rows_block<Q, 2>(xi, k, w, scales, groups, group, yi, n, j0, j1); break;
-          case 3: rows_block<Q, 3>(xi, k, w, scales, groups, group, yi, n, j0, j1); break;
-          default: rows_block<Q, 4>(xi, k, w, scales, groups, group, yi, n, j0, j1); break;
+  if (m >= kWideFromRows) {
+    glm3::parallel_ranges(n, 4, [&](int64_t p0, int64_t p1) {
+      thread_local std::vector<float> tile;
+      tile.resize(static_cast<size_t>(kWideRows * k));
+      for (int64_t j0 = p0; j0 < p1; j0 += kWideRows) {
+        const int64_t rows = std::min(p1, j0 + kWideRows) - j0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const uint8_t *src = w + (j0 + r) * Q::row_bytes(k);
+          float *dst = tile.data() + r * k;
+          for (int64_t b = 0; b < k / kBlock; ++b) {
+            v16 lo, hi;
+            Q::load(src, b, lo, hi);
+            std::memcpy(dst + b * kBlock, &lo, sizeof(lo));
+            std::memcpy(dst + b * kBlock + 16, &hi, sizeof(hi));
+          }
         }
+        // The tile's rows are numbered from 0: its scales and outputs are offset to j0.
+        rows_of_x<Widened>(x, m, k, reinterpret_cast<const uint8_t *>(tile.data()), scales + j0 * groups, groups,
+                           group, y + j0, n, 0, rows);
       }
-    }
+    });
+    return;
+  }
+  glm3::parallel_ranges(n, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t j0 = p0; j0 < p1; j0 += kPanel)
+      rows_of_x<Q>(x, m, k, w, scales, groups, group, y, n, j0, std::min(p1, j0 + kPanel));
   });
 }
 
@@ -176,6 +255,15 @@ int run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dt
 }
 
 }  // namespace
+
+void glm3::quantized_xwt(const float *x, const uint8_t *w, const _Float16 *scales, int bits, float *y, int64_t m,
+                         int64_t k, int64_t n, int64_t group) {
+  if (bits == 8) {
+    linear<Int8>(x, w, scales, y, m, k, n, group);
+  } else {
+    linear<Int4>(x, w, scales, y, m, k, n, group);
+  }
+}
 
 // Inputs x [m, k] float32, w int8 [n, k], scales float16 [n, k / group]; output y [m, n] float32.
 extern "C" int glm3_linear_q8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
