@@ -117,9 +117,9 @@ class Dequantized(nn.Cell):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 65])
 def test_kernels_equal_the_dequantized_matmul_at_every_row_count(bits, rows):
-    """Rows 1-4 stream the weights once; more rows go in blocks of four over panels of 64 weight rows, and from
-    16 rows (prefill) over tiles of 16 weight rows widened to floats once. n = 70 leaves tails of all three;
-    group 64 over k = 192 spans several packing blocks per group."""
+    """Rows 1-4 stream the weights once; more rows go in blocks of four over panels of 64 weight rows. n = 70
+    leaves tails of both; group 64 over k = 192 spans several packing blocks per group (the default group of 32
+    is one block: a path of its own, which the model tests take)."""
     rng = np.random.default_rng(rows * bits)
     n, k = 70, 192
     config = QuantizationConfig(bits, 64)

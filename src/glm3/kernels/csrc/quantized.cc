@@ -10,12 +10,10 @@
 // invariance) and whichever path (decoding or prefill) computes it.
 //
 // Work: each thread owns a range of weight rows, taken in panels of kPanel rows; every block of up to four x
-// rows runs over a panel before the next, so a panel is read from memory once and from L2 after that. With many
-// x rows (prefill) a panel is widened to floats once, into a per-thread tile, instead of once per four x rows.
+// rows runs over a panel before the next, so a panel is read from memory once and from L2 after that.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "layer_ops.h"
 #include "pool.h"
@@ -80,6 +78,7 @@ inline float hsum(v16 v) {
 struct Int8 {
   static constexpr int64_t row_bytes(int64_t k) { return k; }
   // The 32 weights of block b of a row as two vectors of 16.
+  template <bool kDecoding>
   static inline void load(const uint8_t *row, int64_t b, v16 &lo, v16 &hi) {
     const int8_t *p = reinterpret_cast<const int8_t *>(row) + b * kBlock;
     lo = to_float(widen_signed(p));
@@ -89,10 +88,19 @@ struct Int8 {
 
 struct Int4 {
   static constexpr int64_t row_bytes(int64_t k) { return k / 2; }
+  // kDecoding (one or two x rows): a nibble n is the float n - 8 looked up in a 16-entry table (vpermps reads
+  // the low 4 bits of each lane), two instructions for 16 weights instead of a mask, a subtraction and a
+  // conversion; with four x rows the product's own work keeps the shuffle port busy, and the arithmetic measured
+  // faster. Both give the same floats.
+  template <bool kDecoding>
   static inline void load(const uint8_t *row, int64_t b, v16 &lo, v16 &hi) {
 #if defined(__AVX512F__)
-    // A nibble n is the float n - 8 looked up in a 16-entry table (vpermps reads the low 4 bits of each lane):
-    // two instructions for 16 weights instead of a mask, a subtraction and a conversion.
+    if (!kDecoding) {
+      const i32x16 u = widen_unsigned(row + b * 16);
+      lo = to_float((u & 15) - 8);
+      hi = to_float((u >> 4) - 8);
+      return;
+    }
     const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + b * 16)));
     const __m512 l = _mm512_permutexvar_ps(u, table), h = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
@@ -116,15 +124,28 @@ inline void widen_scales(const _Float16 *src, int64_t count, float *dst) {
 #endif
 }
 
-// Weights already widened to floats (the prefill path's per-thread tiles below): the same values the two
-// loaders above produce, in the same order, so a row's arithmetic is the same whichever path computes it.
-struct Widened {
-  static constexpr int64_t row_bytes(int64_t k) { return k * static_cast<int64_t>(sizeof(float)); }
-  static inline void load(const uint8_t *row, int64_t b, v16 &lo, v16 &hi) {
-    const float *p = reinterpret_cast<const float *>(row) + b * kBlock;
-    lo = ld(p);
-    hi = ld(p + 16);
+// The scales of NR weight rows, group by group. Wide (decoding: one or two x rows): sixteen groups at a time
+// widened to float32 into a small array, so that each group's scaling is one multiply-add whose scale is a
+// broadcast load, not a conversion and a broadcast on the shuffle port, which the unpacking of 4-bit weights
+// keeps busy; with four x rows that array measured slower (the tile is bound elsewhere), so each scale is read
+// as it is needed.
+template <int NR, bool kWide>
+struct RowScales {
+  const _Float16 *rows;  // [NR, groups]
+  int64_t groups;
+  void start(int64_t) {}
+  float at(int r, int64_t g) const { return static_cast<float>(rows[r * groups + g]); }
+};
+template <int NR>
+struct RowScales<NR, true> {
+  const _Float16 *rows;
+  int64_t groups;
+  alignas(64) float wide[NR][16] = {};
+  void start(int64_t g) {
+    if (g % 16 == 0)
+      for (int r = 0; r < NR; ++r) widen_scales(rows + r * groups + g, std::min<int64_t>(16, groups - g), wide[r]);
   }
+  float at(int r, int64_t g) const { return wide[r][g % 16]; }
 };
 
 // Rows [0, MR) of x against weight rows [j, j + NR): y[i, j + r]. BPG: packing blocks per group when known
@@ -138,16 +159,10 @@ void tile(const float *x, int64_t k, const uint8_t *w, const _Float16 *scales, i
   v16 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = v16{};
-  // The rows' scales, sixteen groups at a time, widened to float32 into a small array: each group's scaling is
-  // then one multiply-add whose scale is a broadcast load, not a conversion and a broadcast on the shuffle
-  // port, which the unpacking of 4-bit weights keeps busy.
-  alignas(64) float scale[NR][16];
+  RowScales<NR, MR <= 2> scale{scales + j * groups, groups};
   const int64_t blocks_per_group = BPG ? BPG : group / kBlock;
   for (int64_t g = 0; g < groups; ++g) {
-    if (g % 16 == 0) {
-      const int64_t count = std::min<int64_t>(16, groups - g);
-      for (int r = 0; r < NR; ++r) widen_scales(scales + (j + r) * groups + g, count, scale[r]);
-    }
+    scale.start(g);
     v16 part[MR][NR];
     for (int i = 0; i < MR; ++i)
       for (int r = 0; r < NR; ++r) part[i][r] = v16{};
@@ -155,7 +170,7 @@ void tile(const float *x, int64_t k, const uint8_t *w, const _Float16 *scales, i
       if ((b * Q::row_bytes(kBlock)) % 64 == 0)
         for (int r = 0; r < NR; ++r) __builtin_prefetch(rows[r] + kAhead * rb + b * Q::row_bytes(kBlock));
       v16 lo[NR], hi[NR];
-      for (int r = 0; r < NR; ++r) Q::load(rows[r], b, lo[r], hi[r]);
+      for (int r = 0; r < NR; ++r) Q::template load<MR <= 2>(rows[r], b, lo[r], hi[r]);
       for (int i = 0; i < MR; ++i) {
         const v16 x0 = ld(x + i * k + b * kBlock), x1 = ld(x + i * k + b * kBlock + 16);
         for (int r = 0; r < NR; ++r) {
@@ -165,7 +180,7 @@ void tile(const float *x, int64_t k, const uint8_t *w, const _Float16 *scales, i
       }
     }
     for (int r = 0; r < NR; ++r) {
-      const v16 s = splat(scale[r][g % 16]);
+      const v16 s = splat(scale.at(r, g));
       for (int i = 0; i < MR; ++i) acc[i][r] += part[i][r] * s;
     }
   }
@@ -178,7 +193,7 @@ void rows_block(const float *x, int64_t k, const uint8_t *w, const _Float16 *sca
                 float *y, int64_t ldy, int64_t j0, int64_t j1) {
   constexpr int NR = MR <= 2 ? 4 : 2;
   int64_t j = j0;
-  if (group == kBlock) {
+  if (MR <= 2 && group == kBlock) {  // decoding: with four x rows the unrolled loop measured slower
     for (; j + NR <= j1; j += NR) tile<Q, MR, NR, 1>(x, k, w, scales, groups, group, y, ldy, j);
   } else {
     for (; j + NR <= j1; j += NR) tile<Q, MR, NR>(x, k, w, scales, groups, group, y, ldy, j);
@@ -201,38 +216,10 @@ void rows_of_x(const float *x, int64_t m, int64_t k, const uint8_t *w, const _Fl
   }
 }
 
-// Weight rows widened at a time when x has many rows (prefill): each is widened once into a per-thread float
-// tile, which every group of four x rows then reads from L2, instead of being widened again for each group.
-constexpr int64_t kWideRows = 16;
-constexpr int64_t kWideFromRows = 16;  // x rows from which widening once pays
-
 template <typename Q>
 void linear(const float *x, const uint8_t *w, const _Float16 *scales, float *y, int64_t m, int64_t k, int64_t n,
             int64_t group) {
   const int64_t groups = k / group;
-  if (m >= kWideFromRows) {
-    glm3::parallel_ranges(n, 4, [&](int64_t p0, int64_t p1) {
-      thread_local std::vector<float> tile;
-      tile.resize(static_cast<size_t>(kWideRows * k));
-      for (int64_t j0 = p0; j0 < p1; j0 += kWideRows) {
-        const int64_t rows = std::min(p1, j0 + kWideRows) - j0;
-        for (int64_t r = 0; r < rows; ++r) {
-          const uint8_t *src = w + (j0 + r) * Q::row_bytes(k);
-          float *dst = tile.data() + r * k;
-          for (int64_t b = 0; b < k / kBlock; ++b) {
-            v16 lo, hi;
-            Q::load(src, b, lo, hi);
-            std::memcpy(dst + b * kBlock, &lo, sizeof(lo));
-            std::memcpy(dst + b * kBlock + 16, &hi, sizeof(hi));
-          }
-        }
-        // The tile's rows are numbered from 0: its scales and outputs are offset to j0.
-        rows_of_x<Widened>(x, m, k, reinterpret_cast<const uint8_t *>(tile.data()), scales + j0 * groups, groups,
-                           group, y + j0, n, 0, rows);
-      }
-    });
-    return;
-  }
   glm3::parallel_ranges(n, 4, [&](int64_t p0, int64_t p1) {
     for (int64_t j0 = p0; j0 < p1; j0 += kPanel)
       rows_of_x<Q>(x, m, k, w, scales, groups, group, y, n, j0, std::min(p1, j0 + kPanel));
