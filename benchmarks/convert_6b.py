@@ -32,7 +32,7 @@ model = glm3.load_model(sys.argv[1], dtype="float16")
 n = sum(p.size for p in model.get_parameters())
 print(json.dumps({"seconds": time.perf_counter() - t, "parameters": int(n)}))
 """
-BASELINE_SCRIPT = "import mindspore as ms; ms.set_device('CPU'); import glm3, glm3.loading, glm3.model"
+BASELINE_SCRIPT = "import mindspore as ms; ms.set_device('CPU'); import glm3, glm3.weights.loading, glm3.modeling.model"
 
 
 def run_measured(cmd: list[str]) -> dict:

@@ -78,7 +78,7 @@ def prepare(workdir: str, preset: str, names: list[str], peer: bool) -> dict[str
     import glm3
 
     os.makedirs(workdir, exist_ok=True)
-    from glm3.synthetic import cached_synthetic_checkpoint
+    from glm3.weights.synthetic import cached_synthetic_checkpoint
 
     source = os.path.join(workdir, "source")
     if not os.path.isdir(source):  # hard links into glm3's synthetic-checkpoint cache

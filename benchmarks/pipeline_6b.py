@@ -92,7 +92,7 @@ def output_sizes(path: str, seen: set) -> tuple[int, int]:
 
 def tensor_dtypes(path: str) -> list[str]:
     """The storage types of every tensor in the .ckpt/.safetensors files under `path` (headers only)."""
-    from glm3.tensor_files import ckpt_tensor_types, safetensors_tensor_types
+    from glm3.weights.tensor_files import ckpt_tensor_types, safetensors_tensor_types
 
     found = set()
     for dirpath, _, files in os.walk(path):

@@ -128,8 +128,8 @@ def main() -> int:
     parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `glm3 serve` flags")
     args = parser.parse_args()
     sys.path.insert(0, os.path.join(REPO, "src"))
-    from glm3.config import GLM3Config
-    from glm3.synthetic import cached_synthetic_checkpoint
+    from glm3.modeling.config import GLM3Config
+    from glm3.weights.synthetic import cached_synthetic_checkpoint
 
     work = tempfile.mkdtemp(prefix="glm3-serve-bench-")
     model = args.model or cached_synthetic_checkpoint(os.path.join(work, "model"), args.preset)

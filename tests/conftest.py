@@ -112,7 +112,7 @@ def tokenizer(tiny_dir):
 def paged_decode_logits(model, steps: int = 24, seed: int = 0) -> np.ndarray:
     """[steps + 1, 2, V] logits of a left-padded batch of two rows (prefill, then one token a step, past the first
     cache block) through generate()'s cache steps."""
-    from glm3.generation import generation_steps
+    from glm3.runtime.generation import generation_steps
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 2000, size=(2, 40)).astype(np.int32)

@@ -164,8 +164,8 @@ def test_cli_eval_ceval_test_split_writes_submission(tiny_dir, tmp_path):
 
 
 def test_exported_model_scores_like_the_eager_model(tiny_dir, tiny_model, tokenizer, tmp_path):
-    from glm3.export import export_model
-    from glm3.infer import MindIRRunner
+    from glm3.deploy.export import export_model
+    from glm3.deploy.infer import MindIRRunner
 
     exported = MindIRRunner(export_model(tiny_dir, tmp_path / "exp", batch_size=4, prompt_length=224, seq_length=256))
     eager = evaluate_ceval(eager_logits(tiny_model), tokenizer, CEVAL, "val", shots=1, batch_size=4, progress=False)

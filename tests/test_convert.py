@@ -16,9 +16,9 @@ from safetensors.numpy import load_file, save_file
 
 import glm3
 from conftest import ODD_CONFIG, hf_config, hf_weights
-from glm3.checkpoint import CheckpointError, expected_shapes
-from glm3.convert import convert_checkpoint, parse_size
-from glm3.tensor_files import MsCkptWriter
+from glm3.weights.checkpoint import CheckpointError, expected_shapes
+from glm3.weights.convert import convert_checkpoint, parse_size
+from glm3.weights.tensor_files import MsCkptWriter
 from reference_torch import forward
 
 IDS = [1501, 1503, 10, 20, 30, 40, 7]

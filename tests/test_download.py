@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import glm3
-from glm3.download import DownloadError, download_from_hub, select_files
+from glm3.weights.download import DownloadError, download_from_hub, select_files
 from hub_server import FakeHub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

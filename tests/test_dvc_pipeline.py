@@ -193,7 +193,7 @@ def test_a_change_to_one_stages_code_reruns_that_stage_and_what_follows_only(pro
     with open(os.path.join(root, "src", "glm3", "export.py"), "a", encoding="utf-8") as f:
         f.write("\n# an edit to the export code\n")
     status = json.loads(dvc("status", "--json", cwd=root).stdout)
-    assert set(status) == {"export", "evaluate"}  # the two stages whose code includes glm3/export.py
+    assert set(status) == {"export", "evaluate"}  # the two stages whose code includes glm3/deploy/export.py
     out = dvc("repro", cwd=root).stdout
     assert ran(out) == ["export", "evaluate"]  # never download, convert, finetune, merge or adgen_eval
     assert dvc("status", "--json", cwd=root).stdout.strip() == "{}"

@@ -8,10 +8,10 @@ import pytest
 
 import glm3
 from conftest import write_scripted_model
-from glm3.engine import BackgroundEngine, EngineConfig, load_engine
-from glm3.export import export_model
-from glm3.sampling import SamplingParams
-from glm3.scheduler import QueueFull
+from glm3.deploy.export import export_model
+from glm3.runtime.engine import BackgroundEngine, EngineConfig, load_engine
+from glm3.runtime.sampling import SamplingParams
+from glm3.runtime.scheduler import QueueFull
 
 GREEDY = SamplingParams()
 SEEDED = SamplingParams(do_sample=True, temperature=0.9, top_p=0.9, seed=123)

@@ -10,8 +10,8 @@ import pytest
 from mindspore import Tensor
 
 import glm3
-from glm3.export import ExportConfig, ExportError, export_model
-from glm3.infer import PROMPT_MARKER, MindIRRunner
+from glm3.deploy.export import ExportConfig, ExportError, export_model
+from glm3.deploy.infer import PROMPT_MARKER, MindIRRunner
 
 PROMPTS = ["这款连衣裙", "Hello there, how are you", "黑色长裙优雅大方"]
 
@@ -72,7 +72,7 @@ def test_exported_graphs_compute_the_eager_logits(exports, tiny_model):
 
 
 def test_paged_cache_running_out_of_blocks_is_a_clear_error(exports, tokenizer):
-    from glm3.block_manager import OutOfBlocks
+    from glm3.runtime.block_manager import OutOfBlocks
 
     runner = MindIRRunner(exports["paged"])  # 24 blocks of 16: 1 scratch + 3 rows of up to 6 blocks each
     rows = prompt_rows(tokenizer) * 3
@@ -170,7 +170,7 @@ def test_fused_paged_attention_export_emits_the_lite_operator(tiny_dir, tmp_path
 
 
 def test_weights_are_stored_once_beside_weightless_graphs(tiny_dir, tmp_path, tokenizer):
-    from glm3.convert import convert_checkpoint
+    from glm3.weights.convert import convert_checkpoint
 
     model = convert_checkpoint(tiny_dir, tmp_path / "ms", progress=False).dst  # our layout: linked, not copied
     out = export_model(model, tmp_path / "exp", batch_size=1, prompt_length=32, seq_length=64)

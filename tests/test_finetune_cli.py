@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SAMPLE, ckpt_arrays, free_port
 from conftest import subprocess_env as env
-from glm3.parallel import ParallelConfig, ParallelConfigError, apply_shard_strategies, msrun_command
+from glm3.train.parallel import ParallelConfig, ParallelConfigError, apply_shard_strategies, msrun_command
 
 GLM3 = [sys.executable, "-m", "glm3.cli"]
 SHAPE = [

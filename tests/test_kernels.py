@@ -1,4 +1,4 @@
-"""The CPU linear-layer kernels (glm3/kernels/csrc/linear.cc) against numpy, at every row count and weight dtype
+"""The CPU linear-layer kernels (glm3/csrc/linear.cc) against numpy, at every row count and weight dtype
 they handle, as MindSpore custom operators in compiled graphs; and the frozen-weight product's backward."""
 
 import mindspore as ms
@@ -7,7 +7,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from glm3.kernels import FrozenWeightMatMul, kernel_library, xw_op, xwt_op
-from glm3.tensor_files import bfloat16_bits, bfloat16_to_float32
+from glm3.weights.tensor_files import bfloat16_bits, bfloat16_to_float32
 
 LIB = kernel_library()  # None (and every test here failing) if the host's C++ compiler cannot build them
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import glm3
-from glm3.checkpoint import CheckpointError, expected_shapes, hf_to_ms_name, ms_to_hf_name
+from glm3.weights.checkpoint import CheckpointError, expected_shapes, hf_to_ms_name, ms_to_hf_name
 
 IDS = [[1501, 1503, 10, 20, 30, 40]]
 

@@ -14,9 +14,9 @@ from mindspore import Tensor
 
 import glm3
 from conftest import SAMPLE, ckpt_arrays
-from glm3.merge import MergeError, merge_adapter, merge_run, split_model
-from glm3.strategy import read_strategy_file, write_strategy_file, write_tensor_parallel_strategy
 from glm3.train import FinetuneConfig, finetune
+from glm3.weights.merge import MergeError, merge_adapter, merge_run, split_model
+from glm3.weights.strategy import read_strategy_file, write_strategy_file, write_tensor_parallel_strategy
 
 
 def original(model_dir):
@@ -173,7 +173,7 @@ def test_lora_merge_gives_the_adapter_models_logits(dtype, tiny_dir, tmp_path):
     ):
         assert summary.method == "lora"
         merged = glm3.load_model(summary.dst)
-        assert merged.dtype == glm3.model.to_ms_dtype(dtype)  # stored back in the base's dtype
+        assert merged.dtype == glm3.modeling.model.to_ms_dtype(dtype)  # stored back in the base's dtype
         error = np.abs(merged(ids).asnumpy() - expected).max()
         if dtype == "float32":
             assert error < 2e-5
@@ -213,7 +213,7 @@ def test_cli_strategy_split_merge(tiny_dir, tmp_path):
 
 
 def test_pipeline_stage_strategies_split_then_merge_is_bit_exact(tiny_dir, tmp_path):
-    from glm3.strategy import write_pipeline_strategies
+    from glm3.weights.strategy import write_pipeline_strategies
 
     config = glm3.GLM3Config.from_hf(tiny_dir)
     files = write_pipeline_strategies(tmp_path / "stages", config, pipeline_stages=2, model_parallel=2)
@@ -235,9 +235,9 @@ def test_pipeline_stage_strategies_split_then_merge_is_bit_exact(tiny_dir, tmp_p
 
 def test_lora_fold_is_w_plus_b_a_times_alpha_over_rank_computed_by_hand(tiny_dir, tmp_path):
     """The merged weight of every target is W + B·A·alpha/r (here alpha/r = 12/4 = 3), other tensors untouched."""
-    from glm3.lora import adapter_shapes
-    from glm3.tensor_files import MsCkptWriter
+    from glm3.train.lora import adapter_shapes
     from glm3.train.settings import LoraConfig
+    from glm3.weights.tensor_files import MsCkptWriter
 
     config = glm3.GLM3Config.from_hf(tiny_dir)
     lora = LoraConfig(rank=4, alpha=12.0, dropout=0.0, targets=("query_key_value", "dense_4h_to_h"))

@@ -8,8 +8,8 @@ import pytest
 
 import glm3
 from conftest import hf_config, hf_weights
-from glm3.generation import compiled_step
-from glm3.kv_cache import StaticKVCache
+from glm3.runtime.generation import compiled_step
+from glm3.runtime.kv_cache import StaticKVCache
 from reference_torch import forward, greedy
 
 IDS = [1501, 1503, 1506, 13, 885, 519, 1507, 7, 300, 42, 999, 5]
@@ -80,7 +80,7 @@ def test_left_padded_batch_equals_single_rows(tiny_model):
 def test_decoding_steps_run_one_graph_per_shape_through_the_fast_path(tiny_dir):
     """A decode step is a Cell per input shape on MindSpore's inference fast path (which keeps one graph a
     Cell): generations of different widths, interleaved step by step, each get what they get alone."""
-    from glm3.generation import generation_steps
+    from glm3.runtime.generation import generation_steps
 
     model = glm3.load_model(tiny_dir)
     rng = np.random.default_rng(3)
@@ -198,7 +198,7 @@ def test_32k_rope_ratio_matches_the_reference_thousands_of_positions_in(tmp_path
     cfg = glm3.GLM3Config.from_name("tiny", rope_ratio=50.0, seq_length=8192)
     hf = glm3.write_synthetic_checkpoint(tmp_path / "hf32k", cfg, seed=5)
     stored = load_file(os.path.join(hf, "model-00001-of-00002.safetensors"))["transformer.rotary_pos_emb.inv_freq"]
-    np.testing.assert_array_equal(stored, glm3.config.rope_inv_freq(cfg.rotary_dim, 10000.0))
+    np.testing.assert_array_equal(stored, glm3.modeling.config.rope_inv_freq(cfg.rotary_dim, 10000.0))
     again = glm3.convert_checkpoint(
         glm3.convert_checkpoint(hf, tmp_path / "ms", progress=False).dst, tmp_path / "hf_again", to="hf", progress=False
     ).dst

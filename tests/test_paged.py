@@ -9,9 +9,9 @@ from mindspore import Tensor, nn
 
 import glm3
 from conftest import paged_decode_logits, without_layer_kernel
-from glm3.block_manager import BlockManager, OutOfBlocks
 from glm3.kernels import PagedCacheKernels, kernel_library
 from glm3.kernels.paged_attention import paged_attention, write_cache
+from glm3.runtime.block_manager import BlockManager, OutOfBlocks
 
 
 def test_block_manager_allocates_appends_frees_and_runs_out_clearly():
@@ -148,7 +148,7 @@ def test_the_layer_kernel_computes_the_same_bits_as_the_kernels_one_by_one(tiny_
 def test_a_model_with_lora_adapters_decodes_operator_by_operator_until_merged(tiny_dir):
     """The layer kernel knows no adapters: a LoRA model decodes through the single kernels, which add them, and
     takes the layer kernel again once they are merged, with the adapted result either way."""
-    from glm3.lora import LoraConfig, apply_lora, merge_lora
+    from glm3.train.lora import LoraConfig, apply_lora, merge_lora
 
     model = glm3.load_model(tiny_dir, kernels_backend="cpu")
     base = paged_decode_logits(model, steps=4)
@@ -168,8 +168,8 @@ def test_a_model_with_lora_adapters_decodes_operator_by_operator_until_merged(ti
 def test_the_layer_kernel_refuses_positions_and_slots_outside_their_tables(tiny_dir):
     """A position past the rotary tables or a slot outside the cache is an error MindSpore raises, not a read
     or a write out of bounds."""
-    from glm3.block_manager import DEFAULT_BLOCK_SIZE
-    from glm3.steps import PagedDecodeStep
+    from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE
+    from glm3.runtime.steps import PagedDecodeStep
 
     model = glm3.load_model(tiny_dir, kernels_backend="cpu")
     config = model.config

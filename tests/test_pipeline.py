@@ -23,7 +23,7 @@ from glm3.pipeline.params import apply_overrides, check_params
 from glm3.pipeline.plan import PLAN_FILE, RANK_TABLE_FILE, parallel_config
 from glm3.pipeline.stages import ORDER, STAGES, stage_function
 from glm3.pipeline.stages.finetune import finetune_config
-from glm3.rank_table import load_rank_table
+from glm3.train.rank_table import load_rank_table
 
 rank_table = stage_function("rank_table")
 PARAMS = os.path.join(REPO, "params.yaml")

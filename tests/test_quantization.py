@@ -15,11 +15,18 @@ from mindspore import Tensor, nn
 
 import glm3
 from conftest import free_port, paged_decode_logits, subprocess_env, without_layer_kernel
-from glm3.checkpoint import CheckpointError
-from glm3.config import ConfigError
 from glm3.kernels import dequantize as ms_dequantize
 from glm3.kernels import kernel_library, quantized_xwt_op
-from glm3.quantization import QuantizationConfig, QuantizationError, dequantize, pack_int4, quantize, unpack_int4
+from glm3.modeling.config import ConfigError
+from glm3.weights.checkpoint import CheckpointError
+from glm3.weights.quantization import (
+    QuantizationConfig,
+    QuantizationError,
+    dequantize,
+    pack_int4,
+    quantize,
+    unpack_int4,
+)
 
 LIB = kernel_library()
 
@@ -72,7 +79,7 @@ def test_quantize_and_dequantize_follow_the_format(bits, group):
 
 
 def test_quantizing_in_blocks_of_rows_changes_nothing(monkeypatch):
-    import glm3.quantization as quantization
+    import glm3.weights.quantization as quantization
 
     w = np.random.default_rng(3).standard_normal((37, 64), dtype=np.float32)
     for bits in (8, 4):
@@ -204,8 +211,8 @@ def test_a_quantized_model_generates_exports_and_runs_from_mindir(quantized, tmp
         glm3.load_model(quantized[4], kernels_backend="plain"), ids, max_new_tokens=6, eos_token_id=[]
     )
     np.testing.assert_array_equal(tokens, plain)
-    from glm3.export import export_model
-    from glm3.infer import MindIRRunner
+    from glm3.deploy.export import export_model
+    from glm3.deploy.infer import MindIRRunner
 
     dst = export_model(quantized[4], tmp_path / "export", paged=True, prompt_length=32, seq_length=64)
     runner = MindIRRunner(dst)
@@ -226,8 +233,8 @@ def test_quantized_inputs_that_cannot_work_are_refused(quantized, tmp_path):
     bad.mkdir()
     config = glm3.GLM3Config.from_hf(quantized[8])
     model = glm3.load_model(quantized["float"])
-    from glm3.loading import model_tensors
-    from glm3.shards import write_model_weights
+    from glm3.weights.loading import model_tensors
+    from glm3.weights.shards import write_model_weights
 
     with pytest.raises(CheckpointError, match="expected int8"):
         write_model_weights(model_tensors(model), str(bad), config, "float32")

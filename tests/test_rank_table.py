@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from glm3.rank_table import (
+from glm3.train.rank_table import (
     RankTableError,
     build_rank_table,
     load_rank_table,

@@ -1,12 +1,12 @@
-"""Sampling transforms (glm3.sampling.process_logits) against their definitions, on logits built by hand:
+"""Sampling transforms (glm3.runtime.sampling.process_logits) against their definitions, on logits built by hand:
 repetition penalty (CTRL: a seen token's positive logit divided by the penalty, a negative one multiplied),
 temperature, top-k and top-p (nucleus: the smallest set of the most likely tokens whose mass reaches p)."""
 
 import numpy as np
 import pytest
 
-from glm3.generation import decode_loop
-from glm3.sampling import SamplingParams, process_logits
+from glm3.runtime.generation import decode_loop
+from glm3.runtime.sampling import SamplingParams, process_logits
 
 NONE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
 HISTORY = np.array([[0, 1, 1, 2]]), np.array([[1, 1, 1, 0]])  # tokens 0 and 1 seen (1 twice); 2 is padding

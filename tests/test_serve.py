@@ -16,7 +16,7 @@ import pytest
 
 import glm3
 from conftest import free_port, subprocess_env, write_scripted_model
-from glm3.export import export_model
+from glm3.deploy.export import export_model
 
 pytestmark = pytest.mark.integration
 KEY = "test-key-123"

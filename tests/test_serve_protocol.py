@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from glm3.chat.tool_call import ToolCallError, format_tool_call, parse_tool_call
 from glm3.serve.protocol import (
     TOOLS_SYSTEM_PROMPT,
     APIError,
@@ -14,7 +15,6 @@ from glm3.serve.protocol import (
     parse,
 )
 from glm3.serve.reply import ChatReply, TextStream
-from glm3.tool_call import ToolCallError, format_tool_call, parse_tool_call
 
 WEATHER = {"name": "get_weather", "description": "the weather", "parameters": {"type": "object"}}
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from glm3.tensor_files import (
+from glm3.weights.tensor_files import (
     MsCkptWriter,
     SafetensorsWriter,
     TensorFileError,

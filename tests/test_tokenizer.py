@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 
 import glm3
-from glm3.synthetic import shipped_corpus
-from glm3.tokenizer import SPECIAL_TOKENS
+from glm3.modeling.tokenizer import SPECIAL_TOKENS
+from glm3.weights.synthetic import shipped_corpus
 
 
 @pytest.fixture(scope="module")

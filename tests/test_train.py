@@ -12,8 +12,8 @@ from mindspore import Tensor
 
 import glm3
 from conftest import ADGEN_DEV, SAMPLE, ckpt_arrays
-from glm3.lora import LoraConfig, LoraError, apply_lora, load_adapter, merge_lora, save_adapter
 from glm3.train import FinetuneConfig, ResumeError, TrainingInterrupted, finetune, lr_schedule
+from glm3.train.lora import LoraConfig, LoraError, apply_lora, load_adapter, merge_lora, save_adapter
 from glm3.train.step import CausalLMLoss
 
 

@@ -15,8 +15,8 @@ import dataclasses
 import logging
 import os
 
-from glm3.checkpoint import expected_dtypes, expected_shapes, float_shapes
-from glm3.config import GLM3Config
+from glm3.modeling.config import GLM3Config
+from glm3.weights.checkpoint import expected_dtypes, expected_shapes, float_shapes
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 # 28-layer model a little more.
 RUNTIME_BYTES = int(0.8 * GB)
 # A half-precision weight multiplied without the CPU kernels (plain MindSpore operators, as in exported graphs)
-# is cast to float32 in blocks of rows of this size (glm3.model.Linear); MindSpore splits the weight into its
+# is cast to float32 in blocks of rows of this size (glm3.modeling.model.Linear); MindSpore splits the weight into its
 # half-precision blocks first, so the largest weight is copied once in its own dtype besides two blocks.
 CAST_BLOCK_BYTES = 64 << 20
 # Activations MindSpore keeps per token and layer, in float32 values: in inference about 6 hidden-sized

@@ -16,6 +16,19 @@ import tempfile
 
 log = logging.getLogger(__name__)
 
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")  # the package's one C++ tree
+# The sources of each library built from it (headers: csrc/*.h, shared by the kernels).
+KERNEL_SOURCES = (
+    "linear.cc",
+    "quantized.cc",
+    "paged_attention.cc",
+    "elementwise.cc",
+    "decode_layer.cc",
+    "bandwidth.cc",
+)
+HEADERS = ("float_types.h", "layer_ops.h", "pool.h", "simd.h")
+SIGTERM_SENDER = "sigterm_sender.cc"
+
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 
 
@@ -36,8 +49,10 @@ def _machine() -> bytes:
 
 
 @functools.cache
-def build_library(sources: str | tuple[str, ...], without: str, name: str | None = None) -> str | None:
-    """Path of the shared library compiled from `sources` (.cc files; the headers beside them count too),
+def build_library(
+    sources: str | tuple[str, ...], without: str, name: str | None = None, headers: tuple[str, ...] = ()
+) -> str | None:
+    """Path of the shared library compiled from `sources` (.cc files, and the `headers` they include: csrc names),
     building it once; None if it cannot be built. `without` completes the warning "... : <without>", saying
     what the caller does instead. `name`: the library's name (default: the first source's)."""
     sources = (sources,) if isinstance(sources, str) else tuple(sources)
@@ -46,9 +61,7 @@ def build_library(sources: str | tuple[str, ...], without: str, name: str | None
         log.warning("no C++ compiler found: %s", without)
         return None
     code = b""
-    folders = sorted({os.path.dirname(os.path.abspath(s)) for s in sources})
-    headers = [os.path.join(d, n) for d in folders for n in sorted(os.listdir(d)) if n.endswith(".h")]
-    for path in (*sources, *headers):
+    for path in (*sources, *(os.path.join(CSRC, h) for h in headers)):
         with open(path, "rb") as f:
             code += f.read()
     try:

@@ -45,7 +45,7 @@ def _log_to_stderr() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from glm3.download import DownloadError
+    from glm3.weights.download import DownloadError
 
     _log_to_stderr()
     try:

@@ -8,7 +8,7 @@ import json
 
 def cmd_download(args) -> int:
     if args.synthetic:
-        from glm3.synthetic import write_synthetic_checkpoint
+        from glm3.weights.synthetic import write_synthetic_checkpoint
 
         path = write_synthetic_checkpoint(
             args.dst,
@@ -22,7 +22,7 @@ def cmd_download(args) -> int:
         )
         print(f"wrote random-weight {args.synthetic} checkpoint (HuggingFace layout, {args.format}) to {path}")
         return 0
-    from glm3.download import download_from_hub
+    from glm3.weights.download import download_from_hub
 
     summary = download_from_hub(
         args.dst,
@@ -49,7 +49,7 @@ def _report(summary, json_path: str | None) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from glm3.quantize import quantize_model
+    from glm3.weights.quantize import quantize_model
 
     summary = quantize_model(
         args.src,
@@ -67,7 +67,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from glm3.convert import convert_checkpoint
+    from glm3.weights.convert import convert_checkpoint
 
     summary = convert_checkpoint(
         args.src,

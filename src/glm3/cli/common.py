@@ -8,7 +8,7 @@ import json
 
 
 def setup_mindspore(mode: str) -> None:
-    from glm3.loading import setup_mindspore
+    from glm3.weights.loading import setup_mindspore
 
     setup_mindspore(mode)
 
@@ -95,7 +95,7 @@ def load_with_adapter(args):
     """The model (with --adapter applied, if given) and its tokenizer."""
     model, tok = load_model_and_tokenizer(args)
     if args.adapter:
-        from glm3.lora import load_adapter
+        from glm3.train.lora import load_adapter
 
         load_adapter(model, args.adapter)
     return model, tok

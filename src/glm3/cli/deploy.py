@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
-from glm3.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
 from glm3.cli import common
+from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
 
 
 def cmd_export(args) -> int:
-    from glm3.export import export_model
+    from glm3.deploy.export import export_model
 
     common.setup_mindspore("graph")
     batch = None if args.dynamic_batch else args.batch_size
@@ -36,8 +36,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    from glm3.infer import PROMPT_MARKER, MindIRRunner
-    from glm3.tokenizer import load_tokenizer
+    from glm3.deploy.infer import PROMPT_MARKER, MindIRRunner
+    from glm3.modeling.tokenizer import load_tokenizer
 
     common.setup_mindspore("graph")
     runner, tok = MindIRRunner(args.model), load_tokenizer(args.model)
@@ -65,7 +65,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a model to MindIR: a prefill and a one-token decode graph",
-        description="The KV cache is a graph input/output (see glm3.export). Prompts are left-padded "
+        description="The KV cache is a graph input/output (see glm3.deploy.export). Prompts are left-padded "
         "to --prompt-length; the cache holds --seq-length positions.",
     )
     p.add_argument("--model", required=True, help="model directory")

@@ -9,12 +9,12 @@ from glm3.cli import common
 
 
 def cmd_eval_ceval(args) -> int:
+    from glm3.deploy.export import EXPORT_CONFIG
     from glm3.eval.ceval import eager_logits, evaluate_ceval
-    from glm3.export import EXPORT_CONFIG
 
     if os.path.isfile(os.path.join(args.model, EXPORT_CONFIG)):  # an exported model: score with its prefill graph
-        from glm3.infer import MindIRRunner
-        from glm3.tokenizer import load_tokenizer
+        from glm3.deploy.infer import MindIRRunner
+        from glm3.modeling.tokenizer import load_tokenizer
 
         common.setup_mindspore("graph")
         source, tok = MindIRRunner(args.model).last_logits, load_tokenizer(args.model)

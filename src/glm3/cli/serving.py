@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from glm3.cli import common
-from glm3.engine import EngineConfig
+from glm3.runtime.engine import EngineConfig
 from glm3.serve.server import ServerConfig
 
 

@@ -67,7 +67,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_rank_table(args) -> int:
-    from glm3 import rank_table as rt
+    from glm3.train import rank_table as rt
 
     if args.action == "merge":
         if len(args.tables) < 1:

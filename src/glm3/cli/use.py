@@ -68,7 +68,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from glm3.generation import generate
+    from glm3.runtime.generation import generate
 
     model, tok = common.load_model_and_tokenizer(args)
     batch = tok.pad([common.prompt_ids(tok, p, args.chat) for p in args.prompt])

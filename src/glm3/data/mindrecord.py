@@ -18,7 +18,7 @@ import numpy as np
 from glm3.data.adgen import load_adgen
 from glm3.data.preprocess import preprocess_train
 from glm3.io import atomic_directory
-from glm3.tokenizer import ChatGLM3Tokenizer
+from glm3.modeling.tokenizer import ChatGLM3Tokenizer
 
 MINDRECORD = "train.mindrecord"
 META = "meta.json"

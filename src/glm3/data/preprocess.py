@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from glm3.tokenizer import ChatGLM3Tokenizer
+from glm3.modeling.tokenizer import ChatGLM3Tokenizer
 
 IGNORE_INDEX = -100
 PREPROCESSORS = ("mindformers_v3", "chat")

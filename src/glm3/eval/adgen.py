@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from glm3.generation import generate
 from glm3.io import atomic_write_text
+from glm3.runtime.generation import generate
 
 METRIC_NAMES = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 

@@ -170,7 +170,7 @@ def eager_logits(model) -> LogitsSource:
     """Last-position logits of a loaded model for a left-padded batch."""
     from mindspore import Tensor
 
-    from glm3.generation import as_batch
+    from glm3.runtime.generation import as_batch
 
     def source(batch: list[list[int]]) -> np.ndarray:
         ids, mask = as_batch(batch, None, model.config.pad_token_id)

@@ -55,7 +55,7 @@ def _one_query(q, k, v, keep_mask, scale: float):
     Half the operators of the per-group loop (on CPU each costs far more to launch than these sizes take to
     compute), and the batch of the matmuls is never 1 with two or more groups: MindSpore's batched matmul
     takes another path, which rounds differently, for a batch of one, and a row's result must not depend on
-    the number of rows (glm3.engine)."""
+    the number of rows (glm3.runtime.engine)."""
     b, _, heads, d = q.shape
     groups, kv_len = k.shape[1], k.shape[2]
     rep = heads // groups

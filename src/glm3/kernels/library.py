@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import os
 
-from glm3.native import build_library
+from glm3.native import CSRC, HEADERS, KERNEL_SOURCES, build_library
 
-_CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-SOURCES = tuple(
-    os.path.join(_CSRC, name)
-    for name in ("linear.cc", "quantized.cc", "paged_attention.cc", "elementwise.cc", "decode_layer.cc", "bandwidth.cc")
-)
+SOURCES = tuple(os.path.join(CSRC, name) for name in KERNEL_SOURCES)
 
 
 def kernel_library() -> str | None:
@@ -24,4 +20,5 @@ def kernel_library() -> str | None:
         SOURCES,
         "the model runs MindSpore's own operators (slower; float32 copies of half-precision weights)",
         name="cpu_kernels",
+        headers=HEADERS,
     )

@@ -10,7 +10,7 @@ layout), which MindSpore itself cannot execute: it exists to be exported to Mind
 On CPU, PagedCacheKernels (csrc/paged_attention.cc) writes a token into the cache where it belongs, in place,
 and attends through the block table without gathering: the plain ops copy the whole cache at every write
 (they are functional; the cache is a graph input) and gather every row's blocks into a copy. Steps built with
-them change the caches they are given and return none (glm3.steps).
+them change the caches they are given and return none (glm3.runtime.steps).
 """
 
 from __future__ import annotations

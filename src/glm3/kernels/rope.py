@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from mindspore import ops
 
-from glm3.config import rope_inv_freq
 from glm3.kernels.broadcast import like
+from glm3.modeling.config import rope_inv_freq
 
 
 def rope_tables(max_positions: int, rotary_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:

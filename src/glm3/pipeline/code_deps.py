@@ -7,8 +7,8 @@ glm3.pipeline.stages, every glm3 module those import (also inside functions: tha
 library they call) and the function-level imports of those modules (the library functions a stage calls), and
 then every module-level import of all of these, transitively; plus the non-Python files some modules read.
 Imports inside functions further away are not followed: they belong to code the stage does not run (e.g.
-generation, which `glm3.conversation` imports only when it chats). `python -m glm3.pipeline.code_deps` prints the list
-per stage; the tests check dvc.yaml against it.
+generation, which `glm3.chat.conversation` imports only when it chats). `python -m glm3.pipeline.code_deps`
+prints the list per stage; the tests check dvc.yaml against it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import ast
 import os
 import sys
 
+from glm3 import native
+
 # Files (relative to the package) that modules read at run time, besides their imports.
 DATA_FILES = {
-    "glm3.kernels.linear": ("kernels/csrc",),
-    "glm3.synthetic": ("assets",),
-    "glm3.parallel": ("launch",),
-    "glm3.train.signals": ("csrc/sigterm_sender.cc",),
+    "glm3.kernels.library": tuple(f"csrc/{name}" for name in native.KERNEL_SOURCES + native.HEADERS),
+    "glm3.weights.synthetic": ("assets",),
+    "glm3.train.parallel": ("launch",),
+    "glm3.train.signals": (f"csrc/{native.SIGTERM_SENDER}",),
 }
 
 

@@ -13,7 +13,7 @@ import os
 PARAMS_FILE = "params.yaml"
 SECTIONS = ("download", "convert", "parallel", "finetune", "merge", "export", "evaluate", "adgen_eval")
 # The settings of the sections their stage reads directly. finetune and parallel are those of the dataclasses
-# the finetune stage builds from them (glm3.train.settings, glm3.parallel via glm3.pipeline.plan).
+# the finetune stage builds from them (glm3.train.settings, glm3.train.parallel via glm3.pipeline.plan).
 _SECTION_KEYS = {
     "download": ("source", "synthetic_preset", "seed", "repo", "revision", "prefer", "timeout"),
     "convert": ("dtype", "shard_size"),
@@ -48,7 +48,7 @@ _STAGE_SET = (
     "timing_file",
 )
 SERVER_KEYS = ("ip", "devices", "hccn_conf", "device_ips")
-# The parallel section's settings of glm3.parallel.ParallelConfig (device and servers aside).
+# The parallel section's settings of glm3.train.parallel.ParallelConfig (device and servers aside).
 PARALLEL_KEYS = (
     "data_parallel",
     "model_parallel",

@@ -18,7 +18,7 @@ def parallel_fields(p: dict) -> dict:
 
 def parallel_config(params: dict, plan_dir: str):
     """ParallelConfig from params.parallel and the rank_table stage's plan (multi-node msrun flags)."""
-    from glm3.parallel import ParallelConfig
+    from glm3.train.parallel import ParallelConfig
 
     with open(os.path.join(plan_dir, PLAN_FILE), encoding="utf-8") as f:
         plan = json.load(f)

@@ -1,4 +1,4 @@
-"""`glm3 serve`: an OpenAI-compatible HTTP server over the continuous-batching engine (glm3.engine).
+"""`glm3 serve`: an OpenAI-compatible HTTP server over the continuous-batching engine (glm3.runtime.engine).
 
 protocol: the API's requests and their mapping onto ChatGLM3's conversation format; reply: generated tokens
 as streamed text and OpenAI messages; app: the FastAPI routes; server: settings and running it with uvicorn.

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glm3.engine import BackgroundEngine, Event, QueueFull
+from glm3.runtime.engine import BackgroundEngine, Event, QueueFull
 from glm3.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, conversation, parse
 from glm3.serve.reply import ChatReply, TextStream
 

@@ -14,8 +14,8 @@ import os
 import subprocess
 
 from glm3.io import atomic_write_text, tail_lines
-from glm3.parallel import launch_environment, launched_by_msrun, msrun_command
 from glm3.train.checkpoint import list_checkpoints, rank_dir
+from glm3.train.parallel import launch_environment, launched_by_msrun, msrun_command
 from glm3.train.trainer import METRICS_FILE, FinetuneConfig, FinetuneResult, finetune, memory_estimate, prepare_data
 
 CONFIG_FILE = "finetune_config.json"

@@ -11,9 +11,9 @@ import hashlib
 import json
 import os
 
-from glm3.config import DTYPE_CHOICES
-from glm3.parallel import ParallelConfig
+from glm3.modeling.config import DTYPE_CHOICES
 from glm3.settings import setting
+from glm3.train.parallel import ParallelConfig
 
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 

@@ -15,9 +15,9 @@ import os
 import signal
 import threading
 
-from glm3.native import build_library
+from glm3.native import CSRC, SIGTERM_SENDER, build_library
 
-_HELPER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc", "sigterm_sender.cc")
+_HELPER = os.path.join(CSRC, SIGTERM_SENDER)
 
 
 def signal_name(signum: int) -> str:

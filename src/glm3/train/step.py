@@ -14,7 +14,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Zero, initializer
 
 from glm3.data.preprocess import IGNORE_INDEX
-from glm3.model import GLM3ForCausalLM
+from glm3.modeling.model import GLM3ForCausalLM
 
 
 class CausalLMLoss(nn.Cell):

@@ -25,12 +25,12 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from glm3.config import GLM3Config, resolve_dtype
 from glm3.data.mindrecord import TrainData, batches_per_epoch, build_train_cache, train_dataset
 from glm3.io import atomic_write_text
-from glm3.lora import LoraDropout, apply_lora, save_adapter
-from glm3.parallel import apply_shard_strategies, init_parallel
+from glm3.modeling.config import GLM3Config, resolve_dtype
 from glm3.train import checkpoint as ckpt
+from glm3.train.lora import LoraDropout, apply_lora, save_adapter
+from glm3.train.parallel import apply_shard_strategies, init_parallel
 from glm3.train.schedule import lr_schedule
 from glm3.train.settings import FinetuneConfig
 from glm3.train.signals import StopRequests, signal_name
@@ -72,7 +72,7 @@ class FinetuneResult:
 
 def prepare_data(config: FinetuneConfig) -> TrainData:
     """Tokenize (or find cached) the training data; the launcher does this once before starting workers."""
-    from glm3.tokenizer import load_tokenizer
+    from glm3.modeling.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     return build_train_cache(
@@ -216,8 +216,8 @@ def training_dtype(config: FinetuneConfig) -> str:
 
 def memory_estimate(config: FinetuneConfig):
     """What one rank of this run needs (glm3.memory), from the model's config.json and the settings alone."""
-    from glm3.lora import adapter_shapes
     from glm3.memory import finetune_estimate
+    from glm3.train.lora import adapter_shapes
 
     model_config = GLM3Config.from_hf(config.model)
     trainable = None
@@ -285,7 +285,7 @@ class TrainingRun:
 def setup(config: FinetuneConfig) -> TrainingRun:
     """Check the settings, join the process group, tokenize the data, load the model (with LoRA, shard
     strategies), build the compiled step and resume from the newest checkpoint."""
-    from glm3.loading import load_model
+    from glm3.weights.loading import load_model
 
     config.validate()
     os.makedirs(config.output, exist_ok=True)
@@ -296,7 +296,7 @@ def setup(config: FinetuneConfig) -> TrainingRun:
     steps, per_epoch = total_steps(config, data, ranks)
     ms.set_seed(config.seed)
 
-    from glm3.config import GLM3Config
+    from glm3.modeling.config import GLM3Config
 
     if GLM3Config.from_hf(config.model).quantization is not None:
         raise ValueError(
@@ -416,7 +416,7 @@ def fit(run: TrainingRun) -> None:
 
 def finish(run: TrainingRun) -> FinetuneResult:
     """The trained weights (adapter/, or model/ in the checkpoint's dtype), metrics.json and the timing."""
-    from glm3.loading import save_model
+    from glm3.weights.loading import save_model
 
     c, weights = run.config, None
     if run.is_main:

@@ -15,8 +15,8 @@ log = logging.getLogger("glm3.pipeline")
 
 def run(params: dict, layout: Layout) -> dict:
     from glm3.eval import evaluate_adgen
-    from glm3.loading import load_model, setup_mindspore
-    from glm3.tokenizer import load_tokenizer
+    from glm3.modeling.tokenizer import load_tokenizer
+    from glm3.weights.loading import load_model, setup_mindspore
 
     p, model_dir = params["adgen_eval"], layout.outputs["merge"]
     setup_mindspore("graph")

@@ -11,7 +11,7 @@ log = logging.getLogger("glm3.pipeline")
 
 
 def run(params: dict, layout: Layout) -> dict:
-    from glm3.convert import convert_checkpoint
+    from glm3.weights.convert import convert_checkpoint
 
     p = params["convert"]
     summary = convert_checkpoint(

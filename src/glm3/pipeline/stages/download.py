@@ -14,12 +14,12 @@ log = logging.getLogger("glm3.pipeline")
 def run(params: dict, layout: Layout) -> dict:
     p, out = params["download"], layout.outputs["download"]
     if p["source"] == "synthetic":
-        from glm3.synthetic import cached_synthetic_checkpoint
+        from glm3.weights.synthetic import cached_synthetic_checkpoint
 
         cached_synthetic_checkpoint(out, p["synthetic_preset"], seed=int(p["seed"]), overwrite=True, progress=True)
         summary = {"source": "synthetic", "preset": p["synthetic_preset"], "seed": int(p["seed"])}
     elif p["source"] == "hub":
-        from glm3.download import DownloadError, download_from_hub
+        from glm3.weights.download import DownloadError, download_from_hub
 
         try:
             result = download_from_hub(

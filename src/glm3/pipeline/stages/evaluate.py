@@ -15,10 +15,10 @@ log = logging.getLogger("glm3.pipeline")
 
 
 def run(params: dict, layout: Layout) -> dict:
+    from glm3.deploy.infer import MindIRRunner
     from glm3.eval.ceval import evaluate_ceval
-    from glm3.infer import MindIRRunner
-    from glm3.loading import setup_mindspore
-    from glm3.tokenizer import load_tokenizer
+    from glm3.modeling.tokenizer import load_tokenizer
+    from glm3.weights.loading import setup_mindspore
 
     p, model = params["evaluate"], layout.outputs["export"]
     setup_mindspore("graph")

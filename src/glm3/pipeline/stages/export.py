@@ -1,6 +1,6 @@
 """Stage `export`: MindIR prefill and decode graphs of the merged model, its weights stored once beside them
 in the model's dtype (or embedded in the graphs, `export.weights: embedded`); with `export.quantize_bits`
-the merged model is quantized first (glm3.quantize) and the export holds its int8 / int4 weights."""
+the merged model is quantized first (glm3.weights.quantize) and the export holds its int8 / int4 weights."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ log = logging.getLogger("glm3.pipeline")
 
 
 def run(params: dict, layout: Layout) -> dict:
-    from glm3.loading import setup_mindspore
+    from glm3.weights.loading import setup_mindspore
 
     p = params["export"]
     setup_mindspore("graph")
@@ -22,7 +22,7 @@ def run(params: dict, layout: Layout) -> dict:
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(layout.outputs["export"]))) as tmp:
         source = layout.outputs["merge"]
         if bits:
-            from glm3.quantize import quantize_model
+            from glm3.weights.quantize import quantize_model
 
             source = os.path.join(tmp, "quantized")
             summary = quantize_model(
@@ -33,7 +33,7 @@ def run(params: dict, layout: Layout) -> dict:
 
 
 def _export(source: str, layout: Layout, p: dict) -> dict:
-    from glm3.export import ExportConfig, export_model
+    from glm3.deploy.export import ExportConfig, export_model
 
     out = export_model(
         source,

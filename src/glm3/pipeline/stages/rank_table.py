@@ -15,8 +15,8 @@ log = logging.getLogger("glm3.pipeline")
 
 
 def run(params: dict, layout: Layout) -> dict:
-    from glm3 import rank_table as rt
-    from glm3.parallel import ParallelConfig
+    from glm3.train import rank_table as rt
+    from glm3.train.parallel import ParallelConfig
 
     p = params["parallel"]
     parallel = ParallelConfig(**parallel_fields(p))

@@ -11,7 +11,7 @@ and values restored bit for bit, before any new one is admitted. Nothing running
 sequence's tokens depend on having been swapped. No request is admitted that the whole cache could not hold,
 so the oldest running sequence always fits, and everything admitted finishes.
 
-The cache is duck-typed (glm3.kv_cache.PagedKVCache): its block manager `blocks`, `usable_blocks`, and
+The cache is duck-typed (glm3.runtime.kv_cache.PagedKVCache): its block manager `blocks`, `usable_blocks`, and
 `swap_out(seq_id)` / `swap_in(seq_id, saved)`.
 """
 
@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from glm3.sampling import SamplingParams
+from glm3.runtime.sampling import SamplingParams
 
 WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
 

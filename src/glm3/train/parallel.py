@@ -16,9 +16,9 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the plan (rank_table stage) needs no model code, nor MindSpore
-    from glm3.model import GLM3ForCausalLM
+    from glm3.modeling.model import GLM3ForCausalLM
 
-WORKER_SCRIPT = os.path.join(os.path.dirname(__file__), "launch", "msrun_worker.py")
+WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch", "msrun_worker.py")
 
 
 class ParallelConfigError(ValueError):
@@ -167,7 +167,7 @@ ROW_PARALLEL = ("dense", "dense_4h_to_h")
 def apply_shard_strategies(model: GLM3ForCausalLM, parallel: ParallelConfig) -> dict[str, tuple]:
     """Set shard() strategies on every matmul (and the embedding gather), stage ids on the layers, and
     recomputation. Returns {cell name: strategy} for inspection. Only meaningful under SEMI_AUTO_PARALLEL."""
-    from glm3.model import Linear
+    from glm3.modeling.model import Linear
 
     dp, mp = parallel.data_parallel, parallel.model_parallel
     applied = {}

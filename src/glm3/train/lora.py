@@ -14,9 +14,9 @@ import os
 import mindspore as ms
 import numpy as np
 
-from glm3.config import GLM3Config
 from glm3.io import atomic_directory
-from glm3.model import GLM3ForCausalLM, Linear
+from glm3.modeling.config import GLM3Config
+from glm3.modeling.model import GLM3ForCausalLM, Linear
 from glm3.train.settings import LORA_TARGETS, LoraConfig, LoraError  # noqa: F401 (re-exported)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -26,7 +26,7 @@ ADAPTER_WEIGHTS = "adapter_model.ckpt"
 def adapter_shapes(model_config: GLM3Config, config: LoraConfig) -> dict[str, tuple[int, int]]:
     """Every adapter tensor of `config` on a model of `model_config`, by name: `<linear>.lora_a` [rank, in] and
     `<linear>.lora_b` [out, rank] for each target Linear of every layer."""
-    from glm3.checkpoint import float_shapes as expected_shapes
+    from glm3.weights.checkpoint import float_shapes as expected_shapes
 
     shapes = {}
     for name, (out, inp) in ((n, s) for n, s in expected_shapes(model_config).items() if len(s) == 2):
@@ -190,7 +190,7 @@ def check_adapter_base(base: dict, config: GLM3Config, where) -> None:
 
 def adapter_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """The adapter tensors of an adapter directory, read with the streaming .ckpt reader."""
-    from glm3.tensor_files import TensorFileError, iter_ms_ckpt
+    from glm3.weights.tensor_files import TensorFileError, iter_ms_ckpt
 
     path = os.path.join(os.fspath(directory), ADAPTER_WEIGHTS)
     if not os.path.isfile(path):

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from glm3.tokenizer import ChatGLM3Tokenizer
-from glm3.tool_call import ToolCallError, parse_tool_call
+from glm3.chat.tool_call import ToolCallError, parse_tool_call
+from glm3.modeling.tokenizer import ChatGLM3Tokenizer
 
 INVALID_TOOL_CALL_MARKER = "[invalid tool call]"
 DEFAULT_GENERATION = {"max_new_tokens": 512, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
@@ -78,7 +78,7 @@ def stream_chat(
     new_history = history + [{"role": role, "content": query}]
     tokens: list[int] = []
     shown = ""
-    from glm3.generation import iter_generate  # imports MindSpore: only when generating
+    from glm3.runtime.generation import iter_generate  # imports MindSpore: only when generating
 
     for step in iter_generate(model, inputs["input_ids"], **kwargs):
         tokens.append(int(step[0]))

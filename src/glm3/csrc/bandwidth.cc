@@ -7,9 +7,11 @@
 #include <vector>
 
 #include "pool.h"
+#include "simd.h"
 
 namespace {
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+using namespace glm3::simd;
 
 float stream_sum(const float *p, int64_t n) {
   v16 a0{}, a1{}, a2{}, a3{};

@@ -1,5 +1,5 @@
 """Autoregressive generation: left-padded batches, a static or (with the CPU kernels) paged KV cache, greedy
-or seeded sampling (glm3.sampling)."""
+or seeded sampling (glm3.runtime.sampling)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from mindspore import Tensor
 
-from glm3.block_manager import DEFAULT_BLOCK_SIZE
-from glm3.kv_cache import BlockCaches, PagedCacheSteps, StaticCacheSteps
-from glm3.sampling import SamplingParams
-from glm3.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PerShapeStep, PrefillStep
+from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE
+from glm3.runtime.kv_cache import BlockCaches, PagedCacheSteps, StaticCacheSteps
+from glm3.runtime.sampling import SamplingParams
+from glm3.runtime.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PerShapeStep, PrefillStep
 
 # Prompts are left-padded to a multiple of this, and the cache to a multiple of CACHE_BUCKET, so that
 # a handful of compiled graphs serve every prompt length.
@@ -183,7 +183,7 @@ def decode_loop(
     stop_ids,
     pad: int,
 ) -> Iterator[np.ndarray]:
-    """The generation loop over a cache's steps (glm3.kv_cache.StaticCacheSteps or PagedCacheSteps, driving
+    """The generation loop over a cache's steps (glm3.runtime.kv_cache.StaticCacheSteps or PagedCacheSteps, driving
     compiled Cells or loaded MindIR graphs): steps.start(ids, mask) and steps.step(tokens) return the logits
     [b, V] of the next token. Prompts are left-padded to prompt_slots here.
     """

@@ -1,10 +1,10 @@
 """The compiled steps of inference: prompt prefill and one-token decode, over a static or a paged KV cache.
 
-Each is a Cell over the model's transformer calling one of its named entry points (glm3.model.ChatGLMModel),
-so it compiles into one graph, runs eagerly, or exports to MindIR (glm3.export) as it is. The caches are
+Each is a Cell over the model's transformer calling one of its named entry points (glm3.modeling.model.ChatGLMModel),
+so it compiles into one graph, runs eagerly, or exports to MindIR (glm3.deploy.export) as it is. The caches are
 graph inputs and outputs, never hidden state; a model with the CPU kernels of the paged cache writes the block
 caches it is given in place, and its paged steps return the logits only (nothing is copied). Host-side
-bookkeeping (which cache columns or blocks are in use) is glm3.kv_cache's.
+bookkeeping (which cache columns or blocks are in use) is glm3.runtime.kv_cache's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from glm3 import kernels
-from glm3.model import GLM3ForCausalLM, positions_and_mask
+from glm3.modeling.model import GLM3ForCausalLM, positions_and_mask
 
 
 class PrefillStep(nn.Cell):

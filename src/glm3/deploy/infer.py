@@ -1,7 +1,7 @@
 """Running an exported model: the prefill and decode MindIR graphs behind the same generation loop as the
-eager model (glm3.generation.decode_loop), so both give the same tokens.
+eager model (glm3.runtime.generation.decode_loop), so both give the same tokens.
 
-An export whose graphs take their weights as inputs (glm3.export, the default) has its weights loaded once,
+An export whose graphs take their weights as inputs (glm3.deploy.export, the default) has its weights loaded once,
 from the checkpoint beside the graphs (checked tensor by tensor), and fed to both graphs on every call.
 
 Graphs load with MindSpore Lite when it is importable, else with MindSpore's GraphCell (MindSpore Lite has no
@@ -16,9 +16,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from glm3.export import DECODE, PREFILL, ExportConfig, ExportError, graph_file
-from glm3.generation import as_batch, decode_loop, left_pad
-from glm3.sampling import SamplingParams
+from glm3.deploy.export import DECODE, PREFILL, ExportConfig, ExportError, graph_file
+from glm3.runtime.generation import as_batch, decode_loop, left_pad
+from glm3.runtime.sampling import SamplingParams
 
 PROMPT_MARKER = "Please enter your predict data:"
 
@@ -75,10 +75,10 @@ def load_export_weights(directory: str, config: ExportConfig) -> tuple:
     tensor checked against config.json: name, shape, floating dtype)."""
     import mindspore as ms
 
-    from glm3.checkpoint import iter_checkpoint
-    from glm3.config import GLM3Config
-    from glm3.loading import as_param_data
-    from glm3.quantization import SCALE_SUFFIX
+    from glm3.modeling.config import GLM3Config
+    from glm3.weights.checkpoint import iter_checkpoint
+    from glm3.weights.loading import as_param_data
+    from glm3.weights.quantization import SCALE_SUFFIX
 
     model_config = GLM3Config.from_hf(directory)
     dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[config.dtype]
@@ -96,7 +96,7 @@ def load_export_weights(directory: str, config: ExportConfig) -> tuple:
 
 
 class MindIRRunner:
-    """Generation from an export directory (see glm3.export). `backend` says what loaded the graphs."""
+    """Generation from an export directory (see glm3.deploy.export). `backend` says what loaded the graphs."""
 
     def __init__(self, directory: str | os.PathLike):
         directory = os.fspath(directory)
@@ -109,8 +109,8 @@ class MindIRRunner:
             )
         weights = ()
         if self.config.weights == "inputs":
-            from glm3.config import GLM3Config
             from glm3.memory import check_memory, inference_estimate
+            from glm3.modeling.config import GLM3Config
 
             batch = self.config.batch_size or 1
             check_memory(
@@ -195,7 +195,7 @@ class MindIRRunner:
         return out
 
     def cache_steps(self):
-        from glm3.kv_cache import PagedCacheSteps, StaticCacheSteps
+        from glm3.runtime.kv_cache import PagedCacheSteps, StaticCacheSteps
 
         c = self.config
         if c.paged:

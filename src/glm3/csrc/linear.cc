@@ -21,32 +21,24 @@
 #include "float_types.h"
 #include "layer_ops.h"
 #include "pool.h"
+#include "simd.h"
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-using glm3::parallel_ranges;
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-typedef _Float16 h8 __attribute__((vector_size(16), aligned(2)));
-typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
+using namespace glm3::simd;
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+using glm3::parallel_ranges;
 
 struct bf16 {
   uint16_t bits;
 };
 
-inline v8 ld(const float *p) { return *reinterpret_cast<const v8 *>(p); }
-inline void st(float *p, v8 v) { *reinterpret_cast<v8 *>(p) = v; }
-inline v8 splat(float s) { return v8{s, s, s, s, s, s, s, s}; }
 
 // Eight weights as float32, whatever their storage.
-inline v8 ldw(const float *p) { return ld(p); }
+inline v8 ldw(const float *p) { return load8(p); }
 inline v8 ldw(const _Float16 *p) {
 #if defined(__F16C__)
   // GCC's generic vector conversion of _Float16 is not vectorized (8 GB/s measured); F16C's is.
@@ -65,8 +57,7 @@ inline v8 ldw(const bf16 *p) {
   return out;
 }
 // Sixteen weights as float32 (one 64-byte vector; the compiler splits it where the host has no AVX-512).
-inline v16 ld16(const float *p) { return *reinterpret_cast<const v16 *>(p); }
-inline v16 ldw16(const float *p) { return ld16(p); }
+inline v16 ldw16(const float *p) { return load16(p); }
 inline v16 ldw16(const _Float16 *p) {
 #if defined(__AVX512F__)
   const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
@@ -87,19 +78,9 @@ inline v16 ldw16(const bf16 *p) {
   std::memcpy(&out, &wide, sizeof(out));
   return out;
 }
-inline float hsum16(v16 v) {
-  float s = 0.f;
-  for (int l = 0; l < 16; ++l) s += v[l];
-  return s;
-}
 inline float scalar(float v) { return v; }
 inline float scalar(_Float16 v) { return static_cast<float>(v); }
 inline float scalar(bf16 v) { return glm3::bf16_to_float(v.bits); }
-inline float hsum(v8 v) {
-  float s = 0.f;
-  for (int l = 0; l < 8; ++l) s += v[l];
-  return s;
-}
 // ---------------------------------------------------------------------------------------------- x W^T
 // M <= 4 rows of x against weight rows [j0, j1): weights converted in registers as they stream by, so
 // every weight is read once per call.
@@ -124,7 +105,7 @@ void xwt_rows(const float *x, int64_t ldx, const W *w, float *y, int64_t ldy, in
       }
       const v16 b0 = ldw16(w0 + t), b1 = ldw16(w1 + t), b2 = ldw16(w2 + t), b3 = ldw16(w3 + t);
       for (int i = 0; i < M; ++i) {
-        const v16 xv = ld16(x + i * ldx + t);
+        const v16 xv = load16(x + i * ldx + t);
         c0[i] += xv * b0;
         c1[i] += xv * b1;
         c2[i] += xv * b2;
@@ -136,7 +117,7 @@ void xwt_rows(const float *x, int64_t ldx, const W *w, float *y, int64_t ldy, in
     for (; t + 8 <= k; t += 8) {
       const v8 b0 = ldw(w0 + t), b1 = ldw(w1 + t), b2 = ldw(w2 + t), b3 = ldw(w3 + t);
       for (int i = 0; i < M; ++i) {
-        const v8 xv = ld(x + i * ldx + t);
+        const v8 xv = load8(x + i * ldx + t);
         a0[i] += xv * b0;
         a1[i] += xv * b1;
         a2[i] += xv * b2;
@@ -144,8 +125,8 @@ void xwt_rows(const float *x, int64_t ldx, const W *w, float *y, int64_t ldy, in
       }
     }
     for (int i = 0; i < M; ++i) {
-      float s0 = hsum16(c0[i]) + hsum(a0[i]), s1 = hsum16(c1[i]) + hsum(a1[i]);
-      float s2 = hsum16(c2[i]) + hsum(a2[i]), s3 = hsum16(c3[i]) + hsum(a3[i]);
+      float s0 = hsum16(c0[i]) + hsum8(a0[i]), s1 = hsum16(c1[i]) + hsum8(a1[i]);
+      float s2 = hsum16(c2[i]) + hsum8(a2[i]), s3 = hsum16(c3[i]) + hsum8(a3[i]);
       for (int64_t r = t; r < k; ++r) {
         const float xv = x[i * ldx + r];
         s0 += xv * scalar(w0[r]);
@@ -202,7 +183,7 @@ void xwt(const float *x, const W *w, float *y, int64_t m, int64_t k, int64_t n) 
         const W *src = w + (jt + r) * k;
         float *dst = tile.data() + r * k;
         int64_t t = 0;
-        for (; t + 8 <= k; t += 8) st(dst + t, ldw(src + t));
+        for (; t + 8 <= k; t += 8) store8(dst + t, ldw(src + t));
         for (; t < k; ++t) dst[t] = scalar(src[t]);
       }
       // y[:, jt:jt+rows] from the float32 tile, whose rows are numbered from 0.
@@ -239,31 +220,31 @@ void xw(const float *x, const W *w, float *y, int64_t m, int64_t n, int64_t k) {
         for (; i + 4 <= m; i += 4) {
           v8 acc[4][2];
           for (int r = 0; r < 4; ++r) {
-            acc[r][0] = ld(y + (i + r) * k + c);
-            acc[r][1] = ld(y + (i + r) * k + c + 8);
+            acc[r][0] = load8(y + (i + r) * k + c);
+            acc[r][1] = load8(y + (i + r) * k + c + 8);
           }
           for (int64_t j = jt; j < j1; ++j) {
             const v8 w0 = ldw(w + j * k + c), w1 = ldw(w + j * k + c + 8);
             for (int r = 0; r < 4; ++r) {
-              const v8 xv = splat(x[(i + r) * n + j]);
+              const v8 xv = splat8(x[(i + r) * n + j]);
               acc[r][0] += xv * w0;
               acc[r][1] += xv * w1;
             }
           }
           for (int r = 0; r < 4; ++r) {
-            st(y + (i + r) * k + c, acc[r][0]);
-            st(y + (i + r) * k + c + 8, acc[r][1]);
+            store8(y + (i + r) * k + c, acc[r][0]);
+            store8(y + (i + r) * k + c + 8, acc[r][1]);
           }
         }
         for (; i < m; ++i) {
-          v8 a0 = ld(y + i * k + c), a1 = ld(y + i * k + c + 8);
+          v8 a0 = load8(y + i * k + c), a1 = load8(y + i * k + c + 8);
           for (int64_t j = jt; j < j1; ++j) {
-            const v8 xv = splat(x[i * n + j]);
+            const v8 xv = splat8(x[i * n + j]);
             a0 += xv * ldw(w + j * k + c);
             a1 += xv * ldw(w + j * k + c + 8);
           }
-          st(y + i * k + c, a0);
-          st(y + i * k + c + 8, a1);
+          store8(y + i * k + c, a0);
+          store8(y + i * k + c + 8, a1);
         }
       }
     }

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
-from glm3.config import GLM3Config
 from glm3.io import atomic_write_bytes
-from glm3.parallel import COLUMN_PARALLEL, ROW_PARALLEL
+from glm3.modeling.config import GLM3Config
+from glm3.train.parallel import COLUMN_PARALLEL, ROW_PARALLEL
 
 
 class StrategyError(ValueError):
@@ -23,7 +23,7 @@ def tensor_parallel_layout(config: GLM3Config) -> dict[str, list[int]]:
     """{parameter name: tensor map} of the Megatron layout `parallel.apply_shard_strategies` asks for:
     column-parallel weights (and their biases) split on the output dimension, row-parallel ones on the input
     dimension, the embedding table on the vocabulary; everything else (norms, row-parallel biases) replicated."""
-    from glm3.checkpoint import float_shapes as expected_shapes
+    from glm3.weights.checkpoint import float_shapes as expected_shapes
 
     layout = {}
     for name, shape in expected_shapes(config).items():
@@ -73,7 +73,7 @@ def write_strategy_file(
 
 def _checked_layout(config: GLM3Config, model_parallel: int, data_parallel: int) -> dict[str, list[int]]:
     """The tensor-parallel layout, after checking that every split dimension divides by model_parallel."""
-    from glm3.checkpoint import float_shapes as expected_shapes
+    from glm3.weights.checkpoint import float_shapes as expected_shapes
 
     if model_parallel < 1 or data_parallel < 1:
         raise StrategyError("model_parallel and data_parallel must be >= 1")

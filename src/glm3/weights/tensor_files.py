@@ -34,7 +34,7 @@ class TensorFileError(ValueError):
 
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-# The data of quantized weights (glm3.quantization), stored exactly as given.
+# The data of quantized weights (glm3.weights.quantization), stored exactly as given.
 QUANTIZED_DTYPES = ("int8", "uint8")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 

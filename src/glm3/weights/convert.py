@@ -6,7 +6,7 @@ index, config.json and the tokenizer files. MindSpore -> HF writes `model-0000N-
 `model.safetensors.index.json` and config.json, which the HuggingFace ChatGLM3 code loads.
 
 Memory stays at one source shard plus one tensor: tensors are validated and written one at a time
-(glm3.checkpoint.iter_checkpoint, glm3.tensor_files). The destination is built in a temporary directory
+(glm3.weights.checkpoint.iter_checkpoint, glm3.weights.tensor_files). The destination is built in a temporary directory
 beside it and renamed into place only when complete, so a failure or a kill leaves no partial result.
 """
 
@@ -16,7 +16,10 @@ import dataclasses
 import os
 import time
 
-from glm3.checkpoint import (
+from glm3.io import atomic_directory, byte_progress, check_destination
+from glm3.modeling.config import PRESETS, ConfigError, GLM3Config
+from glm3.modeling.tokenizer import copy_tokenizer_files
+from glm3.weights.checkpoint import (
     HF_INV_FREQ,
     HF_ST_INDEX,
     MS_CKPT_INDEX,
@@ -29,11 +32,8 @@ from glm3.checkpoint import (
     ms_to_hf_name,
     release_inv_freq,
 )
-from glm3.config import PRESETS, ConfigError, GLM3Config
-from glm3.io import atomic_directory, byte_progress, check_destination
-from glm3.shards import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size
-from glm3.tensor_files import STORAGE_DTYPES, safetensors_header_bound, storage_nbytes
-from glm3.tokenizer import copy_tokenizer_files
+from glm3.weights.shards import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size
+from glm3.weights.tensor_files import STORAGE_DTYPES, safetensors_header_bound, storage_nbytes
 
 
 @dataclasses.dataclass

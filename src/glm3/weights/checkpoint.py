@@ -5,7 +5,7 @@ Names: ours (= MindFormers') are the HuggingFace names with `word_embeddings.wei
 for shape and skipped (the model derives RoPE tables from the config).
 
 iter_checkpoint yields (name, numpy array) one tensor at a time and holds at most one source shard
-open (see glm3.tensor_files), so loading or converting a 6B checkpoint never needs a second copy in memory.
+open (see glm3.weights.tensor_files), so loading or converting a 6B checkpoint never needs a second copy in memory.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from glm3.config import GLM3Config, rope_inv_freq
-from glm3.quantization import scale_name
-from glm3.tensor_files import TensorFileError, iter_ms_ckpt, iter_safetensors, iter_torch_bin
+from glm3.modeling.config import GLM3Config, rope_inv_freq
+from glm3.weights.quantization import scale_name
+from glm3.weights.tensor_files import TensorFileError, iter_ms_ckpt, iter_safetensors, iter_torch_bin
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
 MS_EMBEDDING = "transformer.embedding.embedding_table"
@@ -50,7 +50,7 @@ def ms_to_hf_name(name: str) -> str:
 
 def expected_shapes(config: GLM3Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of the model's checkpoint, by MindSpore name, with its shape (PyTorch [out, in] for linears);
-    for a quantized config, quantized weights as stored and their scales beside them (glm3.quantization)."""
+    for a quantized config, quantized weights as stored and their scales beside them (glm3.weights.quantization)."""
     shapes = float_shapes(config)
     q = config.quantization
     if q is None:

@@ -1,14 +1,14 @@
-"""KV caches on the host side: the bookkeeping of the cache a pair of compiled steps (glm3.steps, or the
+"""KV caches on the host side: the bookkeeping of the cache a pair of compiled steps (glm3.runtime.steps, or the
 MindIR graphs of an export) reads and writes, so that one generation loop drives either.
 
 Two layouts:
 - static: one key and one value tensor per layer, [batch, kv_groups, max_len, head_dim], a column per position;
 - paged: one key and one value tensor per layer, [num_blocks, block_size, kv_groups, head_dim], shared by all
-  sequences, each owning blocks through a block table (glm3.block_manager); prefill writes the prompt through
+  sequences, each owning blocks through a block table (glm3.runtime.block_manager); prefill writes the prompt through
   a slot mapping, decode writes one slot per row and attends through the block tables.
 `StaticCacheSteps` / `PagedCacheSteps` hold a prefill and a decode step for one batch of prompts: start(ids,
 mask) and step(tokens) return the next token's logits. `PagedKVCache` is the paged cache shared by sequences
-that come and go (the serving engine, glm3.engine): prefill one sequence, decode any set of them, swap a
+that come and go (the serving engine, glm3.runtime.engine): prefill one sequence, decode any set of them, swap a
 sequence's blocks out to host memory and back.
 """
 
@@ -20,7 +20,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from glm3.block_manager import BlockManager
+from glm3.runtime.block_manager import BlockManager
 
 SCRATCH = -1  # the block manager's sequence id of the scratch block
 
@@ -99,7 +99,7 @@ class BlockCaches:
 @dataclasses.dataclass(frozen=True)
 class PagedShapes:
     """The inputs a pair of paged steps takes. Compiled Cells take any shape (each new one compiles once); the
-    graphs of an export have some fixed (glm3.export).
+    graphs of an export have some fixed (glm3.deploy.export).
 
     prompt_width: the prefill width, fixed (an export's prompt_length) or None: the prompt's length rounded up
     to a power of two, at least prompt_bucket (few shapes, each compiled once, for at most twice the prompt's

@@ -23,14 +23,14 @@ import tempfile
 import mindspore as ms
 import numpy as np
 
-from glm3.checkpoint import is_training_state, iter_checkpoint
-from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_directory
 from glm3.memory import check_memory, streaming_estimate
-from glm3.shards import DEFAULT_SHARD_SIZE, write_model_weights
-from glm3.tensor_files import ckpt_tensor_types, iter_ms_ckpt
-from glm3.tokenizer import copy_tokenizer_files
+from glm3.modeling.config import GLM3Config, resolve_dtype
+from glm3.modeling.tokenizer import copy_tokenizer_files
 from glm3.train.checkpoint import STATE_FILE, list_checkpoints
+from glm3.weights.checkpoint import is_training_state, iter_checkpoint
+from glm3.weights.shards import DEFAULT_SHARD_SIZE, write_model_weights
+from glm3.weights.tensor_files import ckpt_tensor_types, iter_ms_ckpt
 
 
 class MergeError(ValueError):
@@ -155,7 +155,7 @@ def _strategy_file(strategy: str, scratch: str) -> str:
 
 
 def _check_rank_count(strategy_file: str, ranks: int) -> None:
-    from glm3.strategy import read_strategy_file
+    from glm3.weights.strategy import read_strategy_file
 
     layouts = read_strategy_file(strategy_file)
     devices = int(np.prod(next(iter(layouts.values()))["dev_matrix"]))
@@ -231,7 +231,7 @@ def _fold(base, adapter, state, dst, overwrite, dtype, shard_size) -> MergeSumma
     """Stream the base model's tensors with the adapter folded in (W + B·A·alpha/rank in float32, stored back
     as `dtype`): memory is one base tensor at a time, never the model. `state` holds the adapter tensors of a
     run's checkpoint; None reads them from the adapter directory."""
-    from glm3.lora import adapter_weights, check_adapter_base, fold_adapter, read_adapter_config
+    from glm3.train.lora import adapter_weights, check_adapter_base, fold_adapter, read_adapter_config
 
     base = os.fspath(base)
     config = GLM3Config.from_hf(base)
@@ -250,7 +250,7 @@ def split_model(
     model_dir: str | os.PathLike, strategy_file: str, dst: str | os.PathLike, overwrite: bool = False
 ) -> list[str]:
     """Write `dst/rank_N/model.ckpt`, the shards of a model directory under a strategy file."""
-    from glm3.checkpoint import iter_checkpoint
+    from glm3.weights.checkpoint import iter_checkpoint
 
     config = GLM3Config.from_hf(model_dir)
     tensors = {

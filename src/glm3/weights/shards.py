@@ -15,10 +15,16 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from glm3.checkpoint import MS_CKPT_INDEX, MS_ST_INDEX, CheckpointError, expected_dtypes, expected_shapes
-from glm3.config import GLM3Config
 from glm3.io import atomic_write_text
-from glm3.tensor_files import STORAGE_DTYPES, MsCkptWriter, SafetensorsWriter, safetensors_header_bound, storage_nbytes
+from glm3.modeling.config import GLM3Config
+from glm3.weights.checkpoint import MS_CKPT_INDEX, MS_ST_INDEX, CheckpointError, expected_dtypes, expected_shapes
+from glm3.weights.tensor_files import (
+    STORAGE_DTYPES,
+    MsCkptWriter,
+    SafetensorsWriter,
+    safetensors_header_bound,
+    storage_nbytes,
+)
 
 DEFAULT_SHARD_SIZE = "2GB"
 MS_STEM = "mindspore_model"

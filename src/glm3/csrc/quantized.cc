@@ -17,16 +17,15 @@
 
 #include "layer_ops.h"
 #include "pool.h"
+#include "simd.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int8_t i8x16 __attribute__((vector_size(16), aligned(1)));
-typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+using namespace glm3::simd;
+
 
 constexpr int64_t kPanel = 64;
 constexpr int64_t kBlock = 32;  // weights per packing block (and the least group)
@@ -67,13 +66,6 @@ inline i32x16 widen_unsigned(const uint8_t *p) {
 #endif
 }
 
-inline v16 ld(const float *p) { return *reinterpret_cast<const v16 *>(p); }
-inline v16 splat(float s) { return v16{} + s; }
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int l = 0; l < 16; ++l) s += v[l];
-  return s;
-}
 
 struct Int8 {
   static constexpr int64_t row_bytes(int64_t k) { return k; }
@@ -172,7 +164,7 @@ void tile(const float *x, int64_t k, const uint8_t *w, const _Float16 *scales, i
       v16 lo[NR], hi[NR];
       for (int r = 0; r < NR; ++r) Q::template load<MR <= 2>(rows[r], b, lo[r], hi[r]);
       for (int i = 0; i < MR; ++i) {
-        const v16 x0 = ld(x + i * k + b * kBlock), x1 = ld(x + i * k + b * kBlock + 16);
+        const v16 x0 = load16(x + i * k + b * kBlock), x1 = load16(x + i * k + b * kBlock + 16);
         for (int r = 0; r < NR; ++r) {
           part[i][r] += x0 * lo[r];
           part[i][r] += x1 * hi[r];
@@ -180,12 +172,12 @@ void tile(const float *x, int64_t k, const uint8_t *w, const _Float16 *scales, i
       }
     }
     for (int r = 0; r < NR; ++r) {
-      const v16 s = splat(scale.at(r, g));
+      const v16 s = splat16(scale.at(r, g));
       for (int i = 0; i < MR; ++i) acc[i][r] += part[i][r] * s;
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) y[i * ldy + j + r] = hsum(acc[i][r]);
+    for (int r = 0; r < NR; ++r) y[i * ldy + j + r] = hsum16(acc[i][r]);
 }
 
 template <typename Q, int MR>

@@ -13,7 +13,10 @@ from importlib import resources
 
 import numpy as np
 
-from glm3.checkpoint import (
+from glm3.io import atomic_directory, atomic_write_text, byte_progress, check_destination, exclusive_lock
+from glm3.modeling.config import PRESETS, GLM3Config
+from glm3.modeling.tokenizer import ChatGLM3Tokenizer, train_sentencepiece
+from glm3.weights.checkpoint import (
     HF_BIN_INDEX,
     HF_INV_FREQ,
     HF_ST_INDEX,
@@ -23,10 +26,7 @@ from glm3.checkpoint import (
     ms_to_hf_name,
     release_inv_freq,
 )
-from glm3.config import PRESETS, GLM3Config
-from glm3.io import atomic_directory, atomic_write_text, byte_progress, check_destination, exclusive_lock
-from glm3.tensor_files import SafetensorsWriter, safetensors_header_bound, storage_nbytes
-from glm3.tokenizer import ChatGLM3Tokenizer, train_sentencepiece
+from glm3.weights.tensor_files import SafetensorsWriter, safetensors_header_bound, storage_nbytes
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 

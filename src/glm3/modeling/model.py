@@ -7,7 +7,7 @@ The model is built from its config and a BuildOptions (storage and compute dtype
 fresh weights). The transformer (ChatGLMModel) has one named entry point per use, each a documented contract:
 the full pass (`construct`), `prefill`, `decode_static` (a [batch, groups, max_len, head_dim] key and value
 cache per layer, passed in and returned) and `decode_paged` (block caches). Compiled steps over them live in
-glm3.steps; the generation loop in glm3.generation. This module knows nothing of either.
+glm3.runtime.steps; the generation loop in glm3.runtime.generation. This module knows nothing of either.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, Uniform, Zero, initializer
 
 from glm3 import kernels
-from glm3.config import GLM3Config
 from glm3.memory import CAST_BLOCK_BYTES
-from glm3.quantization import QuantizationConfig
+from glm3.modeling.config import GLM3Config
+from glm3.weights.quantization import QuantizationConfig
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -56,14 +56,14 @@ class BuildOptions:
     many rows with a float32 weight go through our kernels (above it MindSpore's MatMul is faster); quantization:
     the model's weight-only quantization (config.quantization), if any. Our kernels
     give every row the same result whatever the number of rows, MindSpore's MatMul does not, so the serving
-    engine raises this to its widest decode batch (glm3.engine)."""
+    engine raises this to its widest decode batch (glm3.runtime.engine)."""
 
     dtype: ms.Type = ms.float32
     compute_dtype: ms.Type = ms.float32
     backend: str = "plain"
     init: str = "normal"
     kernel_rows: int = kernels.SMALL_M
-    quantization: QuantizationConfig | None = None  # weight-only quantized linear weights (glm3.quantization)
+    quantization: QuantizationConfig | None = None  # weight-only quantized linear weights (glm3.weights.quantization)
 
     def initializer(self):
         return Normal(0.02) if self.init == "normal" else Zero()
@@ -166,7 +166,7 @@ class Linear(nn.Cell):
         A is [rank, in] (Kaiming-uniform, as in the LoRA paper's reference code), B is [out, rank], both
         float32 whatever the base weight's dtype.
         Dropout, in training only, multiplies x by `lora_mask`, a Parameter the trainer refills from its
-        own seeded generator before each step (so a resumed run draws the same masks; see glm3.lora).
+        own seeded generator before each step (so a resumed run draws the same masks; see glm3.train.lora).
         """
         bound = 1.0 / math.sqrt(self.in_features)
         self.lora_a = _param((rank, self.in_features), ms.float32, Uniform(bound), "lora_a")
@@ -554,7 +554,7 @@ class ChatGLMModel(nn.Cell):
       the new token, keep_mask [b, 1, 1, max_len] the columns to attend to;
     - decode_paged(input_ids [b, 1], position_ids, caches, slots [b], block_tables [b, max_blocks],
       context_lens [b], fused_paged_attention) -> (logits [b, V], caches): caches are 2 x layers block caches
-      [num_blocks, block_size, groups, d] shared by the batch (see glm3.block_manager).
+      [num_blocks, block_size, groups, d] shared by the batch (see glm3.runtime.block_manager).
     """
 
     def __init__(self, config: GLM3Config, options: BuildOptions):
@@ -638,7 +638,7 @@ class GLM3ForCausalLM(nn.Cell):
     param_init: "normal" for a freshly initialised model, "lazy" to allocate nothing (weights loaded next).
     kernel_rows: see BuildOptions (None: its default).
     The cache modes (prefill, static and paged decoding) are `model.transformer`'s entry points (ChatGLMModel);
-    generation (glm3.generation) compiles steps over them.
+    generation (glm3.runtime.generation) compiles steps over them.
     """
 
     def __init__(
@@ -718,7 +718,7 @@ class GLM3ForCausalLM(nn.Cell):
 
         MindSpore keys a Cell's compiled graphs by the Cell's creation time and the call's arguments, not by
         its structure, so without this a changed model would keep running its old graph; steps compiled
-        over it (glm3.generation) check `structure_version`.
+        over it (glm3.runtime.generation) check `structure_version`.
         """
         object.__setattr__(self, "_create_time", time.time_ns())
         self.structure_version += 1

@@ -25,17 +25,17 @@
 
 #include "layer_ops.h"
 #include "pool.h"
+#include "simd.h"
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-inline v8 ld(const float *p) { return *reinterpret_cast<const v8 *>(p); }
-inline void st(float *p, v8 v) { *reinterpret_cast<v8 *>(p) = v; }
+using namespace glm3::simd;
+
 
 inline float dot(const float *a, const float *b, int64_t d) {
   v8 acc{};
   int64_t t = 0;
-  for (; t + 8 <= d; t += 8) acc += ld(a + t) * ld(b + t);
+  for (; t + 8 <= d; t += 8) acc += load8(a + t) * load8(b + t);
   float s = 0.f;
   for (int l = 0; l < 8; ++l) s += acc[l];
   for (; t < d; ++t) s += a[t] * b[t];
@@ -45,7 +45,7 @@ inline float dot(const float *a, const float *b, int64_t d) {
 inline void axpy(float *y, float a, const float *x, int64_t d) {
   int64_t t = 0;
   const v8 av{a, a, a, a, a, a, a, a};
-  for (; t + 8 <= d; t += 8) st(y + t, ld(y + t) + av * ld(x + t));
+  for (; t + 8 <= d; t += 8) store8(y + t, load8(y + t) + av * load8(x + t));
   for (; t < d; ++t) y[t] += a * x[t];
 }
 

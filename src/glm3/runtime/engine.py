@@ -1,8 +1,8 @@
 """The serving engine: continuous batching of many requests over one paged KV cache.
 
-Each step (a token boundary) the scheduler (glm3.scheduler) says which sequences swap out or in, which new
-ones are prefilled (one prompt per call) and which decode; the cache (glm3.kv_cache.PagedKVCache) runs the
-steps; each sequence's next token is chosen by its own settings and generator (glm3.sampling); a finished or
+Each step (a token boundary) the scheduler (glm3.runtime.scheduler) says which sequences swap out or in, which new
+ones are prefilled (one prompt per call) and which decode; the cache (glm3.runtime.kv_cache.PagedKVCache) runs the
+steps; each sequence's next token is chosen by its own settings and generator (glm3.runtime.sampling); a finished or
 aborted sequence leaves the batch at once and its blocks are free for the next step.
 
 A sequence's tokens do not depend on what else runs. Each prompt is prefilled alone, in a call whose shape
@@ -28,9 +28,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from glm3.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
-from glm3.sampling import SamplingParams
-from glm3.scheduler import FINISHED, QueueFull, Scheduler, Sequence
+from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
+from glm3.runtime.sampling import SamplingParams
+from glm3.runtime.scheduler import FINISHED, QueueFull, Scheduler, Sequence
 from glm3.settings import setting
 
 log = logging.getLogger(__name__)
@@ -280,8 +280,8 @@ def _pow2_widths(most: int, least: int) -> tuple[int, ...]:
 def load_engine(path: str | os.PathLike, config: EngineConfig, dtype: str = "auto", kernels: str = "auto"):
     """(Engine, tokenizer) for a model directory (run eagerly, with compiled steps) or a paged export's
     directory (its MindIR graphs; its own block size, block count and batch)."""
-    from glm3.export import EXPORT_CONFIG
-    from glm3.tokenizer import load_tokenizer
+    from glm3.deploy.export import EXPORT_CONFIG
+    from glm3.modeling.tokenizer import load_tokenizer
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -296,12 +296,12 @@ def load_engine(path: str | os.PathLike, config: EngineConfig, dtype: str = "aut
 
 def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
     import glm3
-    from glm3.config import GLM3Config, resolve_dtype
-    from glm3.generation import PROMPT_BUCKET, compiled_step
     from glm3.kernels import resolve_backend
-    from glm3.kv_cache import BlockCaches, PagedKVCache, PagedShapes
     from glm3.memory import check_memory, inference_estimate
-    from glm3.model import dtype_name
+    from glm3.modeling.config import GLM3Config, resolve_dtype
+    from glm3.modeling.model import dtype_name
+    from glm3.runtime.generation import PROMPT_BUCKET, compiled_step
+    from glm3.runtime.kv_cache import BlockCaches, PagedKVCache, PagedShapes
 
     model_config = GLM3Config.from_hf(path)
     backend = resolve_backend(kernels)
@@ -333,9 +333,9 @@ def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
 
 
 def _export_cache(path: str, config: EngineConfig):
-    from glm3.export import ExportError
-    from glm3.infer import MindIRRunner
-    from glm3.kv_cache import PagedKVCache, PagedShapes
+    from glm3.deploy.export import ExportError
+    from glm3.deploy.infer import MindIRRunner
+    from glm3.runtime.kv_cache import PagedKVCache, PagedShapes
 
     runner = MindIRRunner(path)
     c = runner.config

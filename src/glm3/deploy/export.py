@@ -7,7 +7,7 @@ it updated, so the two graphs are pure functions and any runtime can hold the ca
 Shapes: prompts are left-padded to `prompt_length`; the cache holds `seq_length` positions. The batch is
 static (`batch_size`) or dynamic (`batch_size=None`: any batch at run time).
 
-With `paged=True` the cache is a block cache instead (glm3.kv_cache): per layer [num_blocks, block_size,
+With `paged=True` the cache is a block cache instead (glm3.runtime.kv_cache): per layer [num_blocks, block_size,
 kv_groups, head_dim] keys and values shared by the batch; prefill also takes the prompt's slot mapping, and
 decode takes each row's slot, block table ([batch, ceil(seq_length / block_size)]) and context length.
 
@@ -36,13 +36,13 @@ import shutil
 import mindspore as ms
 from mindspore import Tensor
 
-from glm3.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
-from glm3.checkpoint import detect_layout, iter_checkpoint
-from glm3.config import GLM3Config, resolve_dtype
 from glm3.io import atomic_directory, public_permissions
-from glm3.kv_cache import BlockCaches
-from glm3.shards import write_model_weights
-from glm3.tokenizer import copy_tokenizer_files
+from glm3.modeling.config import GLM3Config, resolve_dtype
+from glm3.modeling.tokenizer import copy_tokenizer_files
+from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
+from glm3.runtime.kv_cache import BlockCaches
+from glm3.weights.checkpoint import detect_layout, iter_checkpoint
+from glm3.weights.shards import write_model_weights
 
 EXPORT_CONFIG = "export_config.json"
 PREFILL, DECODE = "prefill", "decode"  # graph names: <name>.mindir, or <name>_graph.mindir + <name>_variables/
@@ -193,10 +193,10 @@ def export_model(
     fused_paged_attention: the decode graph uses MindSpore's PagedAttention operator (float16), for MindSpore
     Lite on Ascend; MindSpore itself cannot run that graph, so it is for deployment, not for `glm3 infer` here.
     """
-    from glm3.loading import load_model
     from glm3.memory import check_memory, inference_estimate, streaming_estimate
-    from glm3.model import GLM3ForCausalLM
-    from glm3.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
+    from glm3.modeling.model import GLM3ForCausalLM
+    from glm3.runtime.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PrefillStep
+    from glm3.weights.loading import load_model
 
     model_dir = os.fspath(model_dir)
     if weights not in WEIGHT_MODES:
@@ -222,7 +222,7 @@ def export_model(
         check_memory(streaming_estimate(config, dtype, f"exporting {model_dir}"))
         model = GLM3ForCausalLM(config, dtype=dtype, kernels_backend="plain", param_init="lazy")
         if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
-            from glm3.tokenizer import ChatGLM3Tokenizer
+            from glm3.modeling.tokenizer import ChatGLM3Tokenizer
 
             model.stop_token_ids = ChatGLM3Tokenizer.from_pretrained(model_dir).stop_token_ids[1:]
     spec = ExportConfig(

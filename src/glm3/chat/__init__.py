@@ -1,0 +1,1 @@
+"""Chat on top of generation: the conversation format and tool calls."""

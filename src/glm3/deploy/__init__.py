@@ -1,0 +1,1 @@
+"""MindIR export of a model and running the exported graphs."""

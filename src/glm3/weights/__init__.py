@@ -1,0 +1,1 @@
+"""Checkpoints on disk: reading, checking, converting, sharding, merging, quantizing, downloading, synthesising."""
