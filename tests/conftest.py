@@ -109,18 +109,41 @@ def tokenizer(tiny_dir):
     return glm3.load_tokenizer(tiny_dir)
 
 
+class StepDriver:
+    """generate()'s model runner and KV-cache manager driven by hand: start(ids, mask) prefills a left-padded
+    batch, step(tokens) decodes the given tokens (not sampled ones); both return the next-token logits [b, V]."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        from glm3.runtime.generation import generation_engine
+
+        engine = generation_engine(model, batch, max_len)
+        self.runner, self.kv, self.batch = engine.runner, engine.scheduler.kv, batch
+
+    def start(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.prompts = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
+        for row, prompt in enumerate(self.prompts):
+            self.kv.allocate(row, len(prompt))
+        self.steps = 0
+        return self.runner.prefill(self.prompts, [self.kv.tables[row] for row in range(self.batch)])
+
+    def step(self, tokens) -> np.ndarray:
+        for row in range(self.batch):
+            self.kv.append_slots(row)
+        positions = [len(p) + self.steps for p in self.prompts]
+        self.steps += 1
+        return self.runner.decode(list(tokens), positions, [self.kv.tables[row] for row in range(self.batch)])
+
+
 def paged_decode_logits(model, steps: int = 24, seed: int = 0) -> np.ndarray:
     """[steps + 1, 2, V] logits of a left-padded batch of two rows (prefill, then one token a step, past the first
-    cache block) through generate()'s cache steps."""
-    from glm3.runtime.generation import generation_steps
-
+    cache block) through generate()'s model runner."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 2000, size=(2, 40)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, :13] = 0  # the second row is shorter: left padding
-    cache = generation_steps(model, batch=2, max_len=128)
-    logits = [cache.start(ids, mask).asnumpy()]
-    logits += [cache.step(t).asnumpy() for t in rng.integers(3, 2000, size=(steps, 2))]
+    driver = StepDriver(model, batch=2, max_len=128)
+    logits = [driver.start(ids, mask)]
+    logits += [driver.step(t) for t in rng.integers(3, 2000, size=(steps, 2))]
     return np.stack(logits)
 
 

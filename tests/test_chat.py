@@ -7,8 +7,8 @@ import pytest
 
 import glm3
 from conftest import write_scripted_model
-from glm3.chat.conversation import process_response
-from glm3.chat.tool_call import ToolCallError, parse_tool_call
+from glm3.dialog.conversation import process_response
+from glm3.dialog.tool_call import ToolCallError, parse_tool_call
 
 TOOLS = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
 SYSTEM = {"role": "system", "content": "You can use tools.", "tools": TOOLS}

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import glm3
-from conftest import hf_config, hf_weights
-from glm3.runtime.generation import compiled_step
-from glm3.runtime.kv_cache import StaticKVCache
+from conftest import StepDriver, hf_config, hf_weights
+from glm3.runtime.model_runner import StaticRunner
+from glm3.runtime.steps import compiled_step
 from reference_torch import forward, greedy
 
 IDS = [1501, 1503, 1506, 13, 885, 519, 1507, 7, 300, 42, 999, 5]
@@ -47,17 +47,13 @@ def test_kv_cache_decode_equals_full_forward(tiny_model):
     ids = rng.integers(3, 1500, size=(2, 9)).astype(np.int32)
     extra = rng.integers(3, 1500, size=(2, 4)).astype(np.int32)
     full = tiny_model(ms.Tensor(np.concatenate([ids, extra], 1))).asnumpy()
-    mask = np.ones_like(ids)
-    logits, caches = compiled_step(tiny_model, "prefill", 64)(ms.Tensor(ids), ms.Tensor(mask))
-    np.testing.assert_allclose(logits.asnumpy(), full[:, 8], atol=1e-5)
-    cache = StaticKVCache(caches, mask, 64)
+    runner = StaticRunner(compiled_step(tiny_model, "prefill", 64), compiled_step(tiny_model, "decode", 64), 64, 2)
+    rows = [[0], [1]]  # each sequence's row
+    logits = runner.prefill(ids.tolist(), rows)  # left-padded to 32 columns
+    np.testing.assert_allclose(logits, full[:, 8], atol=1e-5)
     for step in range(4):
-        position_ids, key_mask, write_index = cache.step_inputs()
-        logits, caches = compiled_step(tiny_model, "decode", 64)(
-            ms.Tensor(extra[:, step : step + 1]), position_ids, key_mask, write_index, ms.mutable(caches)
-        )
-        cache.advance(caches)
-        np.testing.assert_allclose(logits.asnumpy(), full[:, 9 + step], atol=1e-5)
+        logits = runner.decode(extra[:, step].tolist(), [9 + step] * 2, rows)
+        np.testing.assert_allclose(logits, full[:, 9 + step], atol=1e-5)
 
 
 def test_left_padded_batch_equals_single_rows(tiny_model):
@@ -80,24 +76,20 @@ def test_left_padded_batch_equals_single_rows(tiny_model):
 def test_decoding_steps_run_one_graph_per_shape_through_the_fast_path(tiny_dir):
     """A decode step is a Cell per input shape on MindSpore's inference fast path (which keeps one graph a
     Cell): generations of different widths, interleaved step by step, each get what they get alone."""
-    from glm3.runtime.generation import generation_steps
-
     model = glm3.load_model(tiny_dir)
     rng = np.random.default_rng(3)
     prompts = {b: rng.integers(3, 2000, size=(b, 20)).astype(np.int32) for b in (1, 3)}
     tokens = {b: rng.integers(3, 2000, size=(6, b)) for b in (1, 3)}
 
     def alone(b):
-        steps = generation_steps(glm3.load_model(tiny_dir), b, 64)
-        return [steps.start(prompts[b], np.ones_like(prompts[b])).asnumpy()] + [
-            steps.step(t).asnumpy() for t in tokens[b]
-        ]
+        steps = StepDriver(glm3.load_model(tiny_dir), b, 64)
+        return [steps.start(prompts[b], np.ones_like(prompts[b]))] + [steps.step(t) for t in tokens[b]]
 
-    steps = {b: generation_steps(model, b, 64) for b in (1, 3)}
-    together = {b: [steps[b].start(prompts[b], np.ones_like(prompts[b])).asnumpy()] for b in (1, 3)}
+    steps = {b: StepDriver(model, b, 64) for b in (1, 3)}
+    together = {b: [steps[b].start(prompts[b], np.ones_like(prompts[b]))] for b in (1, 3)}
     for i in range(6):
         for b in (1, 3):
-            together[b].append(steps[b].step(tokens[b][i]).asnumpy())
+            together[b].append(steps[b].step(tokens[b][i]))
     decode = compiled_step(model, "paged_decode")
     assert len(decode.cells) == 2
     assert all(c.phase == "increment" and "increment" in c.phase_cache for c in decode.cells.values())

@@ -11,15 +11,15 @@ import glm3
 from conftest import paged_decode_logits, without_layer_kernel
 from glm3.kernels import PagedCacheKernels, kernel_library
 from glm3.kernels.paged_attention import paged_attention, write_cache
-from glm3.runtime.block_manager import BlockManager, OutOfBlocks
+from glm3.runtime.kv_cache_manager import KVCacheManager, OutOfBlocks
 
 
-def test_block_manager_allocates_appends_frees_and_runs_out_clearly():
-    bm = BlockManager(num_blocks=6, block_size=4)
+def test_the_kv_cache_manager_allocates_appends_frees_and_runs_out_clearly():
+    bm = KVCacheManager(num_blocks=6, block_size=4)
     np.testing.assert_array_equal(bm.allocate(7, 6), [0, 1, 2, 3, 4, 5])  # blocks 0 and 1
     np.testing.assert_array_equal(bm.allocate(8, 3), [8, 9, 10])  # block 2
-    assert bm.append_slot(7) == 6 and bm.append_slot(7) == 7  # block 1 fills up
-    assert bm.append_slot(7) == 12 and bm.tables[7] == [0, 1, 3]  # then a new block
+    assert bm.append_slots(7).tolist() == [6] and bm.append_slots(7).tolist() == [7]  # block 1 fills up
+    assert bm.append_slots(7).tolist() == [12] and bm.tables[7] == [0, 1, 3]  # then a new block
     assert bm.free_blocks == 2 and bm.can_allocate(8) and not bm.can_allocate(9)
     np.testing.assert_array_equal(bm.block_tables([7, 8]), [[0, 1, 3], [2, 0, 0]])
     with pytest.raises(OutOfBlocks, match="needs 3 more cache block"):
@@ -29,7 +29,7 @@ def test_block_manager_allocates_appends_frees_and_runs_out_clearly():
     assert bm.free_blocks == 5 and bm.allocate(9, 9).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 12]  # blocks 0, 1, 3 again
     with pytest.raises(ValueError, match="already holds"):
         bm.allocate(9, 1)
-    assert BlockManager().num_blocks == 224 and BlockManager().block_size == 16
+    assert KVCacheManager().num_blocks == 224 and KVCacheManager().block_size == 16
 
 
 class _InGraph(nn.Cell):
@@ -67,7 +67,7 @@ def test_paged_attention_equals_dense_attention(kernels):
     write, attend = kernels()
     rng = np.random.default_rng(0)
     heads, groups, d, block_size = 4, 2, 8, 4
-    bm = BlockManager(num_blocks=12, block_size=block_size)
+    bm = KVCacheManager(num_blocks=12, block_size=block_size)
     lengths = {0: 9, 1: 3, 2: 6}
     key_cache = Tensor(np.zeros((12, block_size, groups, d), np.float32))
     value_cache = Tensor(np.zeros((12, block_size, groups, d), np.float32))
@@ -83,7 +83,7 @@ def test_paged_attention_equals_dense_attention(kernels):
         for seq, n in lengths.items():
             if step < n:
                 k, v = (rng.standard_normal((1, groups, d)).astype(np.float32) for _ in range(2))
-                slot = np.array([bm.append_slot(seq)], np.int32)
+                slot = bm.append_slots(seq)
                 key_cache = write(key_cache, Tensor(k), Tensor(slot))
                 value_cache = write(value_cache, Tensor(v), Tensor(slot))
                 dense[seq] = [np.concatenate([dense[seq][0], k]), np.concatenate([dense[seq][1], v])]
@@ -168,7 +168,7 @@ def test_a_model_with_lora_adapters_decodes_operator_by_operator_until_merged(ti
 def test_the_layer_kernel_refuses_positions_and_slots_outside_their_tables(tiny_dir):
     """A position past the rotary tables or a slot outside the cache is an error MindSpore raises, not a read
     or a write out of bounds."""
-    from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE
+    from glm3.runtime.kv_cache_manager import DEFAULT_BLOCK_SIZE
     from glm3.runtime.steps import PagedDecodeStep
 
     model = glm3.load_model(tiny_dir, kernels_backend="cpu")

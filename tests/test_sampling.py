@@ -5,7 +5,6 @@ temperature, top-k and top-p (nucleus: the smallest set of the most likely token
 import numpy as np
 import pytest
 
-from glm3.runtime.generation import decode_loop
 from glm3.runtime.sampling import SamplingParams, process_logits
 
 NONE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
@@ -61,40 +60,47 @@ def test_transforms_apply_in_order_penalty_temperature_top_k_top_p():
     np.testing.assert_allclose(out, after_k, rtol=1e-6)
 
 
-class _FixedLogits:
-    """Cache steps that always return the same logits (to check the sampler, not a model)."""
-
-    def __init__(self, logits):
-        self.logits = np.array([logits], np.float32)
-
-    def start(self, ids, mask):
-        return self
-
-    def step(self, tokens):
-        return self
-
-    def asnumpy(self):
-        return self.logits
+def _frequencies(logits, draws: int = 3000, **settings) -> np.ndarray:
+    """How often each token is drawn from fixed logits, one seed a draw (each seed: its own generator)."""
+    logits = np.array([logits], np.float32)
+    history, mask = np.zeros((1, 0), np.int64), np.zeros((1, 0), np.int32)
+    picks = [
+        int(
+            SamplingParams(do_sample=True, seed=seed, **settings).choose(
+                logits, history, mask, [np.random.default_rng([seed, 0])]
+            )[0]
+        )
+        for seed in range(draws)
+    ]
+    return np.bincount(picks, minlength=logits.shape[1]) / draws
 
 
 def test_sampling_draws_tokens_with_the_transformed_probabilities():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    draws = []
-    for seed in range(3000):
-        steps = decode_loop(
-            _FixedLogits(logits),
-            np.array([[7]], np.int32),
-            np.ones((1, 1), np.int32),
-            1,
-            1,
-            SamplingParams(do_sample=True, top_p=0.75, seed=seed),
-            stop_ids=[],
-            pad=0,
-        )
-        draws.append(int(next(steps)[0]))
-    frequency = np.bincount(draws, minlength=4) / len(draws)
     # top_p 0.75 keeps tokens 0 and 1, renormalised to 0.625 and 0.375.
-    np.testing.assert_allclose(frequency, [0.625, 0.375, 0.0, 0.0], atol=0.03)
+    np.testing.assert_allclose(_frequencies(logits, top_p=0.75), [0.625, 0.375, 0.0, 0.0], atol=0.03)
+    # top_k 3 keeps 0, 1, 2: 0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95.
+    np.testing.assert_allclose(_frequencies(logits, top_k=3), [0.526, 0.316, 0.158, 0.0], atol=0.03)
+    # temperature 2: probabilities proportional to p ** (1 / 2).
+    flat = np.sqrt([0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_allclose(_frequencies(logits, temperature=2.0), flat / flat.sum(), atol=0.03)
+    # temperature 0.5: proportional to p ** 2 (sharper).
+    sharp = np.square([0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_allclose(_frequencies(logits, temperature=0.5), sharp / sharp.sum(), atol=0.03)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """Ties at the k-th score are all kept, as HuggingFace's TopKLogitsWarper does (scores below the k-th
+    largest are removed), so the draw does not depend on the order of tied tokens."""
+    logits = np.array([[3.0, 1.0, 1.0, 1.0, 0.5]], np.float32)
+    kept = process_logits(
+        logits, np.zeros((1, 0)), np.zeros((1, 0)), temperature=1.0, top_k=2, top_p=1.0, repetition_penalty=1.0
+    )
+    assert np.isfinite(kept[0]).tolist() == [True, True, True, True, False]
+    frequency = _frequencies(logits[0], top_k=2)
+    p = np.exp([3.0, 1.0, 1.0, 1.0]) / np.exp([3.0, 1.0, 1.0, 1.0]).sum()
+    np.testing.assert_allclose(frequency, [*p, 0.0], atol=0.03)
+    assert frequency[1:4].min() > 0.05  # each tied token is drawn
 
 
 def test_settings_no_sampler_can_use_are_refused():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from glm3.chat.tool_call import ToolCallError, format_tool_call, parse_tool_call
+from glm3.dialog.tool_call import ToolCallError, format_tool_call, parse_tool_call
 from glm3.serve.protocol import (
     TOOLS_SYSTEM_PROMPT,
     APIError,

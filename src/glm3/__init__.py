@@ -19,10 +19,10 @@ _os.environ.setdefault("GLOG_v", "3")
 # MindSpore, `import glm3.weights.convert` stays cheap, and a pipeline stage's code is only the modules it runs (an
 # edit to the chat code must not re-run the 12.5 GB download and conversion; see glm3.pipeline.code_deps).
 _EXPORTS = {
-    "INVALID_TOOL_CALL_MARKER": "glm3.chat.conversation",
-    "chat": "glm3.chat.conversation",
-    "process_response": "glm3.chat.conversation",
-    "stream_chat": "glm3.chat.conversation",
+    "INVALID_TOOL_CALL_MARKER": "glm3.dialog.conversation",
+    "chat": "glm3.dialog.conversation",
+    "process_response": "glm3.dialog.conversation",
+    "stream_chat": "glm3.dialog.conversation",
     "CheckpointError": "glm3.weights.checkpoint",
     "hf_to_ms_name": "glm3.weights.checkpoint",
     "ms_to_hf_name": "glm3.weights.checkpoint",
@@ -43,8 +43,8 @@ _EXPORTS = {
     "TokenizerError": "glm3.modeling.tokenizer",
     "load_tokenizer": "glm3.modeling.tokenizer",
     "train_sentencepiece": "glm3.modeling.tokenizer",
-    "ToolCallError": "glm3.chat.tool_call",
-    "parse_tool_call": "glm3.chat.tool_call",
+    "ToolCallError": "glm3.dialog.tool_call",
+    "parse_tool_call": "glm3.dialog.tool_call",
     "LoraConfig": "glm3.train.lora",
     "apply_lora": "glm3.train.lora",
     "load_adapter": "glm3.train.lora",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from glm3.cli import common
 from glm3.runtime.engine import EngineConfig
+from glm3.runtime.kv_cache_manager import CacheConfig
 from glm3.serve.server import ServerConfig
 
 
@@ -11,7 +14,12 @@ def cmd_serve(args) -> int:
     from glm3.serve.server import serve
 
     server = common.settings_from_args(ServerConfig, args, args.server_flags)
-    engine = common.settings_from_args(EngineConfig, args, args.engine_flags)
+    try:
+        cache = common.settings_from_args(CacheConfig, args, args.cache_flags)
+        engine = common.settings_from_args(EngineConfig, args, args.engine_flags)
+    except ValueError as exc:
+        raise SystemExit(f"glm3 serve: {exc}") from None
+    engine = dataclasses.replace(engine, cache=cache)
     common.setup_mindspore(args.mode)
     return serve(args.model, server, engine, dtype=args.dtype, kernels=args.kernels)
 
@@ -30,4 +38,5 @@ def register(sub) -> None:
     common.add_model_args(p)
     server_flags = common.add_settings_flags(p, ServerConfig)
     engine_flags = common.add_settings_flags(p, EngineConfig)
-    p.set_defaults(func=cmd_serve, server_flags=server_flags, engine_flags=engine_flags)
+    cache_flags = common.add_settings_flags(p, CacheConfig)
+    p.set_defaults(func=cmd_serve, server_flags=server_flags, engine_flags=engine_flags, cache_flags=cache_flags)

@@ -7,7 +7,7 @@ it updated, so the two graphs are pure functions and any runtime can hold the ca
 Shapes: prompts are left-padded to `prompt_length`; the cache holds `seq_length` positions. The batch is
 static (`batch_size`) or dynamic (`batch_size=None`: any batch at run time).
 
-With `paged=True` the cache is a block cache instead (glm3.runtime.kv_cache): per layer [num_blocks, block_size,
+With `paged=True` the cache is a block cache instead (glm3.runtime.model_runner): per layer [num_blocks, block_size,
 kv_groups, head_dim] keys and values shared by the batch; prefill also takes the prompt's slot mapping, and
 decode takes each row's slot, block table ([batch, ceil(seq_length / block_size)]) and context length.
 
@@ -39,8 +39,8 @@ from mindspore import Tensor
 from glm3.io import atomic_directory, public_permissions
 from glm3.modeling.config import GLM3Config, resolve_dtype
 from glm3.modeling.tokenizer import copy_tokenizer_files
-from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
-from glm3.runtime.kv_cache import BlockCaches
+from glm3.runtime.kv_cache_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS, CacheConfig
+from glm3.runtime.model_runner import CacheGeometry
 from glm3.weights.checkpoint import detect_layout, iter_checkpoint
 from glm3.weights.shards import write_model_weights
 
@@ -97,9 +97,13 @@ class ExportConfig:
         return -(-self.seq_length // self.block_size)
 
     @property
-    def block_caches(self) -> BlockCaches:
-        """The geometry of a paged export's cache."""
-        return BlockCaches(self.num_layers, self.kv_groups, self.head_dim, self.num_blocks, self.block_size)
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(self.num_blocks, self.block_size)
+
+    @property
+    def geometry(self) -> CacheGeometry:
+        """The tensors of a paged export's cache."""
+        return CacheGeometry(self.num_layers, self.kv_groups, self.head_dim, self.cache_config)
 
 
 def graph_file(directory: str | os.PathLike, name: str) -> str:

@@ -1,5 +1,6 @@
-"""Running an exported model: the prefill and decode MindIR graphs behind the same generation loop as the
-eager model (glm3.runtime.generation.decode_loop), so both give the same tokens.
+"""Running an exported model: the prefill and decode MindIR graphs behind a model runner
+(glm3.runtime.model_runner), driven by the same engine as the eager model (glm3.runtime.engine), so both give
+the same tokens.
 
 An export whose graphs take their weights as inputs (glm3.deploy.export, the default) has its weights loaded once,
 from the checkpoint beside the graphs (checked tensor by tensor), and fed to both graphs on every call.
@@ -12,12 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from glm3.deploy.export import DECODE, PREFILL, ExportConfig, ExportError, graph_file
-from glm3.runtime.generation import as_batch, decode_loop, left_pad
 from glm3.runtime.sampling import SamplingParams
 
 PROMPT_MARKER = "Please enter your predict data:"
@@ -129,33 +129,47 @@ class MindIRRunner:
         if weights:
             self.prefill, self.decode = _WithWeights(self.prefill, weights), _WithWeights(self.decode, weights)
 
-    def _batches(self, prompts: Sequence[Sequence[int]]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(number of real rows, ids, mask) per export-sized batch of checked prompts; a static batch is
-        filled up with copies of its first prompt."""
+    def _checked(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         c = self.config
-        step = c.batch_size or len(prompts)
-        for start in range(0, len(prompts), step):
-            chunk = [list(p) for p in prompts[start : start + step]]
-            real = len(chunk)
-            if c.batch_size is not None:
-                chunk += [chunk[0]] * (c.batch_size - real)
-            ids, mask = as_batch(chunk, None, c.pad_token_id)
-            if ids.shape[1] > c.prompt_length:
-                raise ExportError(
-                    f"a prompt has {ids.shape[1]} tokens; this export takes at most {c.prompt_length} "
-                    "(export again with a larger prompt length)"
-                )
-            if (ids < 0).any() or (ids >= c.vocab_size).any():
-                raise ExportError(f"token ids must be in [0, {c.vocab_size})")
-            yield real, ids, mask
+        prompts = [[int(t) for t in p] for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise ExportError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest > c.prompt_length:
+            raise ExportError(
+                f"a prompt has {longest} tokens; this export takes at most {c.prompt_length} "
+                "(export again with a larger prompt length)"
+            )
+        if any(not 0 <= t < c.vocab_size for p in prompts for t in p):
+            raise ExportError(f"token ids must be in [0, {c.vocab_size})")
+        return prompts
+
+    def model_runner(self, batch: int, together: bool):
+        """The runner of these graphs (glm3.runtime.model_runner) for calls of `batch` rows (an export's static
+        batch is its own); together: prefill the admitted prompts in one call (else one each)."""
+        from glm3.runtime.model_runner import PagedRunner, StaticRunner, StepShapes
+
+        c = self.config
+        rows = c.batch_size or batch
+        if not c.paged:
+            return StaticRunner(self.prefill, self.decode, c.seq_length, rows, c.prompt_length, c.pad_token_id)
+        shapes = StepShapes(
+            c.max_blocks,
+            prompt_width=c.prompt_length,
+            prefill_batch=c.batch_size,
+            together=together,
+            decode_widths=(rows,),
+            table_width=c.max_blocks,
+        )
+        return PagedRunner(self.prefill, self.decode, c.geometry, shapes, c.pad_token_id)
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """[len(prompts), vocab] logits at each prompt's last position, from the prefill graph alone."""
-        out = []
-        for real, ids, mask in self._batches(prompts):
-            ids, mask = left_pad(ids, mask, self.config.prompt_length, self.config.pad_token_id)
-            out.append(self.cache_steps().start(ids, mask).asnumpy()[:real])
-        return np.concatenate(out)
+        """[len(prompts), vocab] logits at each prompt's last position, from the prefill graph alone (in
+        batches of the export's size)."""
+        prompts = self._checked(prompts)
+        step = self.config.batch_size or len(prompts)
+        runner = self.model_runner(step, together=True)
+        return np.concatenate([runner.prompt_logits(prompts[i : i + step]) for i in range(0, len(prompts), step)])
 
     def generate(
         self,
@@ -168,7 +182,11 @@ class MindIRRunner:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
     ) -> list[list[int]]:
-        """New tokens of each prompt (stop token included, padding removed), in batches of the export's size."""
+        """New tokens of each prompt (stop token included), in batches of the export's size."""
+        from glm3.runtime.engine import Engine, EngineConfig, ModelLimits
+        from glm3.runtime.generation import run_batch
+        from glm3.runtime.kv_cache_manager import KVCacheManager
+
         c = self.config
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         if c.prompt_length + max_new_tokens > c.seq_length:
@@ -176,28 +194,17 @@ class MindIRRunner:
                 f"prompt_length {c.prompt_length} + max_new_tokens {max_new_tokens} exceeds the "
                 f"exported cache of {c.seq_length}"
             )
-        stops = set(c.stop_token_ids)
-        out: list[list[int]] = []
-        for real, ids, mask in self._batches(prompts):
-            steps = decode_loop(
-                self.cache_steps(),
-                ids,
-                mask,
-                c.prompt_length,
-                max_new_tokens,
-                sampling,
-                stop_ids=c.stop_token_ids,
-                pad=c.pad_token_id,
-            )
-            for row in np.stack(list(steps), axis=1)[:real].tolist():
-                cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-                out.append(row[:cut])
-        return out
-
-    def cache_steps(self):
-        from glm3.runtime.kv_cache import PagedCacheSteps, StaticCacheSteps
-
-        c = self.config
+        prompts = self._checked(prompts)
+        batch = c.batch_size or len(prompts)
+        runner = self.model_runner(batch, together=True)
         if c.paged:
-            return PagedCacheSteps(self.prefill, self.decode, c.block_caches, c.max_blocks)
-        return StaticCacheSteps(self.prefill, self.decode, c.seq_length)
+            kv = KVCacheManager.paged(c.cache_config, c.max_blocks)
+        else:  # a row of seq_length columns per sequence
+            kv = KVCacheManager(batch, c.seq_length, max_blocks_per_seq=1)
+        limits = ModelLimits(c.seq_length, c.prompt_length, c.vocab_size, frozenset(c.stop_token_ids))
+        engine = Engine(
+            runner, limits, EngineConfig(max_num_seqs=batch, max_queue=len(prompts)), kv=kv, raise_errors=True
+        )
+        # A row's sampling generator is its index in the export's batch, as when the batches ran one by one.
+        seqs = run_batch(engine, prompts, sampling, max_new_tokens, indices=[i % batch for i in range(len(prompts))])
+        return [seq.output for seq in seqs]

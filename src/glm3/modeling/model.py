@@ -554,7 +554,7 @@ class ChatGLMModel(nn.Cell):
       the new token, keep_mask [b, 1, 1, max_len] the columns to attend to;
     - decode_paged(input_ids [b, 1], position_ids, caches, slots [b], block_tables [b, max_blocks],
       context_lens [b], fused_paged_attention) -> (logits [b, V], caches): caches are 2 x layers block caches
-      [num_blocks, block_size, groups, d] shared by the batch (see glm3.runtime.block_manager).
+      [num_blocks, block_size, groups, d] shared by the batch (see glm3.runtime.kv_cache_manager).
     """
 
     def __init__(self, config: GLM3Config, options: BuildOptions):

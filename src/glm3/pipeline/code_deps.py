@@ -7,7 +7,7 @@ glm3.pipeline.stages, every glm3 module those import (also inside functions: tha
 library they call) and the function-level imports of those modules (the library functions a stage calls), and
 then every module-level import of all of these, transitively; plus the non-Python files some modules read.
 Imports inside functions further away are not followed: they belong to code the stage does not run (e.g.
-generation, which `glm3.chat.conversation` imports only when it chats). `python -m glm3.pipeline.code_deps`
+generation, which `glm3.dialog.conversation` imports only when it chats). `python -m glm3.pipeline.code_deps`
 prints the list per stage; the tests check dvc.yaml against it.
 """
 

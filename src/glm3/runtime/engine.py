@@ -1,13 +1,15 @@
-"""The serving engine: continuous batching of many requests over one paged KV cache.
+"""The engine: continuous batching of many requests over one KV cache, the one decoding driver of the project
+(glm3.generate, the MindIR runner of an export and `glm3 serve` all run through it).
 
-Each step (a token boundary) the scheduler (glm3.runtime.scheduler) says which sequences swap out or in, which new
-ones are prefilled (one prompt per call) and which decode; the cache (glm3.runtime.kv_cache.PagedKVCache) runs the
-steps; each sequence's next token is chosen by its own settings and generator (glm3.runtime.sampling); a finished or
-aborted sequence leaves the batch at once and its blocks are free for the next step.
+Each step (a token boundary) the scheduler (glm3.runtime.scheduler, which owns the KV-cache manager) says which
+sequences swap out or in, which new ones are prefilled and which decode; the model runner
+(glm3.runtime.model_runner) runs the steps on the block tables it is given; each sequence's next token is chosen
+by its own settings and generator (glm3.runtime.sampling); a finished or aborted sequence leaves the batch at
+once and its blocks are free for the next step.
 
-A sequence's tokens do not depend on what else runs. Each prompt is prefilled alone, in a call whose shape
-depends on the prompt only; decode calls are padded to fixed widths, and every product in them gives a row
-the same bits whatever the width: with the CPU kernels (any width: the engine builds the model with
+Serving: a sequence's tokens do not depend on what else runs. Each prompt is prefilled alone, in a call whose
+shape depends on the prompt only; decode calls are padded to fixed widths, and every product in them gives a
+row the same bits whatever the width: with the CPU kernels (any width: the engine builds the model with
 `kernel_rows` covering its widest decode call; attention's batched matmul runs over rows x key/value groups,
 never a batch of one, for which MindSpore takes another path), else at one fixed width (MindSpore's MatMul
 rounds differently for different row counts), the export's static batch or max_num_seqs.
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
+from glm3.runtime.kv_cache_manager import CacheConfig, KVCacheManager
 from glm3.runtime.sampling import SamplingParams
 from glm3.runtime.scheduler import FINISHED, QueueFull, Scheduler, Sequence
 from glm3.settings import setting
@@ -41,16 +43,12 @@ __all__ = ["BackgroundEngine", "Engine", "EngineConfig", "Event", "QueueFull", "
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = setting(16, "sequences decoded together at most")
-    num_blocks: int = setting(DEFAULT_NUM_BLOCKS, "KV-cache blocks, shared by all sequences (an export's own)")
-    block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per KV-cache block (an export's own)")
     max_queue: int = setting(64, "requests waiting for a place at most; more are refused (HTTP 429)")
+    cache: CacheConfig = setting(factory=CacheConfig, help="the paged KV cache (an export's own)", cli=False)
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_blocks < 2:
-            raise ValueError("num_blocks must be >= 2 (one is the scratch block)")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 
@@ -77,9 +75,24 @@ class Event:
 
 
 class Engine:
-    def __init__(self, cache, limits: ModelLimits, config: EngineConfig, description: str = ""):
-        self.cache, self.limits, self.config, self.description = cache, limits, config, description
-        self.scheduler = Scheduler(cache, config.max_num_seqs, config.max_queue)
+    """runner: a model runner (glm3.runtime.model_runner); kv: the KV-cache manager its cache needs (the
+    scheduler owns it; default: a paged cache of config.cache, its scratch block reserved). raise_errors: a
+    failing step raises (generate()) instead of failing its sequences (serving)."""
+
+    def __init__(
+        self,
+        runner,
+        limits: ModelLimits,
+        config: EngineConfig,
+        description: str = "",
+        kv: KVCacheManager | None = None,
+        raise_errors: bool = False,
+    ):
+        self.runner, self.limits, self.config, self.description = runner, limits, config, description
+        max_blocks = getattr(getattr(runner, "shapes", None), "max_blocks", None)
+        kv = kv or KVCacheManager.paged(config.cache, max_blocks)
+        self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_queue, admit_when_idle=runner.lockstep)
+        self.raise_errors = raise_errors
         self.lock = threading.Lock()
         self._aborts: list[Sequence] = []
         self._ids = itertools.count()
@@ -89,7 +102,7 @@ class Engine:
 
     @property
     def max_tokens_limit(self) -> int:
-        """The most tokens a sequence can hold: the model's context or the whole cache, the smaller."""
+        """The most tokens a sequence can hold: the model's context or the cache, the smaller."""
         return min(self.limits.max_model_len, self.scheduler.capacity_tokens)
 
     def check_prompt(self, prompt: list[int], max_tokens: int | None) -> int:
@@ -108,11 +121,11 @@ class Engine:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if n + max_tokens > limit:
+            kv = self.scheduler.kv
             what = (
                 f"this model's context is {limit} tokens"
                 if limit == self.limits.max_model_len
-                else f"the KV cache holds {limit} tokens ({self.config.num_blocks - 1} usable blocks of "
-                f"{self.config.block_size})"
+                else f"the KV cache holds {limit} tokens ({kv.usable_blocks} usable blocks of {kv.block_size})"
             )
             raise ValueError(
                 f"{what}: the prompt has {n} and max_tokens asks for {max_tokens} more (at most {limit - n})"
@@ -126,13 +139,16 @@ class Engine:
         max_tokens: int | None = None,
         listener: Callable[[Event], None] | None = None,
         ignore_stop: bool = False,
+        stop_ids=None,
+        generator_index: int = 0,
     ) -> Sequence:
         """Queue a request (ValueError for a bad one, QueueFull when the queue is at its bound). ignore_stop:
-        generate max_tokens, past any stop token."""
+        generate max_tokens, past any stop token; stop_ids: its own stop tokens instead of the model's;
+        generator_index: its row in a batch of prompts (its sampling generator's index)."""
         max_tokens = self.check_prompt(prompt, max_tokens)
-        stops = frozenset() if ignore_stop else self.limits.stop_ids
+        stops = frozenset() if ignore_stop else frozenset(self.limits.stop_ids if stop_ids is None else stop_ids)
         with self.lock:
-            seq = Sequence(next(self._ids), list(prompt), max_tokens, sampling, stops)
+            seq = Sequence(next(self._ids), list(prompt), max_tokens, sampling, stops, generator_index)
             self.scheduler.add(seq)
             if listener is not None:
                 self.listeners[seq.seq_id] = listener
@@ -167,17 +183,28 @@ class Engine:
                     events.append(Event(seq, None, "abort"))
             self._aborts.clear()
             plan = self.scheduler.schedule()
-        for seq in plan.prefill:
+        # Copies out first: the blocks are free already and this step's writes may land in them.
+        for seq, table in plan.swapped_out:
+            seq.swapped = self.runner.swap_out(table)
+        for seq in plan.swapped_in:
+            self.runner.swap_in(self.scheduler.table(seq), seq.swapped)
+            seq.swapped = None
+        groups = [plan.prefill] if self.runner.shapes.together else [[seq] for seq in plan.prefill]
+        for group in filter(None, groups):
             try:
-                logits = self.cache.prefill(seq.seq_id, seq.prompt)[None]
-            except Exception as exc:  # a runtime failure fails this request, not the server
-                events.extend(self._fail([seq], exc))
+                logits = self.runner.prefill([s.prompt for s in group], [self.scheduler.table(s) for s in group])
+            except Exception as exc:  # a runtime failure fails these requests, not the server
+                events.extend(self._fail(group, exc))
                 continue
-            events.append(self._advance(seq, logits))
+            events.extend(self._advance(seq, row[None]) for seq, row in zip(group, logits))
         if plan.decode:
             self.peak_decode_batch = max(self.peak_decode_batch, len(plan.decode))
             try:
-                logits = self.cache.decode([s.seq_id for s in plan.decode], [s.output[-1] for s in plan.decode])
+                logits = self.runner.decode(
+                    [s.output[-1] for s in plan.decode],
+                    [s.position for s in plan.decode],
+                    [self.scheduler.table(s) for s in plan.decode],
+                )
             except Exception as exc:
                 events.extend(self._fail(plan.decode, exc))
             else:
@@ -205,12 +232,10 @@ class Engine:
         """After an unexpected failure of a step: every sequence ends with an error event, and the cache and
         the scheduler start over empty (the server stays up)."""
         log.exception("engine step failed; failing every sequence", exc_info=exc)
-        s = self.scheduler
         with self.lock:
-            seqs = [*s.waiting, *s.running, *s.swapped, *self._aborts]
-            s.waiting.clear(), s.running.clear(), s.swapped.clear(), self._aborts.clear()
-            self.cache.reset()
-            s.blocks = self.cache.blocks
+            seqs = [*self.scheduler.reset(), *self._aborts]
+            self._aborts.clear()
+            self.runner.reset()
             for seq in seqs:
                 seq.status, seq.finish_reason, seq.swapped = FINISHED, "error", None
         for seq in dict.fromkeys(seqs):
@@ -219,6 +244,8 @@ class Engine:
                 listener(Event(seq, None, "error", f"{type(exc).__name__}: {exc}"))
 
     def _fail(self, seqs: list[Sequence], exc: Exception) -> list[Event]:
+        if self.raise_errors:
+            raise exc
         log.exception("engine step failed for sequence(s) %s", [s.seq_id for s in seqs], exc_info=exc)
         with self.lock:
             for seq in seqs:
@@ -287,21 +314,20 @@ def load_engine(path: str | os.PathLike, config: EngineConfig, dtype: str = "aut
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a directory")
     if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
-        cache, limits, description = _export_cache(path, config)
-        config = dataclasses.replace(config, num_blocks=cache.blocks.num_blocks, block_size=cache.blocks.block_size)
+        runner, limits, config, description = _export_runner(path, config)
     else:
-        cache, limits, description = _eager_cache(path, config, dtype, kernels)
-    return Engine(cache, limits, config, description), load_tokenizer(path)
+        runner, limits, description = _eager_runner(path, config, dtype, kernels)
+    return Engine(runner, limits, config, description), load_tokenizer(path)
 
 
-def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
+def _eager_runner(path: str, config: EngineConfig, dtype: str, kernels: str):
     import glm3
     from glm3.kernels import resolve_backend
     from glm3.memory import check_memory, inference_estimate
     from glm3.modeling.config import GLM3Config, resolve_dtype
     from glm3.modeling.model import dtype_name
-    from glm3.runtime.generation import PROMPT_BUCKET, compiled_step
-    from glm3.runtime.kv_cache import BlockCaches, PagedKVCache, PagedShapes
+    from glm3.runtime.model_runner import CacheGeometry, PagedRunner, StepShapes
+    from glm3.runtime.steps import compiled_step
 
     model_config = GLM3Config.from_hf(path)
     backend = resolve_backend(kernels)
@@ -309,50 +335,43 @@ def _eager_cache(path: str, config: EngineConfig, dtype: str, kernels: str):
     # Attention's batched matmul runs over rows x groups, which is never 1 with two or more groups.
     least = 1 if model_config.num_kv_groups >= 2 else 2
     widths = _pow2_widths(config.max_num_seqs, least) if backend == "cpu" else (config.max_num_seqs,)
+    cache = config.cache
     check_memory(
         inference_estimate(  # prompts are prefilled one at a time: the activations of one
             model_config,
             resolve_dtype(dtype, model_config),
             batch=1,
             kernels=backend == "cpu",
-            cache_tokens=config.num_blocks * config.block_size,
+            cache_tokens=cache.num_blocks * cache.block_size,
             what=f"serving {path}",
         )
     )
     model = glm3.load_model(path, dtype=dtype, kernels_backend=backend, kernel_rows=max(widths))
     c = model.config
-    shapes = PagedShapes(-(-c.seq_length // config.block_size), prompt_bucket=PROMPT_BUCKET, decode_widths=widths)
-    geometry = BlockCaches(c.num_layers, c.num_kv_groups, c.kv_channels, config.num_blocks, config.block_size)
-    cache = PagedKVCache(compiled_step(model, "paged_prefill"), compiled_step(model, "paged_decode"), geometry, shapes)
+    shapes = StepShapes(-(-c.seq_length // cache.block_size), decode_widths=widths)
+    geometry = CacheGeometry(c.num_layers, c.num_kv_groups, c.kv_channels, cache)
+    runner = PagedRunner(compiled_step(model, "paged_prefill"), compiled_step(model, "paged_decode"), geometry, shapes)
     limits = ModelLimits(c.seq_length, c.seq_length - 1, c.padded_vocab_size, model.end_token_ids)
     return (
-        cache,
+        runner,
         limits,
         f"{path} (eager, {dtype_name(model.dtype)} weights, {backend} kernels, decode widths {list(widths)})",
     )
 
 
-def _export_cache(path: str, config: EngineConfig):
+def _export_runner(path: str, config: EngineConfig):
     from glm3.deploy.export import ExportError
     from glm3.deploy.infer import MindIRRunner
-    from glm3.runtime.kv_cache import PagedKVCache, PagedShapes
 
-    runner = MindIRRunner(path)
-    c = runner.config
+    graphs = MindIRRunner(path)
+    c = graphs.config
     if not c.paged:
         raise ExportError(
             f"{path} is a static-cache export; serving needs a paged one (export with --paged, or "
             "export.paged: true in params.yaml)"
         )
-    widths = (c.batch_size,) if c.batch_size is not None else (config.max_num_seqs,)
-    shapes = PagedShapes(
-        c.max_blocks,
-        prompt_width=c.prompt_length,
-        prefill_batch=c.batch_size or 1,
-        decode_widths=widths,
-        table_width=c.max_blocks,
-    )
-    cache = PagedKVCache(runner.prefill, runner.decode, c.block_caches, shapes)
+    runner = graphs.model_runner(c.batch_size or config.max_num_seqs, together=False)
     limits = ModelLimits(c.seq_length, c.prompt_length, c.vocab_size, frozenset(c.stop_token_ids))
     batch = "dynamic" if c.batch_size is None else c.batch_size
-    return cache, limits, f"{path} (paged export, {c.dtype} weights, {runner.backend}, batch {batch})"
+    config = dataclasses.replace(config, cache=c.cache_config)
+    return runner, limits, config, f"{path} (paged export, {c.dtype} weights, {graphs.backend}, batch {batch})"

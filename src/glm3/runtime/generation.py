@@ -1,53 +1,22 @@
-"""Autoregressive generation: left-padded batches, a static or (with the CPU kernels) paged KV cache, greedy
-or seeded sampling (glm3.runtime.sampling)."""
+"""Autoregressive generation of a batch of prompts (left-padded or ragged): greedy or seeded sampling
+(glm3.runtime.sampling), through the engine (glm3.runtime.engine) over a static cache or, with the CPU kernels
+that write it in place and fuse a decoding layer's attention (the fastest decode here), a paged one."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from mindspore import Tensor
 
-from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE
-from glm3.runtime.kv_cache import BlockCaches, PagedCacheSteps, StaticCacheSteps
+from glm3.runtime.kv_cache_manager import DEFAULT_BLOCK_SIZE, CacheConfig, KVCacheManager
+from glm3.runtime.model_runner import PROMPT_BUCKET, CacheGeometry, PagedRunner, StaticRunner, StepShapes, round_up
 from glm3.runtime.sampling import SamplingParams
-from glm3.runtime.steps import DecodeStep, PagedDecodeStep, PagedPrefillStep, PerShapeStep, PrefillStep
+from glm3.runtime.steps import compiled_step
 
-# Prompts are left-padded to a multiple of this, and the cache to a multiple of CACHE_BUCKET, so that
-# a handful of compiled graphs serve every prompt length.
-PROMPT_BUCKET = 32
+# The static cache of a generate() call is a multiple of this long, so that few compiled graphs serve every
+# prompt and budget.
 CACHE_BUCKET = 64
-
-
-# model -> {(structure_version, kind, max_len): step}: a model's compiled steps, owned here, not by the model.
-_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-_STEP_KINDS = {
-    "prefill": lambda model, max_len: PrefillStep(model, max_len),
-    "decode": lambda model, max_len: PerShapeStep(lambda: DecodeStep(model, max_len)),
-    "paged_prefill": lambda model, max_len: PagedPrefillStep(model),
-    "paged_decode": lambda model, max_len: PerShapeStep(lambda: PagedDecodeStep(model)),
-}
-
-
-def compiled_step(model, kind: str, max_len: int = 0):
-    """The model's step of `kind` ("prefill"/"decode" for a static cache of `max_len` positions,
-    "paged_prefill"/"paged_decode" for block caches), built once and reused (graph mode compiles it at its first
-    call with each new input shape). Steps of an older structure of the model (before LoRA was added or
-    merged: GLM3ForCausalLM.structure_changed) are dropped."""
-    steps = _STEPS.setdefault(model, {})
-    key = (model.structure_version, kind, max_len)
-    if key not in steps:
-        for stale in [k for k in steps if k[0] != model.structure_version]:
-            del steps[stale]
-        steps[key] = _STEP_KINDS[kind](model, max_len)
-    return steps[key]
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -94,12 +63,6 @@ def as_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np.
     return ids.astype(np.int32), mask
 
 
-def left_pad(ids: np.ndarray, mask: np.ndarray, width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad a batch (and its mask) to `width` columns."""
-    shift = width - ids.shape[1]
-    return np.pad(ids, ((0, 0), (shift, 0)), constant_values=pad), np.pad(mask, ((0, 0), (shift, 0)))
-
-
 def iter_generate(
     model,
     input_ids,
@@ -141,71 +104,57 @@ def iter_generate(
     sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
     if eos_token_id is None:
         eos_token_id = model.end_token_ids
-    bucket = _round_up(prompt_len, PROMPT_BUCKET)
-    max_len = _round_up(bucket + max_new_tokens, CACHE_BUCKET)
-    yield from decode_loop(
-        generation_steps(model, ids.shape[0], max_len),
-        ids,
-        mask,
-        bucket,
-        max_new_tokens,
-        sampling,
-        stop_ids=eos_token_id,
-        pad=pad,
-    )
-
-
-def generation_steps(model, batch: int, max_len: int):
-    """The cache steps of one generate() call: a paged cache when the model has the CPU kernels that write it in
-    place and fuse a decoding layer's attention (the fastest decode here), else a static cache of max_len."""
-    if model.paged_kernels is None:
-        return StaticCacheSteps(
-            compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len), max_len
-        )
-    config = model.config
-    per_row = -(-max_len // DEFAULT_BLOCK_SIZE)
-    geometry = BlockCaches(
-        config.num_layers, config.num_kv_groups, config.kv_channels, batch * per_row + 1, DEFAULT_BLOCK_SIZE
-    )
-    return PagedCacheSteps(
-        compiled_step(model, "paged_prefill"), compiled_step(model, "paged_decode"), geometry, per_row
-    )
-
-
-def decode_loop(
-    steps,
-    ids: np.ndarray,
-    mask: np.ndarray,
-    prompt_slots: int,
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    *,
-    stop_ids,
-    pad: int,
-) -> Iterator[np.ndarray]:
-    """The generation loop over a cache's steps (glm3.runtime.kv_cache.StaticCacheSteps or PagedCacheSteps, driving
-    compiled Cells or loaded MindIR graphs): steps.start(ids, mask) and steps.step(tokens) return the logits
-    [b, V] of the next token. Prompts are left-padded to prompt_slots here.
-    """
-    batch, prompt_len = ids.shape
-    stops = {int(stop_ids)} if isinstance(stop_ids, (int, np.integer)) else {int(t) for t in stop_ids}
-    stop_array = np.array(sorted(stops), dtype=np.int64)
-    # One generator per row: a row's sample depends on the seed and its index, not on the rest of the batch.
-    rngs = [sampling.generator(row) for row in range(batch)]
-    logits = steps.start(*left_pad(ids, mask, prompt_slots, pad))
-    history = np.concatenate([ids.astype(np.int64), np.zeros((batch, max_new_tokens), np.int64)], axis=1)
-    history_mask = np.concatenate([mask, np.zeros((batch, max_new_tokens), np.int32)], axis=1)
-    finished = np.zeros(batch, dtype=bool)
-    for step in range(max_new_tokens):
-        tokens = sampling.choose(logits.asnumpy(), history, history_mask, rngs)
-        tokens = np.where(finished, pad, tokens)
-        history[:, prompt_len + step] = tokens
-        history_mask[:, prompt_len + step] = ~finished
-        finished = finished | np.isin(tokens, stop_array)
+    stops = {int(eos_token_id)} if isinstance(eos_token_id, (int, np.integer)) else {int(t) for t in eos_token_id}
+    batch = ids.shape[0]
+    prompts = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
+    engine = generation_engine(model, batch, round_up(prompt_len, PROMPT_BUCKET) + max_new_tokens, pad)
+    seqs = [
+        engine.add(p, sampling, max_new_tokens, stop_ids=stops, generator_index=row) for row, p in enumerate(prompts)
+    ]
+    rows = {seq.seq_id: row for row, seq in enumerate(seqs)}
+    while engine.has_work():
+        tokens = np.full(batch, pad, np.int64)
+        for event in engine.step():
+            if event.token is not None:
+                tokens[rows[event.seq.seq_id]] = event.token
         yield tokens
-        if finished.all() or step == max_new_tokens - 1:
-            return
-        logits = steps.step(tokens)
+
+
+def generation_engine(model, batch: int, tokens: int, pad: int = 0):
+    """The engine of one generate() call: `batch` rows of up to `tokens` tokens (the padded prompt and the new
+    tokens), all admitted at once. A paged cache when the model has the CPU kernels, else a static one."""
+    from glm3.runtime.engine import Engine, EngineConfig, ModelLimits
+
+    c = model.config
+    max_len = round_up(tokens, CACHE_BUCKET)
+    limits = ModelLimits(c.seq_length, c.seq_length - 1, c.padded_vocab_size, frozenset(model.end_token_ids))
+    if model.paged_kernels is None:
+        runner = StaticRunner(
+            compiled_step(model, "prefill", max_len), compiled_step(model, "decode", max_len), max_len, batch, pad=pad
+        )
+        kv = KVCacheManager(batch, max_len, max_blocks_per_seq=1)
+        cache = None
+    else:
+        per_row = -(-max_len // DEFAULT_BLOCK_SIZE)
+        cache = CacheConfig(batch * per_row + 1, DEFAULT_BLOCK_SIZE)
+        geometry = CacheGeometry(c.num_layers, c.num_kv_groups, c.kv_channels, cache)
+        shapes = StepShapes(per_row, together=True, decode_widths=(batch,), table_width=per_row)
+        runner = PagedRunner(
+            compiled_step(model, "paged_prefill"), compiled_step(model, "paged_decode"), geometry, shapes, pad
+        )
+        kv = KVCacheManager.paged(cache, per_row)
+    config = EngineConfig(max_num_seqs=batch, max_queue=batch, **({"cache": cache} if cache else {}))
+    return Engine(runner, limits, config, kv=kv, raise_errors=True)
+
+
+def run_batch(engine, prompts, sampling: SamplingParams, max_tokens: int, indices=None) -> list:
+    """Every prompt through `engine` to its end (their sequences, outputs complete); indices: each one's
+    sampling generator index (default: its position in `prompts`)."""
+    indices = range(len(prompts)) if indices is None else indices
+    seqs = [engine.add(p, sampling, max_tokens, generator_index=i) for p, i in zip(prompts, indices)]
+    while engine.has_work():
+        engine.step()
+    return seqs
 
 
 def generate(

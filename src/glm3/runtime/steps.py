@@ -4,10 +4,13 @@ Each is a Cell over the model's transformer calling one of its named entry point
 so it compiles into one graph, runs eagerly, or exports to MindIR (glm3.deploy.export) as it is. The caches are
 graph inputs and outputs, never hidden state; a model with the CPU kernels of the paged cache writes the block
 caches it is given in place, and its paged steps return the logits only (nothing is copied). Host-side
-bookkeeping (which cache columns or blocks are in use) is glm3.runtime.kv_cache's.
+bookkeeping (which cache columns or blocks are in use) is the KV-cache manager's and the model runners'.
+`compiled_step` keeps each model's steps, built once.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -133,3 +136,28 @@ class PerShapeStep:
             cell.phase = "increment"
             self.cells[key] = cell
         return cell(*args)
+
+
+# model -> {(structure_version, kind, max_len): step}: a model's compiled steps, owned here, not by the model.
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+_STEP_KINDS = {
+    "prefill": lambda model, max_len: PrefillStep(model, max_len),
+    "decode": lambda model, max_len: PerShapeStep(lambda: DecodeStep(model, max_len)),
+    "paged_prefill": lambda model, max_len: PagedPrefillStep(model),
+    "paged_decode": lambda model, max_len: PerShapeStep(lambda: PagedDecodeStep(model)),
+}
+
+
+def compiled_step(model, kind: str, max_len: int = 0):
+    """The model's step of `kind` ("prefill"/"decode" for a static cache of `max_len` positions,
+    "paged_prefill"/"paged_decode" for block caches), built once and reused (graph mode compiles it at its first
+    call with each new input shape). Steps of an older structure of the model (before LoRA was added or
+    merged: GLM3ForCausalLM.structure_changed) are dropped."""
+    steps = _STEPS.setdefault(model, {})
+    key = (model.structure_version, kind, max_len)
+    if key not in steps:
+        for stale in [k for k in steps if k[0] != model.structure_version]:
+            del steps[stale]
+        steps[key] = _STEP_KINDS[kind](model, max_len)
+    return steps[key]

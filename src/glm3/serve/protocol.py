@@ -2,12 +2,12 @@
 ChatGLM3's conversation format, and the error shape.
 
 Messages map onto ChatGLM3's roles: system (and developer) -> <|system|>, user -> <|user|>, assistant ->
-<|assistant|> (a tool call it made is replayed as the code block ChatGLM3 writes, glm3.chat.tool_call), tool (and
+<|assistant|> (a tool call it made is replayed as the code block ChatGLM3 writes, glm3.dialog.tool_call), tool (and
 the older function role) -> <|observation|>. Tools go into the system message as ChatGLM3 expects them (a
 system message is added when the request has none). The last message is the turn the model answers: from the
 user or a tool.
 
-Settings the request leaves out take the chat defaults of `glm3 chat` (glm3.chat.conversation.DEFAULT_GENERATION:
+Settings the request leaves out take the chat defaults of `glm3 chat` (glm3.dialog.conversation.DEFAULT_GENERATION:
 temperature 0.8, top_p 0.8, as ChatGLM3 is meant to be sampled); temperature 0 is greedy decoding. Fields of the
 OpenAI API that this server cannot honour are refused (n > 1, logprobs, penalties, JSON response formats,
 forced tool choice) rather than silently ignored; fields it has no use for (user, metadata, ...) are ignored.
@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from glm3.chat.conversation import DEFAULT_GENERATION
-from glm3.chat.tool_call import ToolCallError, format_tool_call
+from glm3.dialog.conversation import DEFAULT_GENERATION
+from glm3.dialog.tool_call import ToolCallError, format_tool_call
 from glm3.runtime.sampling import SamplingParams
 
 # ChatGLM3 was trained with this system prompt before its tool list (its documented tool-use format).

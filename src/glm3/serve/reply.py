@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from glm3.chat.conversation import process_response
+from glm3.dialog.conversation import process_response
 
 SEGMENT = "<|assistant|>"  # separates the segments of one reply (text, then a tool call, ...)
 
@@ -72,7 +72,7 @@ class TextStream:
 class ChatReply(TextStream):
     """An assistant reply: segments of "metadata\ncontent" separated by <|assistant|>. The first segment's
     content streams when its metadata is empty (plain text). At the end every segment is read by
-    glm3.chat.conversation.process_response with the request's history (whose system message carries the tools):
+    glm3.dialog.conversation.process_response with the request's history (whose system message carries the tools):
     plain segments are the message's text, tool calls its tool_calls (a malformed call stays text, marked)."""
 
     def __init__(self, tokenizer, history: list[dict], stops: Sequence[str] = ()):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from glm3.chat.tool_call import ToolCallError, parse_tool_call
+from glm3.dialog.tool_call import ToolCallError, parse_tool_call
 from glm3.modeling.tokenizer import ChatGLM3Tokenizer
 
 INVALID_TOOL_CALL_MARKER = "[invalid tool call]"

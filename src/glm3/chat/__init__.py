@@ -1,1 +1,0 @@
-"""Chat on top of generation: the conversation format and tool calls."""
