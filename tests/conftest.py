@@ -8,6 +8,7 @@ import sys
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import Tensor
 
 import glm3
 
@@ -208,3 +209,32 @@ def write_scripted_model(tiny_dir, script, directory):
     for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
         shutil.copy(os.path.join(tiny_dir, name), os.path.join(str(directory), name))
     return str(directory)
+
+
+PENALTY = 1.8
+PENALTY_TOKENS = 24
+
+
+def penalised(logits: np.ndarray, seen) -> np.ndarray:
+    """The repetition penalty as HuggingFace states it (see tests/test_repetition_penalty.py)."""
+    out = logits.astype(np.float64).copy()
+    for token in set(seen):
+        out[token] = out[token] * PENALTY if out[token] < 0 else out[token] / PENALTY
+    return out
+
+
+def penalised_reference(model, prompt, history_of_generated=True) -> list[int]:
+    out: list[int] = []
+    for _ in range(PENALTY_TOKENS):
+        logits = model(Tensor([prompt + out], ms.int32)).asnumpy()[0, -1]
+        out.append(int(np.argmax(penalised(logits, prompt + (out if history_of_generated else [])))))
+    return out
+
+
+def follows_the_penalty_rule(model, prompt, served) -> None:
+    """Each served token is the penalised reference's best (within float noise of it: no near-tie fails)."""
+    assert len(served) == PENALTY_TOKENS
+    for k, token in enumerate(served):
+        logits = model(Tensor([prompt + served[:k]], ms.int32)).asnumpy()[0, -1]
+        scores = penalised(logits, prompt + served[:k])
+        assert scores[token] >= scores.max() - 1e-4, (k, token, int(scores.argmax()))

@@ -55,6 +55,28 @@ def test_reader_and_prompt():
     )
 
 
+def official_ids(tokenizer, text: str) -> list[int]:
+    """C-Eval's zero/few-shot prompt as a ChatGLM3 chat turn, spelled out token by token from the format: [gMASK]
+    sop, the user turn (<|user|>, empty metadata's "\n", the prompt), then <|assistant|> and the answer cue
+    "\n答案：" after which the model writes the letter (MindFormers' C-Eval prompt ends with "答案：")."""
+    command = tokenizer.get_command
+    user_turn = [command("<|user|>"), *tokenizer.encode("\n"), *tokenizer.encode(text)]
+    return [command("[gMASK]"), command("sop"), *user_turn, command("<|assistant|>"), *tokenizer.encode("\n答案：")]
+
+
+def test_the_prompt_is_c_evals_format_as_a_chatglm3_turn(tokenizer):
+    q = read_split(CEVAL, "civil_servant", "val")[0]
+    shots = read_split(CEVAL, "civil_servant", "dev")[:1]
+    text = (
+        "以下是中国关于公务员考试的单项选择题，请选出其中的正确答案。\n\n"
+        "我国的根本大法是\nA. 刑法\nB. 民法典\nC. 宪法\nD. 行政法\n答案：C\n\n"
+        "3、6、9、12，下一个数是\nA. 13\nB. 14\nC. 15\nD. 16"
+    )
+    ids = prompt_ids(tokenizer, build_prompt("civil_servant", q, shots))
+    assert ids == official_ids(tokenizer, text)
+    assert tokenizer.decode(ids[-len(tokenizer.encode("\n答案：")) :]).endswith("答案：")
+
+
 def test_reader_errors(tmp_path):
     root = tmp_path / "ceval"
     shutil.copytree(CEVAL, root)
@@ -124,7 +146,7 @@ def test_tiny_model_accuracy_equals_a_brute_force_recomputation(tiny_model, toke
     for subject in SAMPLE_SUBJECTS:  # one question at a time, no padding, full forward
         shots = read_split(CEVAL, subject, "dev")[:1]
         for q in read_split(CEVAL, subject, "val"):
-            ids = np.array([prompt_ids(tokenizer, build_prompt(subject, q, shots))], np.int32)
+            ids = np.array([official_ids(tokenizer, build_prompt(subject, q, shots))], np.int32)
             logits = tiny_model(Tensor(ids)).asnumpy()[0, -1]
             hits.setdefault(subject, []).append("ABCD"[int(np.argmax(logits[letters]))] == q.answer)
             total += 1

@@ -281,6 +281,6 @@ def test_shard_strategies_follow_the_megatron_layout(tiny_model):
     assert applied[layer + "mlp.dense_4h_to_h"] == ((2, 4), (1, 4))
     assert applied["transformer.output_layer"] == ((2, 1), (4, 1))  # vocab split
     assert applied["transformer.embedding"] == ((4, 1), (2, 1))
-    qkv = model.transformer.encoder.layers[1].self_attention.query_key_value.matmul
+    qkv = model.transformer.encoder.layers[1].self_attention.query_key_value.method.matmul
     assert qkv.in_strategy == ((2, 1), (4, 1))  # set on the MindSpore primitive itself
     assert [layer.pipeline_stage for layer in model.transformer.encoder.layers] == [0, 1]

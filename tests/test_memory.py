@@ -178,4 +178,4 @@ def test_streaming_merge_peak_memory_does_not_grow_with_the_number_of_layers(tmp
     assert grown < 0.2 * model_grown, f"peak RSS grew {grown / 1e6:.0f} MB for {model_grown / 1e6:.0f} MB of weights"
     assert peaks[12] < 1.5e9  # the runtime and one tensor, not the model
     for out in outputs.values():
-        assert glm3.load_model(out).dtype == glm3.modeling.model.to_ms_dtype("float16")
+        assert glm3.load_model(out).dtype == glm3.dtypes.to_mindspore("float16")

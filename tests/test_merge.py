@@ -173,7 +173,7 @@ def test_lora_merge_gives_the_adapter_models_logits(dtype, tiny_dir, tmp_path):
     ):
         assert summary.method == "lora"
         merged = glm3.load_model(summary.dst)
-        assert merged.dtype == glm3.modeling.model.to_ms_dtype(dtype)  # stored back in the base's dtype
+        assert merged.dtype == glm3.dtypes.to_mindspore(dtype)  # stored back in the base's dtype
         error = np.abs(merged(ids).asnumpy() - expected).max()
         if dtype == "float32":
             assert error < 2e-5

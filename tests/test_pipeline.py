@@ -17,6 +17,7 @@ from conftest import REPO, subprocess_env
 from glm3.io import exclusive_lock
 from glm3.pipeline import Layout, ParamsError, load_params
 from glm3.pipeline.code_deps import stage_code
+from glm3.pipeline.dvc_yaml import render as render_dvc_yaml
 from glm3.pipeline.flow_support import RUNS, metrics_markdown, overrides_from
 from glm3.pipeline.layout import DVC_OUTPUTS
 from glm3.pipeline.params import apply_overrides, check_params
@@ -55,7 +56,10 @@ def test_dvc_yaml_declares_what_the_stage_table_says():
     with open(os.path.join(REPO, "dvc.yaml"), encoding="utf-8") as f:
         dvc = yaml.safe_load(f)["stages"]
     assert list(dvc) == list(ORDER)
-    for name, (sections, upstream, data_keys) in STAGES.items():
+    with open(os.path.join(REPO, "dvc.yaml"), encoding="utf-8") as f:
+        assert f.read() == render_dvc_yaml(REPO), "dvc.yaml is stale: run python -m glm3.pipeline.dvc_yaml"
+    for name, entry in STAGES.items():
+        sections, upstream, data_keys = entry.sections, entry.upstream, entry.data_keys
         stage = dvc[name]
         assert stage["cmd"] == f"python -m stages.{name}"
         assert os.path.isfile(os.path.join(REPO, "stages", f"{name}.py"))

@@ -143,6 +143,28 @@ def test_kernels_equal_the_dequantized_matmul_at_every_row_count(bits, rows):
     np.testing.assert_array_equal(alone[0], y[-1])
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("k, n", [(4096, 640), (13696, 96)])
+def test_kernels_at_the_6b_widths_equal_numpy(bits, k, n):
+    """The 6B shape's widths: k = 4096 (query_key_value, dense_h_to_4h) and k = 13696 (dense_4h_to_h) at the
+    default group of 32, i.e. 128 and 428 scale groups a row, so the decoding tiles (one or two x rows) reload
+    their widened scales many times over a row and the four-row tiles (prefill) cross many groups; n: slices
+    of the output rows (13696 and 4096 at 6B), with a panel tail. Against float64 numpy on the dequantized
+    weights, each row alone too."""
+    rng = np.random.default_rng(k + n + bits)
+    config = QuantizationConfig(bits, 32)
+    data, scales = quantize(rng.standard_normal((n, k), dtype=np.float32), config)
+    assert scales.shape == (n, k // 32) and k // 32 > 16
+    w = dequantize(data, scales, config).astype(np.float64)
+    op = Product(quantized_xwt_op(LIB, bits))
+    for rows in (1, 2, 5):
+        x = rng.standard_normal((rows, k), dtype=np.float32)
+        y = op(Tensor(x), Tensor(data), Tensor(scales)).asnumpy()
+        reference = x.astype(np.float64) @ w.T
+        assert np.abs(reference).max() > 50  # outputs of the real size's magnitude
+        np.testing.assert_allclose(y, reference, rtol=1e-5, atol=2e-3 * np.sqrt(k / 1024))
+
+
 def run_glm3(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "glm3.cli", *args], capture_output=True, text=True, cwd=cwd, env=subprocess_env()

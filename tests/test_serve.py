@@ -15,7 +15,7 @@ import openai
 import pytest
 
 import glm3
-from conftest import free_port, subprocess_env, write_scripted_model
+from conftest import PENALTY, PENALTY_TOKENS, follows_the_penalty_rule, free_port, subprocess_env, write_scripted_model
 from glm3.deploy.export import export_model
 
 pytestmark = pytest.mark.integration
@@ -155,6 +155,14 @@ def test_completions_are_the_library_s_greedy_generation(server, tiny_model, tok
     chunks = [c.choices[0] for c in stream if c.choices]
     assert [t for c in chunks for t in (c.model_extra or {}).get("token_ids", [])] == out
     assert "".join(c.text for c in chunks) == served.choices[0].text and chunks[-1].finish_reason == "length"
+
+
+def test_the_server_penalises_the_prompt_and_the_generated_tokens(server, tiny_model, tokenizer):
+    ids = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop"), *tokenizer.encode("天气天气好")]
+    body = {"prompt": ids, "max_tokens": PENALTY_TOKENS, "temperature": 0, "repetition_penalty": PENALTY}
+    reply = server.post("/v1/completions", {**body, "ignore_eos": True, "return_token_ids": True})
+    assert reply.status_code == 200, reply.text
+    follows_the_penalty_rule(tiny_model, ids, reply.json()["choices"][0]["token_ids"])
 
 
 def test_sixteen_concurrent_requests_each_get_what_they_get_alone(server):

@@ -15,13 +15,13 @@ import dataclasses
 import logging
 import os
 
+from glm3.dtypes import ITEMSIZE
 from glm3.modeling.config import GLM3Config
 from glm3.weights.checkpoint import expected_dtypes, expected_shapes, float_shapes
 
 log = logging.getLogger(__name__)
 
 GB = 1e9
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 # MindSpore, its compiled graphs and Python: measured 0.4-0.5 GB before any weight; with the graphs of a
 # 28-layer model a little more.
 RUNTIME_BYTES = int(0.8 * GB)
@@ -99,11 +99,11 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
 def weight_bytes(config: GLM3Config, dtype: str) -> int:
     """Bytes of every weight of the model stored as `dtype` (a quantized model's data and scales as stored)."""
     exact = expected_dtypes(config)
-    return sum(_numel(shape) * _ITEMSIZE[exact.get(name, dtype)] for name, shape in expected_shapes(config).items())
+    return sum(_numel(shape) * ITEMSIZE[exact.get(name, dtype)] for name, shape in expected_shapes(config).items())
 
 
 def largest_weight_bytes(config: GLM3Config, dtype: str) -> int:
-    return max(_numel(shape) for shape in float_shapes(config).values()) * _ITEMSIZE[dtype]
+    return max(_numel(shape) for shape in float_shapes(config).values()) * ITEMSIZE[dtype]
 
 
 def _numel(shape) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from glm3.dtypes import DTYPE_CHOICES
+
 
 def cmd_download(args) -> int:
     if args.synthetic:
@@ -160,7 +162,7 @@ def register(sub) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
+        choices=DTYPE_CHOICES,
         help="output dtype (auto: the config's torch_dtype)",
     )
     p.add_argument(
@@ -201,7 +203,7 @@ def register(sub) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
+        choices=DTYPE_CHOICES,
         help="dtype of the weights left in floating point (auto: the source's)",
     )
     _add_output_flags(p)

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 
+from glm3.dtypes import DTYPE_CHOICES
+
 
 def setup_mindspore(mode: str) -> None:
     from glm3.weights.loading import setup_mindspore
@@ -18,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
+        choices=DTYPE_CHOICES,
         help="weight storage dtype; auto (default): the checkpoint's own. Compute is float32 on CPU, "
         "half-precision weights converted per layer on the fly",
     )

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 from glm3.cli import common
-from glm3.runtime.block_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS
+from glm3.deploy.settings import ExportSettings
 
 
 def cmd_export(args) -> int:
     from glm3.deploy.export import export_model
 
+    if args.dynamic_batch and args.batch_size is not None:
+        raise ValueError("--batch-size and --dynamic-batch exclude each other")
+    settings = common.settings_from_args(ExportSettings, args, args.export_flags)
+    if args.dynamic_batch:
+        settings = dataclasses.replace(settings, batch_size=None)
     common.setup_mindspore("graph")
-    batch = None if args.dynamic_batch else args.batch_size
-    dst = export_model(
-        args.model,
-        args.dst,
-        batch_size=batch,
-        prompt_length=args.prompt_length,
-        seq_length=args.seq_length,
-        paged=args.paged,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        fused_paged_attention=args.fused_paged_attention,
-        overwrite=args.overwrite,
-        weights=args.weights,
-        dtype=args.dtype,
-    )
+    dst = export_model(args.model, args.dst, settings, overwrite=args.overwrite)
+    batch = settings.batch_size
     print(
         f"exported prefill and decode graphs ({'dynamic' if batch is None else batch} batch, prompt "
-        f"{args.prompt_length}, cache {args.seq_length or 'model seq_length'}) to {dst}"
+        f"{settings.prompt_length}, cache {settings.seq_length or 'model seq_length'}) to {dst}"
     )
     return 0
 
@@ -70,43 +63,10 @@ def register(sub) -> None:
     )
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--dst", required=True, help="output directory")
-    batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=int, default=1, help="static batch size (default 1)")
-    batch.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension instead")
-    p.add_argument("--prompt-length", type=int, default=64, help="prefill width: the longest prompt the export takes")
-    p.add_argument("--seq-length", type=int, help="KV cache length (default: the model's seq_length)")
-    p.add_argument("--paged", action="store_true", help="a paged (block-table) KV cache instead of a static one")
-    p.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="paged: tokens per cache block (default %(default)s)"
-    )
-    p.add_argument(
-        "--num-blocks",
-        type=int,
-        default=DEFAULT_NUM_BLOCKS,
-        help="paged: cache blocks shared by the batch (default %(default)s)",
-    )
-    p.add_argument(
-        "--fused-paged-attention",
-        action="store_true",
-        help="paged: use MindSpore's PagedAttention operator (float16; runs in MindSpore Lite on "
-        "Ascend, not in MindSpore)",
-    )
-    p.add_argument(
-        "--weights",
-        default="inputs",
-        choices=["inputs", "embedded"],
-        help="inputs (default): the graphs take the weights as inputs and the weights are stored once "
-        "beside them (hard-linked from MODEL when possible); embedded: MindSpore's self-contained "
-        "graphs, each with its own copy (for MindSpore Lite)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
-        help="weight dtype of the export; auto (default): the model's own",
-    )
+    export_flags = common.add_settings_flags(p, ExportSettings)
+    p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension instead of --batch-size")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, export_flags=export_flags)
 
     p = sub.add_parser(
         "infer",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from glm3.dtypes import DTYPE_CHOICES
+
 
 def cmd_merge(args) -> int:
     from glm3.weights.merge import merge_adapter, merge_run
@@ -72,7 +74,7 @@ def register(sub) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
+        choices=DTYPE_CHOICES,
         help="storage dtype of the merged model; auto (default): the base's, whatever the run trained in",
     )
     p.add_argument("--shard-size", default="2GB", help="max bytes per weight file, e.g. 2GB; 0: one file")

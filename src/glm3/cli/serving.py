@@ -14,11 +14,8 @@ def cmd_serve(args) -> int:
     from glm3.serve.server import serve
 
     server = common.settings_from_args(ServerConfig, args, args.server_flags)
-    try:
-        cache = common.settings_from_args(CacheConfig, args, args.cache_flags)
-        engine = common.settings_from_args(EngineConfig, args, args.engine_flags)
-    except ValueError as exc:
-        raise SystemExit(f"glm3 serve: {exc}") from None
+    cache = common.settings_from_args(CacheConfig, args, args.cache_flags)
+    engine = common.settings_from_args(EngineConfig, args, args.engine_flags)
     engine = dataclasses.replace(engine, cache=cache)
     common.setup_mindspore(args.mode)
     return serve(args.model, server, engine, dtype=args.dtype, kernels=args.kernels)

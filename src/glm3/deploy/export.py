@@ -36,27 +36,28 @@ import shutil
 import mindspore as ms
 from mindspore import Tensor
 
+from glm3.deploy.settings import ExportSettings
 from glm3.io import atomic_directory, public_permissions
 from glm3.modeling.config import GLM3Config, resolve_dtype
 from glm3.modeling.tokenizer import copy_tokenizer_files
-from glm3.runtime.kv_cache_manager import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS, CacheConfig
+from glm3.runtime.kv_cache_manager import CacheConfig
 from glm3.runtime.model_runner import CacheGeometry
 from glm3.weights.checkpoint import detect_layout, iter_checkpoint
 from glm3.weights.shards import write_model_weights
 
 EXPORT_CONFIG = "export_config.json"
 PREFILL, DECODE = "prefill", "decode"  # graph names: <name>.mindir, or <name>_graph.mindir + <name>_variables/
-WEIGHT_MODES = ("inputs", "embedded")
 
 
 class ExportError(ValueError):
     pass
 
 
-@dataclasses.dataclass
-class ExportConfig:
-    batch_size: int | None  # None: dynamic batch dimension
-    prompt_length: int
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig(ExportSettings):
+    """export_config.json: the settings an export was made with (seq_length and dtype resolved) and what a
+    runner needs besides."""
+
     seq_length: int
     num_layers: int
     kv_groups: int
@@ -64,12 +65,6 @@ class ExportConfig:
     vocab_size: int
     pad_token_id: int
     stop_token_ids: list[int]
-    paged: bool = False
-    fused_paged_attention: bool = False
-    block_size: int = DEFAULT_BLOCK_SIZE
-    num_blocks: int = DEFAULT_NUM_BLOCKS
-    weights: str = "embedded"  # exports written before weights could be inputs embed them
-    dtype: str = "float32"
     weight_names: list[str] = dataclasses.field(default_factory=list)  # the graphs' weight inputs, in order
     kv_cache: str = (
         "graph inputs/outputs: prefill returns 2*num_layers tensors [batch, kv_groups, seq_length, "
@@ -85,11 +80,11 @@ class ExportConfig:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
             known = {f.name for f in dataclasses.fields(cls)}
+            # Exports written before weights could be inputs embed them, and stored float32.
+            values = {"weights": "embedded", "dtype": "float32", **values}
             config = cls(**{k: v for k, v in values.items() if k in known})
         except (OSError, ValueError, TypeError) as exc:
             raise ExportError(f"{path} is not a valid export config: {exc}") from None
-        if config.weights not in WEIGHT_MODES:
-            raise ExportError(f"{path}: weights must be one of {WEIGHT_MODES}, got {config.weights!r}")
         return config
 
     @property
@@ -180,19 +175,14 @@ def _store_weights(model_dir: str, dst: str, config: GLM3Config, dtype: str) -> 
 def export_model(
     model_dir: str | os.PathLike,
     dst: str | os.PathLike,
-    batch_size: int | None = 1,
-    prompt_length: int = 64,
-    seq_length: int | None = None,
-    paged: bool = False,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    num_blocks: int = DEFAULT_NUM_BLOCKS,
-    fused_paged_attention: bool = False,
+    settings: ExportSettings | None = None,
+    *,
     overwrite: bool = False,
-    weights: str = "inputs",
-    dtype: str = "auto",
+    **fields,
 ) -> str:
-    """Export `model_dir` to `dst` (see the module docstring). seq_length defaults to the model's; dtype
-    "auto" keeps the checkpoint's own (a float16 model exports float16 weights).
+    """Export `model_dir` to `dst` (see the module docstring) with `settings`, or ExportSettings(**fields).
+    seq_length defaults to the model's; dtype "auto" keeps the checkpoint's own (a float16 model exports
+    float16 weights).
 
     fused_paged_attention: the decode graph uses MindSpore's PagedAttention operator (float16), for MindSpore
     Lite on Ascend; MindSpore itself cannot run that graph, so it is for deployment, not for `glm3 infer` here.
@@ -203,22 +193,20 @@ def export_model(
     from glm3.weights.loading import load_model
 
     model_dir = os.fspath(model_dir)
-    if weights not in WEIGHT_MODES:
-        raise ExportError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    try:
+        settings = dataclasses.replace(settings, **fields) if settings else ExportSettings(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(str(exc)) from None
     config = GLM3Config.from_hf(model_dir)
-    dtype = resolve_dtype(dtype, config)
-    seq_length = seq_length or config.seq_length
-    if batch_size is not None and batch_size < 1:
-        raise ExportError(f"batch_size must be >= 1 (or None for a dynamic batch), got {batch_size}")
-    if not 1 <= prompt_length < seq_length <= config.seq_length:
+    dtype = resolve_dtype(settings.dtype, config)
+    seq_length = settings.seq_length or config.seq_length
+    batch_size, prompt_length, paged = settings.batch_size, settings.prompt_length, settings.paged
+    if not prompt_length < seq_length <= config.seq_length:
         raise ExportError(
             f"need 1 <= prompt_length ({prompt_length}) < seq_length ({seq_length}) <= the model's "
             f"seq_length ({config.seq_length})"
         )
-    if fused_paged_attention and not paged:
-        raise ExportError("fused_paged_attention needs a paged export")
-    if paged and (block_size < 1 or num_blocks < 2):
-        raise ExportError(f"a paged cache needs block_size >= 1 and num_blocks >= 2, got {block_size}, {num_blocks}")
+    weights = settings.weights
     if weights == "embedded":
         check_memory(inference_estimate(config, dtype, what="an embedded export (the weights in memory)"))
         model = load_model(model_dir, dtype=dtype, kernels_backend="plain")
@@ -230,22 +218,15 @@ def export_model(
 
             model.stop_token_ids = ChatGLM3Tokenizer.from_pretrained(model_dir).stop_token_ids[1:]
     spec = ExportConfig(
-        batch_size,
-        prompt_length,
-        seq_length,
-        config.num_layers,
-        config.num_kv_groups,
-        config.kv_channels,
-        config.padded_vocab_size,
-        config.pad_token_id,
-        sorted(model.end_token_ids),
-        paged,
-        fused_paged_attention,
-        block_size,
-        num_blocks,
-        weights,
-        dtype,
+        **{**dataclasses.asdict(settings), "seq_length": seq_length, "dtype": dtype},
+        num_layers=config.num_layers,
+        kv_groups=config.num_kv_groups,
+        head_dim=config.kv_channels,
+        vocab_size=config.padded_vocab_size,
+        pad_token_id=config.pad_token_id,
+        stop_token_ids=sorted(model.end_token_ids),
     )
+    num_blocks, block_size = spec.num_blocks, spec.block_size
     options = {"file_format": "MINDIR", "custom_func": _export_hook(spec.weight_names if weights == "inputs" else None)}
     b = batch_size  # None becomes a dynamic dimension
     ids, prompt = Tensor(shape=[b, 1], dtype=ms.int32), Tensor(shape=[b, prompt_length], dtype=ms.int32)
@@ -258,7 +239,7 @@ def export_model(
             row = Tensor(shape=[b], dtype=ms.int32)
             tables = Tensor(shape=[b, spec.max_blocks], dtype=ms.int32)
             ms.export(
-                PagedDecodeStep(model, fused_paged_attention),
+                PagedDecodeStep(model, spec.fused_paged_attention),
                 ids,
                 ids,
                 row,

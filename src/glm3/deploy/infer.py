@@ -75,13 +75,14 @@ def load_export_weights(directory: str, config: ExportConfig) -> tuple:
     tensor checked against config.json: name, shape, floating dtype)."""
     import mindspore as ms
 
+    from glm3.dtypes import to_mindspore
     from glm3.modeling.config import GLM3Config
     from glm3.weights.checkpoint import iter_checkpoint
     from glm3.weights.loading import as_param_data
     from glm3.weights.quantization import SCALE_SUFFIX
 
     model_config = GLM3Config.from_hf(directory)
-    dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[config.dtype]
+    dtype = to_mindspore(config.dtype)
     tensors = {
         name: as_param_data(array, ms.float16 if name.endswith(SCALE_SUFFIX) else dtype)
         for name, array, _ in iter_checkpoint(directory, model_config)
@@ -181,8 +182,10 @@ class MindIRRunner:
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> list[list[int]]:
-        """New tokens of each prompt (stop token included), in batches of the export's size."""
+        """New tokens of each prompt (stop token included), in batches of the export's size. stop_token_ids:
+        the tokens that end a prompt's generation (default: the export's; [] generates max_new_tokens)."""
         from glm3.runtime.engine import Engine, EngineConfig, ModelLimits
         from glm3.runtime.generation import run_batch
         from glm3.runtime.kv_cache_manager import KVCacheManager
@@ -206,5 +209,6 @@ class MindIRRunner:
             runner, limits, EngineConfig(max_num_seqs=batch, max_queue=len(prompts)), kv=kv, raise_errors=True
         )
         # A row's sampling generator is its index in the export's batch, as when the batches ran one by one.
-        seqs = run_batch(engine, prompts, sampling, max_new_tokens, indices=[i % batch for i in range(len(prompts))])
+        indices = [i % batch for i in range(len(prompts))]
+        seqs = run_batch(engine, prompts, sampling, max_new_tokens, indices, stop_token_ids)
         return [seq.output for seq in seqs]

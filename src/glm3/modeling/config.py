@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from glm3.dtypes import DTYPE_CHOICES, FLOAT_DTYPES
 from glm3.weights.quantization import CONFIG_KEY as QUANT_KEY
 from glm3.weights.quantization import QuantizationConfig
 
@@ -38,9 +39,7 @@ _HF_RUNTIME_DEFAULTS: dict[str, Any] = {
 }
 
 
-_DTYPES = ("float16", "bfloat16", "float32")
 # What every `--dtype` option takes: "auto" is the checkpoint's own storage dtype (config.json torch_dtype).
-DTYPE_CHOICES = ("auto", *_DTYPES)
 
 
 class ConfigError(ValueError):
@@ -52,7 +51,7 @@ def resolve_dtype(dtype: str, config: GLM3Config) -> str:
     float16 or bfloat16 checkpoint stays in its dtype through every stage unless a setting says otherwise."""
     if dtype == "auto":
         return config.torch_dtype
-    if dtype not in _DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     return dtype
 
@@ -164,8 +163,8 @@ class GLM3Config:
             )
         if not self.original_rope:
             raise ConfigError("original_rope=false is not supported: ChatGLM3 uses the original (interleaved) RoPE")
-        if self.torch_dtype not in _DTYPES:
-            raise ConfigError(f"torch_dtype must be one of {_DTYPES}, got {self.torch_dtype!r}")
+        if self.torch_dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"torch_dtype must be one of {FLOAT_DTYPES}, got {self.torch_dtype!r}")
         for name in ("eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.padded_vocab_size:

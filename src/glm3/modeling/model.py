@@ -12,208 +12,30 @@ glm3.runtime.steps; the generation loop in glm3.runtime.generation. This module 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, One, Uniform, Zero, initializer
+from mindspore import Tensor, nn, ops
+from mindspore.common.initializer import One, Zero
 
 from glm3 import kernels
-from glm3.memory import CAST_BLOCK_BYTES
+from glm3.modeling.build import BuildOptions, as_compute, new_param, to_ms_dtype
 from glm3.modeling.config import GLM3Config
-from glm3.weights.quantization import QuantizationConfig
-
-_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-
-
-def to_ms_dtype(dtype) -> ms.Type:
-    """Accept "float16"/"float32"/"bfloat16" or a MindSpore dtype."""
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
-    if dtype in _DTYPES.values():
-        return dtype
-    raise ValueError(f"unsupported dtype {dtype!r}")
-
-
-def dtype_name(dtype: ms.Type) -> str:
-    """ "float32", "float16" or "bfloat16" of a MindSpore dtype."""
-    return next(name for name, value in _DTYPES.items() if value == dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildOptions:
-    """How a model is built, beside what it is (its GLM3Config): every cell's constructor takes (config,
-    options), or its sizes and options for the generic Linear, RMSNorm and Embedding.
-
-    dtype: parameter storage; compute_dtype: matmul precision (float32 on CPU); backend: a resolved kernel
-    backend ("plain", "cpu" or "ascend", see glm3.kernels); init: "normal" (a fresh model) or "lazy" (nothing
-    allocated: load_model fills the weights next); kernel_rows: with the "cpu" backend, products of up to this
-    many rows with a float32 weight go through our kernels (above it MindSpore's MatMul is faster); quantization:
-    the model's weight-only quantization (config.quantization), if any. Our kernels
-    give every row the same result whatever the number of rows, MindSpore's MatMul does not, so the serving
-    engine raises this to its widest decode batch (glm3.runtime.engine)."""
-
-    dtype: ms.Type = ms.float32
-    compute_dtype: ms.Type = ms.float32
-    backend: str = "plain"
-    init: str = "normal"
-    kernel_rows: int = kernels.SMALL_M
-    quantization: QuantizationConfig | None = None  # weight-only quantized linear weights (glm3.weights.quantization)
-
-    def initializer(self):
-        return Normal(0.02) if self.init == "normal" else Zero()
-
-
-def _param(shape, dtype, init, name):
-    # An initializer-backed Parameter allocates nothing until it is used or init_data() is called;
-    # load_model replaces the data of every one, so a big model is never randomly initialised first.
-    return Parameter(initializer(init, shape, dtype), name=name)
-
-
-def as_compute(weight, x, dtype):
-    """`weight` in the compute dtype for an op on `x`.
-
-    A half-precision weight is cast inside the graph, tied to `x` by a depend edge. Without it MindSpore
-    treats Cast(Parameter) as a constant of the graph and keeps every cast result alive between calls: a
-    float32 copy of every half-precision weight (measured: 0.81 GB more for 0.40 GB of float16 weights; at
-    6B it is the difference between 12.5 GB and an OOM kill). Tied to the input, each cast is computed when
-    needed and its buffer is reused by the next one.
-    """
-    if weight.dtype == dtype:
-        return weight
-    return ops.depend(weight, x).astype(dtype)
-
-
-class Linear(nn.Cell):
-    """y = x W^T (+ b), with W stored [out, in] as in PyTorch (any storage dtype), computed in compute_dtype.
-
-    With the "cpu" kernel backend and float32 compute, our kernels (glm3.kernels.linear) compute every
-    product with a half-precision W, reading it as stored, and products of up to SMALL_M rows (decoding)
-    with a float32 W; otherwise MindSpore's MatMul runs on W cast per call (see as_compute). A frozen W
-    (freeze(), LoRA's base) trains through FrozenWeightMatMul, whose backward computes dx only.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, options: BuildOptions, quantized: bool = False):
-        super().__init__()
-        dtype, compute_dtype = options.dtype, options.compute_dtype
-        self.in_features, self.out_features = in_features, out_features
-        # A quantized W: int8 / packed-int4 data under the name `weight` and float16 scales beside it.
-        self.quant = options.quantization if quantized else None
-        self.weight_scale = self.qxwt = None
-        if self.quant is not None:
-            shape = (out_features, in_features)
-            self.quant.check_shape("a linear weight", shape)
-            stored = ms.int8 if self.quant.bits == 8 else ms.uint8
-            self.weight = _param(self.quant.stored_shape(shape), stored, Zero(), "weight")
-            self.weight_scale = _param(self.quant.scale_shape(shape), ms.float16, Zero(), "weight_scale")
-        else:
-            self.weight = _param((out_features, in_features), dtype, options.initializer(), "weight")
-        self.bias = _param((out_features,), dtype, Zero(), "bias") if bias else None
-        self.compute_dtype = compute_dtype
-        self.matmul = ops.MatMul(transpose_b=True)
-        cpu_kernels = options.backend == "cpu" and compute_dtype == ms.float32
-        self.library = kernels.kernel_library() if cpu_kernels else None
-        self.xwt = kernels.xwt_op(self.library) if self.library and self.quant is None else None
-        if self.library and self.quant is not None:
-            self.qxwt = kernels.quantized_xwt_op(self.library, self.quant.bits)
-        self.kernel_rows = 1 << 62 if dtype != ms.float32 else options.kernel_rows  # rows the kernel takes
-        # Without the kernels a half-precision W is cast per call, in blocks of rows of CAST_BLOCK_BYTES as
-        # float32, each cast when the previous block's product is done (what the exported graphs do: at 6B,
-        # 0.6 GB above the weights instead of 1.9 GB with the output layer cast in two halves).
-        converted = dtype != compute_dtype or self.quant is not None
-        blocks = -(-out_features * in_features * 4 // CAST_BLOCK_BYTES) if converted else 1
-        self.cast_block_rows = -(-out_features // blocks)
-        self.frozen_matmul = None  # set by freeze(): the weight gets no gradient
-        self.lora_a = self.lora_b = self.lora_mask = None
-
-    def freeze(self, frozen: bool = True) -> None:
-        """Train without a gradient for W (LoRA's base): W's backward keeps no float32 copy of it."""
-        if self.quant is not None:
-            raise ValueError(
-                "a quantized model cannot be trained: fine-tune its float source, then quantize (glm3 quantize)"
-            )
-        self.weight.requires_grad = not frozen
-        if self.bias is not None:
-            self.bias.requires_grad = not frozen
-        frozen_float32 = frozen and self.compute_dtype == ms.float32
-        library = self.library if self.weight.dtype != ms.float32 else None
-        self.frozen_matmul = kernels.FrozenWeightMatMul(library) if frozen_float32 else None
-
-    def _blockwise_matmul(self, x2):
-        outs = ()
-        done = x2
-        if self.quant is not None:  # dequantized a block of rows at a time, each after the previous product
-            data = ops.split(ops.depend(self.weight, x2), self.cast_block_rows, 0)
-            scales = ops.split(ops.depend(self.weight_scale, x2), self.cast_block_rows, 0)
-            for block, scale in zip(data, scales):
-                w = kernels.dequantize(ops.depend(block, done), ops.depend(scale, done), self.quant.bits)
-                done = self.matmul(x2, w.astype(self.compute_dtype))
-                outs = outs + (done,)
-            return ops.concat(outs, -1) if len(outs) > 1 else outs[0]
-        for block in ops.split(ops.depend(self.weight, x2), self.cast_block_rows, 0):
-            done = self.matmul(x2, ops.depend(block, done).astype(self.compute_dtype))
-            outs = outs + (done,)
-        return ops.concat(outs, -1)
-
-    def add_lora(self, rank: int, alpha: float) -> None:
-        """Add a low-rank update: y = x W^T + drop(x) A^T B^T * alpha/rank, with B = 0 so it starts as a no-op.
-
-        A is [rank, in] (Kaiming-uniform, as in the LoRA paper's reference code), B is [out, rank], both
-        float32 whatever the base weight's dtype.
-        Dropout, in training only, multiplies x by `lora_mask`, a Parameter the trainer refills from its
-        own seeded generator before each step (so a resumed run draws the same masks; see glm3.train.lora).
-        """
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.lora_a = _param((rank, self.in_features), ms.float32, Uniform(bound), "lora_a")
-        self.lora_b = _param((self.out_features, rank), ms.float32, Zero(), "lora_b")
-        self.lora_scale = alpha / rank
-
-    def remove_lora(self) -> None:
-        for name in ("lora_a", "lora_b", "lora_mask"):
-            if getattr(self, name) is not None:
-                delattr(self, name)  # drops the Parameter from the cell, then a plain None stands in
-                object.__setattr__(self, name, None)
-
-    def construct(self, x, with_bias: bool = True):
-        """y = x W^T (+ b unless with_bias is False: a caller that adds it itself, see SelfAttention)."""
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).astype(self.compute_dtype)
-        if self.qxwt is not None:
-            y = self.qxwt(x2, self.weight, self.weight_scale)
-        elif self.quant is not None:
-            y = self._blockwise_matmul(x2)
-        elif self.training and self.frozen_matmul is not None:
-            y = self.frozen_matmul(x2, self.weight)
-        elif not self.training and self.xwt is not None and x2.shape[0] <= self.kernel_rows:
-            y = self.xwt(x2, self.weight)
-        elif not self.training and self.cast_block_rows < self.out_features:
-            y = self._blockwise_matmul(x2)
-        else:
-            y = self.matmul(x2, as_compute(self.weight, x2, self.compute_dtype))
-        if self.bias is not None and with_bias:
-            y = y + kernels.like(self.bias.astype(self.compute_dtype), y)
-        if self.lora_a is not None:
-            h = x2 * self.lora_mask.astype(x2.dtype) if self.lora_mask is not None and self.training else x2
-            h = self.matmul(h, self.lora_a.astype(self.compute_dtype))
-            y = y + self.matmul(h, self.lora_b.astype(self.compute_dtype)) * self.lora_scale
-        return y.reshape(shape[:-1] + (self.out_features,))
+from glm3.modeling.linear import Linear
 
 
 def _elementwise_kernels(options: BuildOptions):
-    """The CPU kernels of RMSNorm and SwiGLU (inference), when the backend has them."""
-    library = kernels.kernel_library() if options.backend == "cpu" and options.compute_dtype == ms.float32 else None
+    """The CPU kernels of RMSNorm and SwiGLU (inference), when the build uses them."""
+    library = options.cpu_library()
     return kernels.ElementwiseKernels(library) if library else None
 
 
 class RMSNorm(nn.Cell):
     def __init__(self, size: int, eps: float, options: BuildOptions):
         super().__init__()
-        self.weight = _param((size,), options.dtype, One(), "weight")
+        self.weight = new_param((size,), options.dtype, One(), "weight")
         self.eps, self.fused = eps, options.backend == "ascend"
         self.kernels = _elementwise_kernels(options)
         self.eps_tensor = Tensor([eps], ms.float32)
@@ -252,12 +74,14 @@ class Embedding(nn.Cell):
         self.quant = q if q is not None and q.embedding else None
         if self.quant is not None:  # quantized rows, dequantized after the lookup
             stored = ms.int8 if self.quant.bits == 8 else ms.uint8
-            self.embedding_table = _param(self.quant.stored_shape((vocab, hidden)), stored, Zero(), "embedding_table")
-            self.embedding_table_scale = _param(
+            self.embedding_table = new_param(
+                self.quant.stored_shape((vocab, hidden)), stored, Zero(), "embedding_table"
+            )
+            self.embedding_table_scale = new_param(
                 self.quant.scale_shape((vocab, hidden)), ms.float16, Zero(), "embedding_table_scale"
             )
         else:
-            self.embedding_table = _param((vocab, hidden), dtype, options.initializer(), "embedding_table")
+            self.embedding_table = new_param((vocab, hidden), dtype, options.initializer(), "embedding_table")
         self.compute_dtype = options.compute_dtype
         self.gather = ops.Gather()  # a primitive, so the parallel config can shard() it
         # On Ascend MindSpore's own gradient stays (it is fast there and known to its auto-parallel).
@@ -304,7 +128,7 @@ class SelfAttention(nn.Cell):
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.fused = options.backend == "ascend"
-        library = kernels.kernel_library() if options.backend == "cpu" else None
+        library = options.cpu_library()
         # The CPU kernels write the paged cache in place and attend through its block tables.
         self.paged_kernels = kernels.PagedCacheKernels(library) if library else None
         quantized = options.quantization is not None
@@ -368,11 +192,6 @@ class SelfAttention(nn.Cell):
             )
             return self.dense(out.reshape(b, 1, -1)), cache_k, cache_v
         q, k, v = self._project(x, cos, sin)
-        if self.paged_kernels is not None and not (fused_paged_attention or self.fused):
-            cache_k = self.paged_kernels.write(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
-            cache_v = self.paged_kernels.write(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
-            out = self.paged_kernels.attention(q, cache_k, cache_v, block_tables, context_lens, self.scale)
-            return self.dense(out), cache_k, cache_v
         cache_k = kernels.write_cache(cache_k, k.reshape(b, self.groups, self.head_dim), slots)
         cache_v = kernels.write_cache(cache_v, v.reshape(b, self.groups, self.head_dim), slots)
         out = kernels.paged_attention(
@@ -411,8 +230,7 @@ class GLMBlock(nn.Cell):
         self.self_attention = SelfAttention(config, options)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, options)
         self.mlp = MLP(config, options)
-        cpu_kernels = options.backend == "cpu" and options.compute_dtype == ms.float32
-        library = kernels.kernel_library() if cpu_kernels and not config.add_bias_linear else None
+        library = options.cpu_library() if not config.add_bias_linear else None
         self.decode_kernel = kernels.DecodeLayerKernel(library) if library else None
         attention = self.self_attention
         self.decode_constants = kernels.DecodeLayerKernel.constants(

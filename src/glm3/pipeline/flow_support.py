@@ -10,8 +10,8 @@ from glm3.pipeline.stages import ORDER
 
 RUNS = {
     "pipeline": ORDER,  # glm3/pipeline: everything
-    "finetune": ("rank_table", "finetune", "merge", "export", "evaluate", "adgen_eval"),
-}  # from models/ms
+    "finetune": tuple(s for s in ORDER if s not in ("download", "convert")),  # from models/ms
+}
 
 
 def run_stages(run: str, root: str) -> tuple[tuple[str, ...], str | None]:

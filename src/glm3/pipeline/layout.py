@@ -16,16 +16,7 @@ import os
 from glm3.pipeline.params import project_path
 from glm3.pipeline.stages import ORDER, STAGES
 
-DVC_OUTPUTS = {
-    "download": "models/hf",
-    "convert": "models/ms",
-    "rank_table": "models/rank_table",
-    "finetune": "models/finetune",
-    "merge": "models/merged",
-    "export": "models/export",
-    "evaluate": "models/ceval",
-    "adgen_eval": "models/adgen_eval",
-}
+DVC_OUTPUTS = {name: stage.output for name, stage in STAGES.items()}
 WORK_DIR = "models/.work"  # resumable state of unfinished stages; never a DVC output
 METRICS_DIR = "metrics"  # small files committed to git (dvc metrics/plots read them)
 
@@ -51,7 +42,7 @@ class Layout:
         keys: dict[str, str] = {}
         outputs = dict(base.outputs)
         for stage in ORDER:
-            sections, upstream, data_keys = STAGES[stage]
+            sections, upstream, data_keys = STAGES[stage].sections, STAGES[stage].upstream, STAGES[stage].data_keys
             if stage in stages:
                 material = {
                     "stage": stage,
@@ -62,7 +53,7 @@ class Layout:
                 }
                 keys[stage] = _digest(material)
                 outputs[stage] = os.path.join(base.root, "models", "prefect", f"{stage}-{keys[stage]}")
-            elif any(stage in STAGES[s][1] for s in stages):  # an input made outside this run
+            elif any(stage in STAGES[s].upstream for s in stages):  # an input made outside this run
                 keys[stage] = tree_fingerprint(base.outputs[stage])
         return cls(base.root, outputs)
 

@@ -10,30 +10,9 @@ import copy
 import dataclasses
 import os
 
+from glm3.pipeline.stages import SECTIONS
+
 PARAMS_FILE = "params.yaml"
-SECTIONS = ("download", "convert", "parallel", "finetune", "merge", "export", "evaluate", "adgen_eval")
-# The settings of the sections their stage reads directly. finetune and parallel are those of the dataclasses
-# the finetune stage builds from them (glm3.train.settings, glm3.train.parallel via glm3.pipeline.plan).
-_SECTION_KEYS = {
-    "download": ("source", "synthetic_preset", "seed", "repo", "revision", "prefer", "timeout"),
-    "convert": ("dtype", "shard_size"),
-    "merge": ("step", "dtype", "shard_size"),
-    "export": (
-        "batch_size",
-        "prompt_length",
-        "seq_length",
-        "paged",
-        "block_size",
-        "num_blocks",
-        "fused_paged_attention",
-        "weights",
-        "dtype",
-        "quantize_bits",
-        "quantize_group_size",
-    ),
-    "evaluate": ("data", "split", "shots", "subjects", "batch_size"),
-    "adgen_eval": ("data", "max_source_length", "max_new_tokens", "batch_size", "limit"),
-}
 # FinetuneConfig fields the finetune stage fills in itself (paths of the layout, the parallel section, ...).
 _STAGE_SET = (
     "model",
@@ -91,9 +70,14 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = 
 
 def known_keys() -> dict[str, set[str]]:
     """{section (or "finetune.lora"): the settings it may hold}."""
+    from glm3.deploy.settings import ExportSettings
+    from glm3.pipeline.stages import STAGES
     from glm3.train.settings import FinetuneConfig, LoraConfig
 
-    keys = {section: set(names) for section, names in _SECTION_KEYS.items()}
+    # A stage's own section: the keys the stage table lists, or a settings dataclass's fields.
+    keys = {stage.sections[0]: set(stage.keys) for stage in STAGES.values() if stage.keys}
+    # The export stage quantizes first when asked, then exports with the ExportSettings.
+    keys["export"] = set(ExportSettings.names()) | {"quantize_bits", "quantize_group_size"}
     keys["parallel"] = set(PARALLEL_KEYS) | {"device", "servers"}
     keys["finetune"] = {f.name for f in dataclasses.fields(FinetuneConfig)} - set(_STAGE_SET) | {"lora"}
     keys["finetune.lora"] = {"enabled"} | {f.name for f in dataclasses.fields(LoraConfig)}

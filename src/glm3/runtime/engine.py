@@ -322,10 +322,10 @@ def load_engine(path: str | os.PathLike, config: EngineConfig, dtype: str = "aut
 
 def _eager_runner(path: str, config: EngineConfig, dtype: str, kernels: str):
     import glm3
+    from glm3.dtypes import name_of as dtype_name
     from glm3.kernels import resolve_backend
     from glm3.memory import check_memory, inference_estimate
     from glm3.modeling.config import GLM3Config, resolve_dtype
-    from glm3.modeling.model import dtype_name
     from glm3.runtime.model_runner import CacheGeometry, PagedRunner, StepShapes
     from glm3.runtime.steps import compiled_step
 

@@ -147,11 +147,11 @@ def generation_engine(model, batch: int, tokens: int, pad: int = 0):
     return Engine(runner, limits, config, kv=kv, raise_errors=True)
 
 
-def run_batch(engine, prompts, sampling: SamplingParams, max_tokens: int, indices=None) -> list:
+def run_batch(engine, prompts, sampling: SamplingParams, max_tokens: int, indices=None, stop_ids=None) -> list:
     """Every prompt through `engine` to its end (their sequences, outputs complete); indices: each one's
-    sampling generator index (default: its position in `prompts`)."""
+    sampling generator index (default: its position in `prompts`); stop_ids: default the model's."""
     indices = range(len(prompts)) if indices is None else indices
-    seqs = [engine.add(p, sampling, max_tokens, generator_index=i) for p, i in zip(prompts, indices)]
+    seqs = [engine.add(p, sampling, max_tokens, stop_ids=stop_ids, generator_index=i) for p, i in zip(prompts, indices)]
     while engine.has_work():
         engine.step()
     return seqs

@@ -33,8 +33,10 @@ class CacheConfig:
     """The shape of a paged KV cache: the one holder of its block count and block size (the engine's, an
     export's, the manager's)."""
 
-    num_blocks: int = setting(DEFAULT_NUM_BLOCKS, "KV-cache blocks, shared by all sequences (an export's own)")
-    block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per KV-cache block (an export's own)")
+    num_blocks: int = setting(
+        DEFAULT_NUM_BLOCKS, "paged KV-cache blocks, shared by all sequences (serving an export: its own)"
+    )
+    block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per paged KV-cache block (serving an export: its own)")
 
     def __post_init__(self):
         if self.num_blocks < 2 or self.block_size < 1:

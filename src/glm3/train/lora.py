@@ -16,7 +16,8 @@ import numpy as np
 
 from glm3.io import atomic_directory
 from glm3.modeling.config import GLM3Config
-from glm3.modeling.model import GLM3ForCausalLM, Linear
+from glm3.modeling.linear import Linear
+from glm3.modeling.model import GLM3ForCausalLM
 from glm3.train.settings import LORA_TARGETS, LoraConfig, LoraError  # noqa: F401 (re-exported)
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -167,7 +167,7 @@ ROW_PARALLEL = ("dense", "dense_4h_to_h")
 def apply_shard_strategies(model: GLM3ForCausalLM, parallel: ParallelConfig) -> dict[str, tuple]:
     """Set shard() strategies on every matmul (and the embedding gather), stage ids on the layers, and
     recomputation. Returns {cell name: strategy} for inspection. Only meaningful under SEMI_AUTO_PARALLEL."""
-    from glm3.modeling.model import Linear
+    from glm3.modeling.linear import Linear
 
     dp, mp = parallel.data_parallel, parallel.model_parallel
     applied = {}
@@ -181,7 +181,8 @@ def apply_shard_strategies(model: GLM3ForCausalLM, parallel: ParallelConfig) -> 
             strategy = ((dp, mp), (1, mp))  # inputs split by mp; partial sums all-reduced by MindSpore
         else:
             continue
-        cell.matmul.shard(strategy)
+        cell.method.matmul.shard(strategy)  # the product (quantized models do not train)
+        cell.matmul.shard(strategy)  # LoRA's low-rank products
         applied[name] = strategy
     model.transformer.embedding.gather.shard(((mp, 1), (dp, 1)))  # vocab-parallel embedding table
     applied["transformer.embedding"] = ((mp, 1), (dp, 1))

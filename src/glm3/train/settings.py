@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-from glm3.modeling.config import DTYPE_CHOICES
+from glm3.dtypes import DTYPE_CHOICES, FLOAT_DTYPES
 from glm3.settings import setting
 from glm3.train.parallel import ParallelConfig
 
@@ -82,7 +82,7 @@ class FinetuneConfig:
     compute_dtype: str = setting(
         "float32",
         "matmul precision; float16/bfloat16 (Ascend) add dynamic loss scaling",
-        choices=("float32", "float16", "bfloat16"),
+        choices=FLOAT_DTYPES,
     )
     loss_scale: float = setting(2.0**16, "initial dynamic loss scale (half-precision compute only)")
     loss_scale_window: int = setting(1000, "clean steps before the loss scale doubles")

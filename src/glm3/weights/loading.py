@@ -9,11 +9,13 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
+from glm3.dtypes import name_of as dtype_name
+from glm3.dtypes import to_mindspore as to_ms_dtype
 from glm3.io import atomic_directory
 from glm3.kernels import resolve_backend
 from glm3.memory import check_memory, inference_estimate
 from glm3.modeling.config import GLM3Config, resolve_dtype
-from glm3.modeling.model import GLM3ForCausalLM, dtype_name, to_ms_dtype
+from glm3.modeling.model import GLM3ForCausalLM
 from glm3.modeling.tokenizer import VOCAB_FILE, ChatGLM3Tokenizer, copy_tokenizer_files
 from glm3.weights.checkpoint import CheckpointError, iter_checkpoint
 from glm3.weights.quantization import SCALE_SUFFIX

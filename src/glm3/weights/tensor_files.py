@@ -28,15 +28,15 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from glm3.dtypes import FLOAT_DTYPES, ITEMSIZE, QUANTIZED_DTYPES
+
 
 class TensorFileError(ValueError):
     """A tensor file that cannot be read: truncated, corrupt, or of an unsupported kind."""
 
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPES = FLOAT_DTYPES
 # The data of quantized weights (glm3.weights.quantization), stored exactly as given.
-QUANTIZED_DTYPES = ("int8", "uint8")
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
 # ------------------------------------------------------------------------------------------- dtypes
 _CKPT_TYPES = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16", "int8": "Int8", "uint8": "UInt8"}
@@ -88,7 +88,7 @@ def to_storage(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def storage_nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
+    return int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
 
 
 # ------------------------------------------------------------------------------- protobuf helpers

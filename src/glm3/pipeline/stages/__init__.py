@@ -8,21 +8,72 @@ so that each DVC stage depends on its own code only (dvc.yaml lists what each mo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 
-# stage -> (params sections it reads, upstream stages whose outputs it reads, params keys that are data paths)
-STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "download": (("download",), (), ()),
-    "convert": (("convert",), ("download",), ()),
-    "rank_table": (("parallel",), (), ()),
-    "finetune": (("finetune", "parallel"), ("convert", "rank_table"), ("finetune.data",)),
-    "merge": (("merge", "parallel"), ("finetune", "convert"), ()),
-    "export": (("export",), ("merge",), ()),
-    "evaluate": (("evaluate",), ("export",), ("evaluate.data",)),
-    "adgen_eval": (("adgen_eval",), ("merge",), ("adgen_eval.data",)),
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage, all that is declared about it (dvc.yaml, the layouts, params.yaml's checks and the Prefect
+    flow are made from this table). sections: the params.yaml sections it reads; upstream: the stages whose
+    outputs it reads; output: its output directory in the DVC layout; data_keys: params keys that are data
+    paths (its inputs); keys: the settings of its own section, when no settings dataclass states them (see
+    glm3.pipeline.params.known_keys); outs, metrics, plots: its files under metrics/ (with a comment)."""
+
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    output: str
+    data_keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    outs: tuple[tuple[str, str], ...] = ()
+    metrics: tuple[str, ...] = ()
+    plots: tuple[tuple[str, str], ...] = ()
+
+
+STAGES: dict[str, Stage] = {
+    "download": Stage(
+        ("download",),
+        (),
+        "models/hf",
+        keys=("source", "synthetic_preset", "seed", "repo", "revision", "prefer", "timeout"),
+    ),
+    "convert": Stage(("convert",), ("download",), "models/ms", keys=("dtype", "shard_size")),
+    "rank_table": Stage(("parallel",), (), "models/rank_table"),
+    "finetune": Stage(
+        ("finetune", "parallel"),
+        ("convert", "rank_table"),
+        "models/finetune",
+        data_keys=("finetune.data",),
+        outs=(("metrics/train_log.tsv", "the loss per step, the data behind loss.png"),),
+        metrics=("metrics/finetune.json",),
+        plots=(("metrics/loss.png", "images, so `dvc plots show` works offline (Vega-Lite needs a CDN)"),),
+    ),
+    "merge": Stage(
+        ("merge", "parallel"), ("finetune", "convert"), "models/merged", keys=("step", "dtype", "shard_size")
+    ),
+    "export": Stage(("export",), ("merge",), "models/export"),
+    "evaluate": Stage(
+        ("evaluate",),
+        ("export",),
+        "models/ceval",
+        data_keys=("evaluate.data",),
+        keys=("data", "split", "shots", "subjects", "batch_size"),
+        outs=(("metrics/ceval_categories.json", ""),),
+        metrics=("metrics/ceval.json",),
+        plots=(("metrics/ceval_categories.png", ""),),
+    ),
+    "adgen_eval": Stage(
+        ("adgen_eval",),
+        ("merge",),
+        "models/adgen_eval",
+        data_keys=("adgen_eval.data",),
+        keys=("data", "max_source_length", "max_new_tokens", "batch_size", "limit"),
+        metrics=("metrics/adgen.json",),
+    ),
 }
 ORDER = tuple(STAGES)
+SECTIONS = tuple(dict.fromkeys(section for stage in STAGES.values() for section in stage.sections))
 
 
 def stage_module(name: str) -> str:
@@ -37,4 +88,4 @@ def stage_function(name: str) -> Callable[[dict, object], dict]:
     return importlib.import_module(stage_module(name)).run
 
 
-__all__ = ["ORDER", "STAGES", "stage_function", "stage_module"]
+__all__ = ["ORDER", "SECTIONS", "STAGES", "Stage", "stage_function", "stage_module"]

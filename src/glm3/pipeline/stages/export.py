@@ -34,21 +34,10 @@ def run(params: dict, layout: Layout) -> dict:
 
 def _export(source: str, layout: Layout, p: dict) -> dict:
     from glm3.deploy.export import ExportConfig, export_model
+    from glm3.deploy.settings import ExportSettings
 
-    out = export_model(
-        source,
-        layout.outputs["export"],
-        batch_size=p["batch_size"],
-        prompt_length=int(p["prompt_length"]),
-        seq_length=p["seq_length"],
-        paged=bool(p["paged"]),
-        block_size=int(p["block_size"]),
-        num_blocks=int(p["num_blocks"]),
-        fused_paged_attention=bool(p["fused_paged_attention"]),
-        overwrite=True,
-        weights=p.get("weights", "inputs"),
-        dtype=p.get("dtype", "auto"),
-    )
+    settings = ExportSettings(**{name: p[name] for name in ExportSettings.names() if name in p})
+    out = export_model(source, layout.outputs["export"], settings, overwrite=True)
     config = ExportConfig.load(out)
     log.info("export: %s", out)
     return {
