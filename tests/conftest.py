@@ -1,10 +1,16 @@
+import itertools
 import json
 import os
+import random
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import httpx
 import mindspore as ms
 import numpy as np
 import pytest
@@ -35,9 +41,87 @@ ODD_CONFIG = {
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a program that needs one named (msrun's master, the Prefect server): below the
+    kernel's ephemeral range, which it hands to port-0 binds and outgoing connections, so nothing else on the
+    host is given it between this check and the program's bind. Servers of ours take --port 0 instead."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
+
+
+_SERVERS = itertools.count()
+
+
+class Server:
+    """`glm3 serve` in a subprocess on a port the kernel picks (--port 0: nothing to race for), read from the
+    line the server prints; ready once /health answers."""
+
+    def __init__(self, model, cwd, *flags, key=None):
+        import openai
+
+        self.log = open(os.path.join(cwd, f"serve-{os.getpid()}-{next(_SERVERS)}.log"), "w+")
+        env = subprocess_env(**({"GLM3_API_KEY": key} if key else {}))
+        command = [sys.executable, "-m", "glm3.cli", "serve", "--model", str(model), "--port", "0", *flags]
+        self.proc = subprocess.Popen(command, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 180
+        self.url = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            if self.url is None:
+                found = re.search(r" at (http://127\.0\.0\.1:\d+)/v1", self.output())
+                self.url = found and found.group(1)
+            else:
+                try:
+                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"server did not come up:\n{self.output()}")
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=120)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/v1/stats", headers=self.headers, timeout=10).json()
+
+    def post(self, path, body=None, content=None, headers=None):
+        return httpx.post(
+            self.url + path, json=body, content=content, headers={**self.headers, **(headers or {})}, timeout=120
+        )
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self.log.close()
+        return code
+
+    def wait_idle(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            if stats["running"] == stats["waiting"] == stats["swapped"] == 0:
+                return stats
+            time.sleep(0.1)
+        raise AssertionError(f"the engine did not go idle: {self.stats()}")
 
 
 def subprocess_env(**extra) -> dict:

@@ -27,15 +27,15 @@ def _rope(x, positions, base):
     return torch.cat([out, x_pass], -1)
 
 
-def forward(weights: dict[str, torch.Tensor], cfg: dict, ids: list[int]) -> torch.Tensor:
-    """Logits [s, vocab] (float64) for one unpadded sequence."""
+def forward(weights: dict[str, torch.Tensor], cfg: dict, ids: list[int], first_position: int = 0) -> torch.Tensor:
+    """Logits [s, vocab] (float64) for one unpadded sequence, its tokens at positions first_position, ..."""
     w = {k: v.double() for k, v in weights.items()}
     heads, d = cfg["num_attention_heads"], cfg["kv_channels"]
     groups = cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True) else heads
     eps = cfg["layernorm_epsilon"]
     base = 10000.0 * cfg.get("rope_ratio", 1.0)
     s = len(ids)
-    pos = torch.arange(s)
+    pos = torch.arange(first_position, first_position + s)
     x = w["transformer.embedding.word_embeddings.weight"][torch.tensor(ids)]
     causal = torch.tril(torch.ones(s, s, dtype=torch.bool))
     for i in range(cfg["num_layers"]):

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -120,7 +119,6 @@ def test_no_network_fails_fast_naming_the_offline_alternative(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
     env.pop("HF_HUB_OFFLINE", None)
-    start = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "glm3.cli", "download", "--dst", str(tmp_path / "m")],
         capture_output=True,
@@ -130,7 +128,7 @@ def test_no_network_fails_fast_naming_the_offline_alternative(tmp_path):
     )
     assert result.returncode == 2
     assert "cannot reach" in result.stderr and "glm3 download --synthetic tiny" in result.stderr
-    assert time.time() - start < 30 and not os.path.exists(tmp_path / "m")
+    assert not os.path.exists(tmp_path / "m")  # (the subprocess timeout bounds how long it may try)
 
 
 def test_select_files_prefers_one_weight_format():

@@ -36,8 +36,15 @@ def run(engine, batch, sampling, max_tokens=24):
 
 
 @pytest.fixture(scope="module")
-def eager(tiny_dir):
+def _eager(tiny_dir):
     return load_engine(tiny_dir, EngineConfig())
+
+
+@pytest.fixture
+def eager(_eager):
+    """The module's eager engine (compiled once), empty and at zero for each test, whatever ran before."""
+    _eager[0].reset()
+    return _eager
 
 
 @pytest.fixture(scope="module")

@@ -62,11 +62,13 @@ def _cpu_kernels():
     return _InGraph(ops.write), _Attend(ops)
 
 
+@pytest.mark.parametrize("d", [8, 13, 20, 64])
 @pytest.mark.parametrize("kernels", [_plain, _cpu_kernels], ids=["plain", "cpu"])
-def test_paged_attention_equals_dense_attention(kernels):
+def test_paged_attention_equals_dense_attention(kernels, d):
+    """Head dims of whole 8-lane vectors (8, 64: the model's 128 halves) and with tails (13, 20)."""
     write, attend = kernels()
-    rng = np.random.default_rng(0)
-    heads, groups, d, block_size = 4, 2, 8, 4
+    rng = np.random.default_rng(d)
+    heads, groups, block_size = 4, 2, 4
     bm = KVCacheManager(num_blocks=12, block_size=block_size)
     lengths = {0: 9, 1: 3, 2: 6}
     key_cache = Tensor(np.zeros((12, block_size, groups, d), np.float32))

@@ -14,7 +14,7 @@ import pytest
 from mindspore import Tensor, nn
 
 import glm3
-from conftest import free_port, paged_decode_logits, subprocess_env, without_layer_kernel
+from conftest import Server, paged_decode_logits, subprocess_env, without_layer_kernel
 from glm3.kernels import dequantize as ms_dequantize
 from glm3.kernels import kernel_library, quantized_xwt_op
 from glm3.modeling.config import ConfigError
@@ -268,21 +268,9 @@ def test_quantized_inputs_that_cannot_work_are_refused(quantized, tmp_path):
 
 @pytest.mark.integration
 def test_the_server_serves_a_quantized_model(quantized, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    command = [sys.executable, "-m", "glm3.cli", "serve", "--model", str(quantized[8]), "--port", str(port)]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+    server = Server(quantized[8], tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            assert proc.poll() is None, open(tmp_path / "serve.log").read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                import time
-
-                time.sleep(0.3)
+        url = server.url
         body = {
             "model": "chatglm3-6b",
             "prompt": [5, 9, 33, 7, 100],
@@ -296,6 +284,4 @@ def test_the_server_serves_a_quantized_model(quantized, tmp_path):
         expected = glm3.generate(model, np.array([[5, 9, 33, 7, 100]]), max_new_tokens=6, eos_token_id=[])[0, 5:]
         assert reply.json()["choices"][0]["token_ids"] == expected.tolist()
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+        assert server.stop() == 0

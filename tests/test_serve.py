@@ -2,8 +2,6 @@
 httpx (raw requests, for what the openai client would not send)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +13,7 @@ import openai
 import pytest
 
 import glm3
-from conftest import PENALTY, PENALTY_TOKENS, follows_the_penalty_rule, free_port, subprocess_env, write_scripted_model
+from conftest import PENALTY, PENALTY_TOKENS, Server, follows_the_penalty_rule, subprocess_env, write_scripted_model
 from glm3.deploy.export import export_model
 
 pytestmark = pytest.mark.integration
@@ -30,59 +28,6 @@ TOOLS = [
         },
     }
 ]
-
-
-class Server:
-    """`glm3 serve` in a subprocess; ready once /health answers."""
-
-    def __init__(self, model, cwd, *flags, key=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(cwd, f"serve-{self.port}.log"), "w+")
-        env = subprocess_env(**({"GLM3_API_KEY": key} if key else {}))
-        command = [sys.executable, "-m", "glm3.cli", "serve", "--model", str(model), "--port", str(self.port), *flags]
-        self.proc = subprocess.Popen(command, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError(f"server did not come up:\n{self.output()}")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=120)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-4000:]
-
-    def stats(self) -> dict:
-        return httpx.get(self.url + "/v1/stats", headers=self.headers, timeout=10).json()
-
-    def post(self, path, body=None, content=None, headers=None):
-        return httpx.post(
-            self.url + path, json=body, content=content, headers={**self.headers, **(headers or {})}, timeout=120
-        )
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=60)
-        self.log.close()
-        return code
-
-    def wait_idle(self, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            stats = self.stats()
-            if stats["running"] == stats["waiting"] == stats["swapped"] == 0:
-                return stats
-            time.sleep(0.1)
-        raise AssertionError(f"the engine did not go idle: {self.stats()}")
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +255,9 @@ def test_a_full_queue_answers_429_and_the_queue_drains(tiny_dir, tmp_path):
         next(iter(stream))
         waiting = threading.Thread(target=lambda: chat(busy, "你好", max_tokens=4))
         waiting.start()
+        deadline = time.monotonic() + 60
         while busy.stats()["waiting"] != 1:
+            assert time.monotonic() < deadline, f"the second request never queued: {busy.stats()}"
             time.sleep(0.05)
         with pytest.raises(openai.RateLimitError) as refused:
             chat(busy, "你好", max_tokens=4)
@@ -363,7 +310,7 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(tiny_dir, tmp_path):
 
     assert "is not a directory" in serve("--model", str(tmp_path / "missing"))
     export_model(tiny_dir, tmp_path / "static", batch_size=1, prompt_length=32, seq_length=128)
-    assert "needs a paged one" in serve("--model", str(tmp_path / "static"), "--port", str(free_port()))
+    assert "needs a paged one" in serve("--model", str(tmp_path / "static"), "--port", "0")
     with __import__("socket").socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -228,14 +228,23 @@ class Engine:
                 self.scheduler.finish(seq, reason)
         return Event(seq, token, reason)
 
-    def fail_all(self, exc: Exception) -> None:
-        """After an unexpected failure of a step: every sequence ends with an error event, and the cache and
-        the scheduler start over empty (the server stays up)."""
-        log.exception("engine step failed; failing every sequence", exc_info=exc)
+    def reset(self, counters: bool = True) -> list[Sequence]:
+        """Start over empty: every sequence out (returned, unfinished ones without an event), every block free,
+        the caches zero (and with `counters`, the statistics at zero)."""
         with self.lock:
             seqs = [*self.scheduler.reset(), *self._aborts]
             self._aborts.clear()
             self.runner.reset()
+            if counters:
+                self.scheduler.preemptions = self.tokens_generated = self.peak_decode_batch = 0
+        return seqs
+
+    def fail_all(self, exc: Exception) -> None:
+        """After an unexpected failure of a step: every sequence ends with an error event, and the cache and
+        the scheduler start over empty (the server stays up)."""
+        log.exception("engine step failed; failing every sequence", exc_info=exc)
+        seqs = self.reset(counters=False)
+        with self.lock:
             for seq in seqs:
                 seq.status, seq.finish_reason, seq.swapped = FINISHED, "error", None
         for seq in dict.fromkeys(seqs):
