@@ -84,8 +84,8 @@ def test_every_stage_keeps_the_checkpoints_half_precision(dtype, tmp_path):
 
 
 def test_full_fine_tuning_of_a_float16_checkpoint_writes_float16(tiny_dir, tmp_path):
+    from glm3.train.merge import merge_run
     from glm3.weights.convert import convert_checkpoint
-    from glm3.weights.merge import merge_run
 
     base = convert_checkpoint(tiny_dir, tmp_path / "f16", dtype="float16", progress=False).dst
     result = finetune(

@@ -184,7 +184,9 @@ def test_outputs_are_read_only_links_into_the_cache_not_copies(project):
 
 def test_a_change_to_one_stages_code_reruns_that_stage_and_what_follows_only(project):
     root = project[0]
-    with open(os.path.join(root, "src", "glm3", "export.py"), "a", encoding="utf-8") as f:
+    path = os.path.join(root, "src", "glm3", "deploy", "export.py")
+    assert os.path.isfile(path)  # appending to a missing file would create an unrelated one
+    with open(path, "a", encoding="utf-8") as f:
         f.write("\n# an edit to the export code\n")
     status = json.loads(dvc("status", "--json", cwd=root).stdout)
     assert set(status) == {"export", "evaluate"}  # the two stages whose code includes glm3/deploy/export.py

@@ -10,10 +10,11 @@ from mindspore import Tensor
 
 from conftest import write_scripted_model
 from glm3.deploy.export import export_model
-from glm3.runtime.engine import BackgroundEngine, EngineConfig, load_engine
+from glm3.runtime.engine import BackgroundEngine, EngineConfig
 from glm3.runtime.kv_cache_manager import CacheConfig
 from glm3.runtime.sampling import SamplingParams
 from glm3.runtime.scheduler import QueueFull
+from glm3.serve.engines import load_engine
 
 GREEDY = SamplingParams()
 SEEDED = SamplingParams(do_sample=True, temperature=0.9, top_p=0.9, seed=123)

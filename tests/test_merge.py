@@ -15,8 +15,8 @@ from mindspore import Tensor
 import glm3
 from conftest import SAMPLE, ckpt_arrays
 from glm3.train import FinetuneConfig, finetune
-from glm3.weights.merge import MergeError, merge_adapter, merge_run, split_model
-from glm3.weights.strategy import read_strategy_file, write_strategy_file, write_tensor_parallel_strategy
+from glm3.train.merge import MergeError, merge_adapter, merge_run, split_model
+from glm3.train.strategy import read_strategy_file, write_strategy_file, write_tensor_parallel_strategy
 
 
 def original(model_dir):
@@ -213,7 +213,7 @@ def test_cli_strategy_split_merge(tiny_dir, tmp_path):
 
 
 def test_pipeline_stage_strategies_split_then_merge_is_bit_exact(tiny_dir, tmp_path):
-    from glm3.weights.strategy import write_pipeline_strategies
+    from glm3.train.strategy import write_pipeline_strategies
 
     config = glm3.GLM3Config.from_hf(tiny_dir)
     files = write_pipeline_strategies(tmp_path / "stages", config, pipeline_stages=2, model_parallel=2)

@@ -18,8 +18,7 @@ from conftest import Server, paged_decode_logits, subprocess_env, without_layer_
 from glm3.kernels import dequantize as ms_dequantize
 from glm3.kernels import kernel_library, quantized_xwt_op
 from glm3.modeling.config import ConfigError
-from glm3.weights.checkpoint import CheckpointError
-from glm3.weights.quantization import (
+from glm3.quantization import (
     QuantizationConfig,
     QuantizationError,
     dequantize,
@@ -27,6 +26,7 @@ from glm3.weights.quantization import (
     quantize,
     unpack_int4,
 )
+from glm3.weights.checkpoint import CheckpointError
 
 LIB = kernel_library()
 
@@ -79,7 +79,7 @@ def test_quantize_and_dequantize_follow_the_format(bits, group):
 
 
 def test_quantizing_in_blocks_of_rows_changes_nothing(monkeypatch):
-    import glm3.weights.quantization as quantization
+    import glm3.quantization as quantization
 
     w = np.random.default_rng(3).standard_normal((37, 64), dtype=np.float32)
     for bits in (8, 4):

@@ -10,8 +10,9 @@ import glm3
 from conftest import PENALTY, PENALTY_TOKENS, follows_the_penalty_rule, penalised_reference
 from glm3.deploy.export import export_model
 from glm3.deploy.infer import MindIRRunner
-from glm3.runtime.engine import EngineConfig, load_engine
+from glm3.runtime.engine import EngineConfig
 from glm3.runtime.sampling import SamplingParams
+from glm3.serve.engines import load_engine
 
 
 @pytest.fixture(scope="module")

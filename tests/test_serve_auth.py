@@ -7,8 +7,9 @@ import time
 import httpx
 import pytest
 
-from glm3.runtime.engine import BackgroundEngine, EngineConfig, load_engine
+from glm3.runtime.engine import BackgroundEngine, EngineConfig
 from glm3.serve.app import create_app
+from glm3.serve.engines import load_engine
 from glm3.serve.server import listen
 
 KEY = "fast-key-456"

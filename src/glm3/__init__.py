@@ -31,7 +31,7 @@ _EXPORTS = {
     "GLM3Config": "glm3.modeling.config",
     "convert_checkpoint": "glm3.weights.convert",
     "quantize_model": "glm3.weights.quantize",
-    "QuantizationConfig": "glm3.weights.quantization",
+    "QuantizationConfig": "glm3.quantization",
     "DownloadError": "glm3.weights.download",
     "download_from_hub": "glm3.weights.download",
     "generate": "glm3.runtime.generation",

@@ -12,6 +12,10 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZED_DTYPES = ("int8", "uint8")
 DTYPE_CHOICES = ("auto", *FLOAT_DTYPES)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+# A half-precision or quantized weight multiplied by MindSpore's MatMul (no CPU kernels, as in exported graphs)
+# is converted to float32 in blocks of rows of this many bytes (glm3.modeling.linear); MindSpore splits the
+# weight into its stored blocks first, so the largest weight is copied once in its own dtype besides two blocks.
+CAST_BLOCK_BYTES = 64 << 20
 
 
 def check_float_dtype(dtype: str, what: str = "dtype") -> str:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 
-from glm3.dtypes import ITEMSIZE
+from glm3.dtypes import CAST_BLOCK_BYTES, ITEMSIZE
 from glm3.modeling.config import GLM3Config
 from glm3.weights.checkpoint import expected_dtypes, expected_shapes, float_shapes
 
@@ -25,10 +25,6 @@ GB = 1e9
 # MindSpore, its compiled graphs and Python: measured 0.4-0.5 GB before any weight; with the graphs of a
 # 28-layer model a little more.
 RUNTIME_BYTES = int(0.8 * GB)
-# A half-precision weight multiplied without the CPU kernels (plain MindSpore operators, as in exported graphs)
-# is cast to float32 in blocks of rows of this size (glm3.modeling.model.Linear); MindSpore splits the weight into its
-# half-precision blocks first, so the largest weight is copied once in its own dtype besides two blocks.
-CAST_BLOCK_BYTES = 64 << 20
 # Activations MindSpore keeps per token and layer, in float32 values: in inference about 6 hidden-sized
 # vectors (measured 25 MB per layer at 256 tokens of the 6B shape); in a training step forward and backward,
 # about 28 hidden-sized plus 4 ffn-sized vectors (measured 0.67-0.77 MB per token per layer at the 6B shape).
@@ -135,7 +131,7 @@ def inference_estimate(
 ) -> MemoryEstimate:
     """Weights as stored, a KV cache of `length` positions per row (default: a 2048-token conversation) or a
     paged one of `cache_tokens` slots shared by the rows, prefill activations, and without the CPU kernels the
-    blocks a matmul casts to float32 (see CAST_BLOCK_BYTES)."""
+    blocks a matmul casts to float32 (see glm3.dtypes.CAST_BLOCK_BYTES)."""
     length = min(config.seq_length, length or 2048)
     parts = {
         f"weights {dtype}": weight_bytes(config, dtype),

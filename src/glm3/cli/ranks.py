@@ -6,7 +6,7 @@ from glm3.dtypes import DTYPE_CHOICES
 
 
 def cmd_merge(args) -> int:
-    from glm3.weights.merge import merge_adapter, merge_run
+    from glm3.train.merge import merge_adapter, merge_run
 
     if bool(args.run) == bool(args.adapter):
         raise ValueError("merge needs exactly one of --run (per-rank checkpoints) and --adapter (a LoRA adapter)")
@@ -30,7 +30,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from glm3.weights.merge import split_model
+    from glm3.train.merge import split_model
 
     files = split_model(args.model, args.strategy, args.dst, overwrite=args.overwrite)
     print(f"wrote {len(files)} rank checkpoint(s) under {args.dst}")
@@ -39,7 +39,7 @@ def cmd_split(args) -> int:
 
 def cmd_strategy(args) -> int:
     from glm3.modeling.config import GLM3Config
-    from glm3.weights.strategy import write_pipeline_strategies, write_tensor_parallel_strategy
+    from glm3.train.strategy import write_pipeline_strategies, write_tensor_parallel_strategy
 
     config = GLM3Config.from_hf(args.model)
     layout = f"{args.data_parallel}x{args.model_parallel} (dp x mp)"

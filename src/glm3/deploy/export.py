@@ -117,7 +117,9 @@ def _export_hook(weight_names: list[str] | None):
     - It makes the file a function of the model and the settings only: MindSpore names the compile phase after
       the export's clock and object ids ("export.mindir.<time>.<id>.0") and lists primitives in hash order, so
       two exports of the same model differed and every `dvc repro` changed the export's hash. The attribute
-      is informative (fixed here) and the primitives are sorted.
+      is informative (fixed here) and the primitives are sorted. A node bound to several Python names (a
+      cell's result and its caller's variable) is named after all of them in an order that changes from run
+      to run ("CNode_628$y$h" / "CNode_628$h$y"): the names are sorted (_canonical_names).
     - With `weight_names` (weights "inputs"), it turns the graph's parameters into trailing graph inputs,
       recording their names in order, so the MindIR file holds no weight data at all.
     """
@@ -132,6 +134,7 @@ def _export_hook(weight_names: list[str] | None):
         primitives = sorted(model_proto.primitives, key=lambda p: p.name)
         del model_proto.primitives[:]
         model_proto.primitives.extend(primitives)
+        _canonical_names(model_proto)
         if weight_names is None:
             return
         found = []
@@ -149,6 +152,31 @@ def _export_hook(weight_names: list[str] | None):
         weight_names[:] = found
 
     return hook
+
+
+def _canonical_name(name: str) -> str:
+    """`name` with the variable names of each part ("CNode_628$y$h" after "CNode_628") in sorted order."""
+    if "$" not in name:
+        return name
+    parts = []
+    for part in name.split(":"):
+        head, *variables = part.split("$")
+        parts.append("$".join([head, *sorted(variables)]))
+    return ":".join(parts)
+
+
+def _canonical_names(message) -> None:
+    """Every string field of a protobuf message and of the messages in it through _canonical_name (node names
+    and the references to them alike; bytes, such as tensor data, untouched)."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [_canonical_name(v) for v in value]
+            else:
+                setattr(message, field.name, _canonical_name(value))
+        elif field.type == field.TYPE_MESSAGE:
+            for item in value if field.is_repeated else (value,):
+                _canonical_names(item)
 
 
 def _store_weights(model_dir: str, dst: str, config: GLM3Config, dtype: str) -> str:

@@ -77,9 +77,9 @@ def load_export_weights(directory: str, config: ExportConfig) -> tuple:
 
     from glm3.dtypes import to_mindspore
     from glm3.modeling.config import GLM3Config
+    from glm3.quantization import SCALE_SUFFIX
     from glm3.weights.checkpoint import iter_checkpoint
     from glm3.weights.loading import as_param_data
-    from glm3.weights.quantization import SCALE_SUFFIX
 
     model_config = GLM3Config.from_hf(directory)
     dtype = to_mindspore(config.dtype)

@@ -1,4 +1,4 @@
-"""Products with weight-only quantized weights (glm3.weights.quantization's format): our CPU kernels
+"""Products with weight-only quantized weights (glm3.quantization's format): our CPU kernels
 (csrc/quantized.cc), which read int8 / packed int4 data and float16 scales as stored, for any number of rows
 (decoding and prefill); and plain MindSpore operators that dequantize a block of rows at a time (any device,
 exported graphs)."""
@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from glm3.kernels.broadcast import like
-from glm3.weights.quantization import BLOCK
+from glm3.quantization import BLOCK
 
 
 def quantized_xwt_op(library: str, bits: int):

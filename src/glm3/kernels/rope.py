@@ -6,16 +6,14 @@ import numpy as np
 from mindspore import ops
 
 from glm3.kernels.broadcast import like
-from glm3.modeling.config import rope_inv_freq
 
 
-def rope_tables(max_positions: int, rotary_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of pos * theta_i, shape [max_positions, rotary_dim // 2], float32.
+def rope_tables(max_positions: int, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of pos * theta_i, shape [max_positions, len(theta)], float32.
 
-    theta_i = base^(-2i / rotary_dim). Computed in float32 step by step, as the reference implementation
-    does, so the angles round the same way.
+    theta: the inverse frequencies (glm3.modeling.config.rope_inv_freq). The angles are computed in float32,
+    as the reference implementation does, so they round the same way.
     """
-    theta = rope_inv_freq(rotary_dim, base)
     angles = np.outer(np.arange(max_positions, dtype=np.float32), theta).astype(np.float32)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 

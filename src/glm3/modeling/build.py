@@ -12,7 +12,7 @@ from mindspore.common.initializer import Normal, Zero, initializer
 from glm3 import kernels
 from glm3.dtypes import name_of as dtype_name
 from glm3.dtypes import to_mindspore as to_ms_dtype
-from glm3.weights.quantization import QuantizationConfig
+from glm3.quantization import QuantizationConfig
 
 __all__ = ["BuildOptions", "as_compute", "dtype_name", "new_param", "to_ms_dtype"]
 
@@ -35,7 +35,7 @@ class BuildOptions:
     backend: str = "plain"
     init: str = "normal"
     kernel_rows: int = kernels.SMALL_M
-    quantization: QuantizationConfig | None = None  # weight-only quantized linear weights (glm3.weights.quantization)
+    quantization: QuantizationConfig | None = None  # weight-only quantized linear weights (glm3.quantization)
 
     def initializer(self):
         return Normal(0.02) if self.init == "normal" else Zero()

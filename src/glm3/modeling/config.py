@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from glm3.dtypes import DTYPE_CHOICES, FLOAT_DTYPES
-from glm3.weights.quantization import CONFIG_KEY as QUANT_KEY
-from glm3.weights.quantization import QuantizationConfig
+from glm3.quantization import CONFIG_KEY as QUANT_KEY
+from glm3.quantization import QuantizationConfig
 
 # Fields of the released HuggingFace config.json that only describe the PyTorch runtime. They are
 # kept and written back so that a round trip through our format stays loadable by the official code.
@@ -92,7 +92,7 @@ class GLM3Config:
     eos_token_id: int = 2
     pad_token_id: int = 0
     rope_ratio: float = 1.0
-    # Weight-only quantization of the checkpoint (glm3.weights.quantization), config.json's `glm3_quantization`.
+    # Weight-only quantization of the checkpoint (glm3.quantization), config.json's `glm3_quantization`.
     quantization: QuantizationConfig | None = None
     # Unknown keys of a config.json, preserved verbatim for the round trip.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

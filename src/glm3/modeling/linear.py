@@ -21,7 +21,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import Uniform, Zero
 
 from glm3 import kernels
-from glm3.memory import CAST_BLOCK_BYTES
+from glm3.dtypes import CAST_BLOCK_BYTES
 from glm3.modeling.build import BuildOptions, as_compute, new_param
 
 

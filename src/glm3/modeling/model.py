@@ -22,7 +22,7 @@ from mindspore.common.initializer import One, Zero
 
 from glm3 import kernels
 from glm3.modeling.build import BuildOptions, as_compute, new_param, to_ms_dtype
-from glm3.modeling.config import GLM3Config
+from glm3.modeling.config import GLM3Config, rope_inv_freq
 from glm3.modeling.linear import Linear
 
 
@@ -384,7 +384,7 @@ class ChatGLMModel(nn.Cell):
         self.output_layer = Linear(
             config.hidden_size, config.padded_vocab_size, False, options, q is not None and q.output_layer
         )
-        cos, sin = kernels.rope_tables(config.seq_length, config.rotary_dim, config.rope_base)
+        cos, sin = kernels.rope_tables(config.seq_length, rope_inv_freq(config.rotary_dim, config.rope_base))
         # Constants, not Parameters: they are not part of the checkpoint (HF's inv_freq is recomputable).
         self.rope_cos = Tensor(cos)
         self.rope_sin = Tensor(sin)

@@ -79,8 +79,9 @@ def serve(model: str, server: ServerConfig, engine_config, dtype: str = "auto", 
     """Load the model (a model directory or a paged export), then serve until Ctrl-C or SIGTERM."""
     import uvicorn
 
-    from glm3.runtime.engine import BackgroundEngine, load_engine
+    from glm3.runtime.engine import BackgroundEngine
     from glm3.serve.app import create_app
+    from glm3.serve.engines import load_engine
 
     sock = listen(server.host, server.port)  # before the (long) load: a port in use fails at once
     engine, tokenizer = load_engine(model, engine_config, dtype=dtype, kernels=kernels)

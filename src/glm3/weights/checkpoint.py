@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from glm3.modeling.config import GLM3Config, rope_inv_freq
-from glm3.weights.quantization import scale_name
+from glm3.quantization import scale_name
 from glm3.weights.tensor_files import TensorFileError, iter_ms_ckpt, iter_safetensors, iter_torch_bin
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
@@ -50,7 +50,7 @@ def ms_to_hf_name(name: str) -> str:
 
 def expected_shapes(config: GLM3Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of the model's checkpoint, by MindSpore name, with its shape (PyTorch [out, in] for linears);
-    for a quantized config, quantized weights as stored and their scales beside them (glm3.weights.quantization)."""
+    for a quantized config, quantized weights as stored and their scales beside them (glm3.quantization)."""
     shapes = float_shapes(config)
     q = config.quantization
     if q is None:

@@ -17,8 +17,8 @@ from glm3.memory import check_memory, inference_estimate
 from glm3.modeling.config import GLM3Config, resolve_dtype
 from glm3.modeling.model import GLM3ForCausalLM
 from glm3.modeling.tokenizer import VOCAB_FILE, ChatGLM3Tokenizer, copy_tokenizer_files
+from glm3.quantization import SCALE_SUFFIX
 from glm3.weights.checkpoint import CheckpointError, iter_checkpoint
-from glm3.weights.quantization import SCALE_SUFFIX
 from glm3.weights.shards import DEFAULT_SHARD_SIZE, write_model_weights
 
 _NUMPY = {ms.float32: np.float32, ms.float16: np.float16}
@@ -51,7 +51,7 @@ def load_model(
 
     dtype: parameter storage, "auto" (the checkpoint's own, config.json torch_dtype), float32, float16 or
     bfloat16; compute_dtype: the precision of the matmuls (float32 on CPU: half-precision weights are
-    converted per layer, on the fly); kernel_rows: see glm3.modeling.model.BuildOptions.
+    converted per layer, on the fly); kernel_rows: see glm3.modeling.build.BuildOptions.
 
     Layouts: ours (mindspore_model.ckpt, or shards + mindspore_model.ckpt.index.json), MindFormers' single
     .ckpt, HuggingFace safetensors (sharded with index, or not) and pytorch_model*.bin (read with

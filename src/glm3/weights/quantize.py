@@ -1,6 +1,6 @@
 """`glm3 quantize`: a model directory (any layout glm3 reads) -> a weight-only quantized model in our layout.
 
-Streaming: one tensor is read, quantized (glm3.weights.quantization) and written at a time, so memory stays at the
+Streaming: one tensor is read, quantized (glm3.quantization) and written at a time, so memory stays at the
 largest tensor and its float32 working copy (1 GB for the 6B output layer), whatever the model's size. The
 destination is built beside itself and renamed into place when complete. Weights that stay in floating point
 (norms, biases, the embedding unless asked) keep the source's dtype, or `dtype`.
@@ -15,8 +15,8 @@ import time
 from glm3.io import atomic_directory, byte_progress, check_destination
 from glm3.modeling.config import GLM3Config, resolve_dtype
 from glm3.modeling.tokenizer import copy_tokenizer_files
+from glm3.quantization import QuantizationConfig, quantize, scale_name
 from glm3.weights.checkpoint import expected_dtypes, expected_shapes, iter_checkpoint
-from glm3.weights.quantization import QuantizationConfig, quantize, scale_name
 from glm3.weights.shards import DEFAULT_SHARD_SIZE, write_model_weights
 from glm3.weights.tensor_files import storage_nbytes
 

@@ -36,7 +36,7 @@ class TensorFileError(ValueError):
 
 
 STORAGE_DTYPES = FLOAT_DTYPES
-# The data of quantized weights (glm3.weights.quantization), stored exactly as given.
+# The data of quantized weights (glm3.quantization), stored exactly as given.
 
 # ------------------------------------------------------------------------------------------- dtypes
 _CKPT_TYPES = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16", "int8": "Int8", "uint8": "UInt8"}

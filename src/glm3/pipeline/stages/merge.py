@@ -13,7 +13,7 @@ log = logging.getLogger("glm3.pipeline")
 
 
 def run(params: dict, layout: Layout) -> dict:
-    from glm3.weights.merge import merge_run
+    from glm3.train.merge import merge_run
 
     run_dir, p = layout.outputs["finetune"], params["merge"]
     strategy = os.path.join(run_dir, "strategy")

@@ -155,7 +155,7 @@ def _strategy_file(strategy: str, scratch: str) -> str:
 
 
 def _check_rank_count(strategy_file: str, ranks: int) -> None:
-    from glm3.weights.strategy import read_strategy_file
+    from glm3.train.strategy import read_strategy_file
 
     layouts = read_strategy_file(strategy_file)
     devices = int(np.prod(next(iter(layouts.values()))["dev_matrix"]))
